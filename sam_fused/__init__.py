@@ -1,0 +1,11 @@
+"""sam_fused: Sharpness-Aware Minimization with fused Triton kernels.
+
+>>> from sam_fused import SAM
+>>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+"""
+
+from .optimizer import SAM
+from .variants import VARIANTS, Variant
+
+__all__ = ["SAM", "VARIANTS", "Variant", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Triton kernels. Importing this package requires triton; the backends import it lazily."""

@@ -1,0 +1,405 @@
+"""The SAM optimizer: the user-facing class that dispatches to a backend per bucket.
+
+A SAM step, for every variant::
+
+    pass 1   g = grad L(w)                         (the user's forward/backward)
+    first_step()   eps = rho * T * u / (||u|| + norm_eps); backup = w; w <- w + eps
+    pass 2   g_p = grad L(w + eps)                 (the user's forward/backward)
+    second_step()  w <- backup; w <- base_update(w, g_p)
+
+``||u||`` is one L2 norm over every parameter with a gradient, across all param groups.
+The class wraps a base optimizer the way the popular SAM implementation does: the base
+optimizer is built on the same ``param_groups`` list, so learning-rate schedulers, per-group
+hyperparameters and ``add_param_group`` act on both. For ``torch.optim.SGD``, ``Adam`` and
+``AdamW`` the base update runs inside the restore kernel; any other base optimizer gets a
+restore, then its own ``step()``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .backends import make_backend
+from .base_updates import AdamSpec, BaseSpec, base_spec_for, state_names
+from .layout import Bucket, Plan
+from .variants import get_variant
+
+__all__ = ["SAM"]
+
+BACKEND_ENV = "SAM_FUSED_BACKEND"
+_OUR_DEFAULTS = ("rho", "adaptive", "eta")
+
+
+class SAM(torch.optim.Optimizer):
+    r"""Sharpness-Aware Minimization around any base optimizer, with fused kernels.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer. Groups
+            may set ``rho``, ``adaptive``, ``eta`` and any base-optimizer option.
+        base_optimizer: the base optimizer *class* (default ``torch.optim.SGD``); it is
+            built on this optimizer's param groups with ``**base_kwargs``.
+        rho: the radius of the perturbation (default 0.05).
+        adaptive: ASAM: scale the perturbation by ``T = |w| + eta`` (default False).
+            ``adaptive=True`` with the default ``eta=0`` is the popular implementation's
+            ASAM; ``eta=0.01`` is the official one.
+        eta: ASAM's offset ``eta`` (default 0).
+        variant: ``"sam"`` (default) or ``"usam"`` (the unnormalized perturbation
+            ``rho * T^2 * g``); see ``sam_fused.VARIANTS``.
+        norm_eps: added to the global norm after the square root (default 1e-12).
+        backend: ``"auto"`` (Triton for CUDA tensors, the reference for CPU tensors),
+            ``"triton"`` or ``"reference"``. The environment variable
+            ``SAM_FUSED_BACKEND`` replaces ``"auto"``.
+        skip_nonfinite: when a NaN or infinity appears in the gradient of either pass,
+            skip the whole step on the device: no perturbation, weights restored bit for
+            bit, no optimizer state moved, and ``skipped_steps`` counts it (default True).
+            It costs one extra read of the second gradient. With False, non-finite
+            gradients flow into the update as they do in ``torch.optim``.
+        **base_kwargs: options of the base optimizer (``lr``, ``momentum``, ...).
+
+    Example::
+
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        eta: float = 0.0,
+        variant: str = "sam",
+        norm_eps: float = 1e-12,
+        backend: str = "auto",
+        skip_nonfinite: bool = True,
+        **base_kwargs: Any,
+    ) -> None:
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                "base_optimizer must be an optimizer class such as torch.optim.SGD, not "
+                f"{base_optimizer!r}; SAM builds it on its own param groups"
+            )
+        _check_rho(rho, "rho")
+        _check_eta(eta, "eta")
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {norm_eps}")
+        if backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        self.variant = get_variant(variant)
+        self.norm_eps = float(norm_eps)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.backend_request = backend
+        self._buckets: list[Bucket] = []
+        defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta), **base_kwargs)
+        super().__init__(params, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self._device = self._single_device()
+        self._acc_dtype = torch.float32
+        for index in range(len(self.param_groups)):
+            self._build_buckets(index)
+        self._status = torch.zeros(4, dtype=self._acc_dtype, device=self._device)
+        self._partials: dict[int, Tensor] = {}
+        self._perturbed: list[Plan] | None = None
+        self._attached: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated first; a refused group changes nothing)."""
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        _check_params(param_group["params"])
+        if "rho" in param_group:
+            _check_rho(param_group["rho"], "rho")
+        if "eta" in param_group:
+            _check_eta(param_group["eta"], "eta")
+        if not hasattr(self, "base_optimizer"):  # inside Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        for key in _OUR_DEFAULTS:
+            param_group.setdefault(key, self.defaults[key])
+        devices = {p.device for p in param_group["params"]} | {self._device}
+        if len(devices) > 1:
+            raise ValueError(_several_devices(devices))
+        self.base_optimizer.add_param_group(param_group)  # appends to the shared list
+        self._build_buckets(len(self.param_groups) - 1)
+        self._partials.clear()
+
+    def _single_device(self) -> torch.device:
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if len(devices) > 1:
+            raise ValueError(_several_devices(devices))
+        return devices.pop() if devices else torch.device("cpu")
+
+    def _build_buckets(self, index: int) -> None:
+        group = self.param_groups[index]
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in group["params"]:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for dtype, params in by_dtype.items():
+            backend = make_backend(self._backend_name(params[0].device, dtype), params[0].device, dtype)
+            self._buckets.append(Bucket(params, index, fused=backend.name != "reference", backend=backend))
+            if dtype == torch.float64:
+                self._acc_dtype = torch.float64
+        if hasattr(self, "_status") and self._status.dtype != self._acc_dtype:
+            self._status = self._status.to(self._acc_dtype)
+
+    def _backend_name(self, device: torch.device, dtype: torch.dtype) -> str:
+        name = self.backend_request
+        if name == "auto":
+            name = os.environ.get(BACKEND_ENV, "auto") or "auto"
+        if name not in ("auto", "triton", "reference"):
+            raise ValueError(f"{BACKEND_ENV} must be 'auto', 'triton' or 'reference', got {name!r}")
+        if name == "auto":
+            from .backends import triton_supports
+
+            return "triton" if device.type == "cuda" and triton_supports(device, dtype) else "reference"
+        return name
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Perturb the weights: back them up and move them to ``w + eps``.
+
+        Reads the first-pass gradients; with ``zero_grad=True`` zeroes them afterwards,
+        ready for the second pass.
+        """
+        if self._perturbed is not None:
+            raise RuntimeError(
+                "first_step() was called twice without second_step(): the weights are "
+                "already perturbed; call second_step() to restore and update them"
+            )
+        self._check_hyperparameters()
+        plans = [bucket.plan() for bucket in self._buckets]
+        status = self._status
+        if self.variant.normalized or self.skip_nonfinite:
+            partials = self._partials_for(plans)
+            offset = 0
+            for bucket, plan in zip(self._buckets, plans):
+                if plan.empty:
+                    continue
+                n = bucket.backend.partial_slots(bucket, plan)
+                group = self.param_groups[bucket.group_index]
+                bucket.backend.ascent_stats(
+                    bucket, plan, self.variant, group, partials[:, offset : offset + n]
+                )
+                offset += n
+            torch.sum(partials, dim=1, out=status[0:2])
+        for bucket, plan in zip(self._buckets, plans):
+            if not plan.empty:
+                group = self.param_groups[bucket.group_index]
+                bucket.backend.perturb(
+                    bucket, plan, self.variant, group, status, self.norm_eps, self.skip_nonfinite
+                )
+        self._perturbed = plans
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the weights exactly and apply the base update with the current gradients."""
+        if self._perturbed is None:
+            raise RuntimeError(
+                "second_step() was called without first_step(): there is no perturbation to "
+                "undo. Call first_step() after the first backward pass."
+            )
+        plans = [bucket.plan() for bucket in self._buckets]
+        specs = [base_spec_for(self.base_optimizer, self.param_groups[b.group_index]) for b in self._buckets]
+        status = self._status
+        check = self.skip_nonfinite
+        if check:
+            partials = self._partials_for(plans)
+            offset = 0
+            for bucket, plan in zip(self._buckets, plans):
+                if plan.empty:
+                    continue
+                n = bucket.backend.partial_slots(bucket, plan)
+                bucket.backend.count_nonfinite(bucket, plan, partials[1, offset : offset + n])
+                offset += n
+            torch.sum(partials[1], dim=0, keepdim=True, out=status[2:3])
+        if any(spec is None for spec in specs) or not self._buckets:
+            self._generic_second_step(check)
+        else:
+            counted = False
+            for bucket, perturbed, plan, spec in zip(self._buckets, self._perturbed, plans, specs):
+                self._attach_state(bucket, plan, spec)
+                bucket.backend.update(bucket, perturbed, plan, spec, self.state, status, check)
+                if not plan.empty:
+                    bucket.backend.advance_steps(bucket, plan, status, check, count_skip=not counted)
+                    counted = True
+                    bucket.note_update(plan)
+        self._perturbed = None
+        self._opt_called = True  # LR schedulers check this to warn about call order
+        if zero_grad:
+            self.zero_grad()
+
+    def _generic_second_step(self, check: bool) -> None:
+        """Restore, then the base optimizer's own step (costs a host sync when checking)."""
+        for bucket, perturbed in zip(self._buckets, self._perturbed):
+            bucket.backend.restore(bucket, perturbed)
+        if check:
+            skip = self._status[1] + self._status[2] > 0
+            self._status[3] += skip
+            if bool(skip):
+                return
+        self.base_optimizer.step()
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
+        """A whole SAM step, calling ``closure`` (forward + backward) for each pass.
+
+        The closure convention is ``torch.optim.LBFGS``'s: it recomputes the loss, calls
+        ``backward()`` and returns the loss. Returns the first pass's loss.
+        """
+        if closure is None:
+            raise RuntimeError(
+                "SAM.step() needs a closure that runs forward and backward and returns the "
+                "loss (it is called once per pass); or call first_step() and second_step()"
+            )
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step()
+        return loss
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """Zero the gradients in place (the default) or set them to None.
+
+        The default differs from ``torch.optim``'s ``set_to_none=True``: the fused path
+        keeps gradients as views of a flat buffer that the next backward pass accumulates
+        into, and dropping them would force a gather on every step. As with
+        ``set_to_none=False`` in PyTorch, a parameter that receives no gradient in a pass
+        then takes part with a zero gradient. Pass ``set_to_none=True`` to drop them.
+        """
+        for bucket in self._buckets:
+            bucket.zero_grad(set_to_none)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def skipped_steps(self) -> Tensor:
+        """How many steps were skipped for non-finite gradients (a device tensor)."""
+        return self._status[3]
+
+    @property
+    def backends(self) -> list[str]:
+        """The backend of each bucket (one per param group and dtype), in order."""
+        return [bucket.backend.name for bucket in self._buckets]
+
+    def _check_hyperparameters(self) -> None:
+        for i, group in enumerate(self.param_groups):
+            _check_rho(group["rho"], f"param_groups[{i}]['rho']")
+            _check_eta(group["eta"], f"param_groups[{i}]['eta']")
+
+    def _partials_for(self, plans: list[Plan]) -> Tensor:
+        """The buffer of per-program partial sums for these plans (cached by size)."""
+        slots = sum(b.backend.partial_slots(b, p) for b, p in zip(self._buckets, plans) if not p.empty)
+        partials = self._partials.get(slots)
+        if partials is None:
+            partials = torch.zeros(2, slots, dtype=self._acc_dtype, device=self._device)
+            if len(self._partials) > 8:
+                self._partials.clear()
+            self._partials[slots] = partials
+        return partials
+
+    def _attach_state(self, bucket: Bucket, plan: Plan, spec: BaseSpec) -> None:
+        """Expose a fused bucket's flat state as torch.optim-style per-parameter entries."""
+        if not bucket.fused:
+            return
+        names = state_names(spec)
+        key = (plan.key, names, isinstance(spec, AdamSpec))
+        if self._attached.get(id(bucket)) == key:
+            return
+        for i in plan.indices:
+            st = self.state[bucket.params[i]]
+            for name in names:
+                if name not in st:
+                    st[name] = bucket.state_view(name, i)
+            if isinstance(spec, AdamSpec):
+                st["step"] = bucket.steps[i]
+        self._attached[id(bucket)] = key
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state and the param groups; never the per-step backup."""
+        if self._perturbed is not None:
+            raise RuntimeError(
+                "state_dict() was called between first_step() and second_step(): the weights "
+                "are perturbed. Save after second_step()."
+            )
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint; state moves into the flat buffers where the layout has them."""
+        if self._perturbed is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step() is not allowed")
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups
+        self.base_optimizer.state = self.state
+        self._attached.clear()
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.params):
+                st = self.state.get(p, {})
+                if "step" in st:
+                    bucket.steps[i] = float(st["step"])
+                    st["step"] = bucket.steps[i]
+                elif st.get("momentum_buffer") is not None:
+                    bucket.steps[i] = 1.0
+                else:
+                    bucket.steps[i] = 0.0
+                if bucket.fused:
+                    for name, value in list(st.items()):
+                        if name != "step" and isinstance(value, Tensor) and value.shape == p.shape:
+                            view = bucket.state_view(name, i)
+                            view.copy_(value)
+                            st[name] = view
+            bucket.reset_classes_from_steps()
+
+
+def _check_rho(rho: Any, name: str) -> None:
+    if isinstance(rho, Tensor):
+        return  # device-resident schedules are validated where they are computed
+    if not (isinstance(rho, (int, float)) and rho >= 0):
+        raise ValueError(f"{name} must be a non-negative number, got {rho!r}")
+
+
+def _check_eta(eta: Any, name: str) -> None:
+    if not (isinstance(eta, (int, float)) and eta >= 0):
+        raise ValueError(f"{name} (ASAM's offset) must be a non-negative number, got {eta!r}")
+
+
+def _check_params(params: list[Tensor]) -> None:
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameter {i} is a {type(p).__name__}, not a tensor")
+        if not p.is_floating_point():
+            raise TypeError(
+                f"parameter {i} has dtype {p.dtype}; SAM optimizes floating-point parameters only"
+            )
+        if p.is_sparse:
+            raise TypeError(f"parameter {i} is a sparse tensor; SAM needs dense parameters")
+        if id(p) in seen:
+            raise ValueError(f"parameter {i} appears twice in the same param group")
+        seen.add(id(p))
+
+
+def _several_devices(devices: set[torch.device]) -> str:
+    names = ", ".join(sorted(str(d) for d in devices))
+    return (
+        f"the parameters are on several devices ({names}); one SAM optimizer needs them on "
+        "one device, since its global gradient norm is reduced there. Build one optimizer "
+        "per device, or move the model first."
+    )
