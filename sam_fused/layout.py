@@ -178,7 +178,9 @@ class Bucket:
         for i in (plan.indices[0], plan.indices[-1]) if plan.indices else ():
             p = self.params[i]
             g = p.grad
-            if p.data_ptr() != self.param_ptrs[i] or g is None or g.data_ptr() != self.grad_ptrs[i]:
+            if g is None or g.is_sparse or g.data_ptr() != self.grad_ptrs[i]:
+                return False
+            if p.data_ptr() != self.param_ptrs[i]:
                 return False
         return all(p.grad is None for p in self._watch)
 
@@ -213,7 +215,7 @@ class Bucket:
             self._check_param(i, p)
             g = p.grad
             if g is not None:
-                if g.data_ptr() != self.grad_ptrs[i]:
+                if g.is_sparse or g.data_ptr() != self.grad_ptrs[i]:
                     self._check_grad(i, p, g)
                 taking_part.append(i)
         # gather foreign gradients into the flat buffer and attach views

@@ -130,12 +130,22 @@ class SAM(torch.optim.Optimizer):
             return
         for key in _OUR_DEFAULTS:
             param_group.setdefault(key, self.defaults[key])
-        devices = {p.device for p in param_group["params"]} | {self._device}
+        devices = {p.device for p in param_group["params"]}
+        if self._has_params:
+            devices.add(self._device)
         if len(devices) > 1:
             raise ValueError(_several_devices(devices))
+        if devices and not self._has_params:
+            self._device = devices.pop()
+            self._status = self._status.to(self._device)
+            self._partials.clear()
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
         self._build_buckets(len(self.param_groups) - 1)
         self._partials.clear()
+
+    @property
+    def _has_params(self) -> bool:
+        return bool(self._buckets)
 
     def _single_device(self) -> torch.device:
         devices = {p.device for g in self.param_groups for p in g["params"]}
