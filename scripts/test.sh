@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: lint, then the whole suite. Triton kernels run through the Triton
+# interpreter on CPU tensors (TRITON_INTERPRET=1), so CI exercises every kernel.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k adam`).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+source scripts/setup_env.sh
+"$PYTHON" -m ruff check sam_fused tests benchmarks
+if [ "${SAM_FUSED_TEST_DEVICE:-cpu}" = "cpu" ]; then
+  export TRITON_INTERPRET=1
+fi
+"$PYTHON" -m pytest tests "$@"
