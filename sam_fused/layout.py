@@ -38,8 +38,14 @@ class LayoutError(RuntimeError):
     """A parameter or gradient no longer matches the layout the optimizer built."""
 
 
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _use_count(t: Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    """How many tensors share ``t``'s storage (-1 where torch does not expose it)."""
+    if _STORAGE_USE_COUNT is None:
+        return -1
+    return _STORAGE_USE_COUNT(t.untyped_storage()._cdata)
 
 
 def _is_dense(p: Tensor) -> bool:
@@ -172,6 +178,8 @@ class Bucket:
 
     def _intact(self) -> bool:
         """The O(1) check that the cached plan still describes the parameters."""
+        if _STORAGE_USE_COUNT is None:
+            return False  # no cheap check available: always take the slow path
         if (_use_count(self.param_flat), _use_count(self.grad_flat)) != self._expected_counts:
             return False
         plan = self._plan
