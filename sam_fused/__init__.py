@@ -4,8 +4,23 @@
 >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
 """
 
+from .family import ASAM, FSAM, GCSAM, GSAM, RSAM, USAM, IntervalSAM, LookSAM, VaSSO
 from .optimizer import SAM
 from .variants import VARIANTS, Variant
 
-__all__ = ["SAM", "VARIANTS", "Variant", "__version__"]
+__all__ = [
+    "ASAM",
+    "FSAM",
+    "GCSAM",
+    "GSAM",
+    "RSAM",
+    "SAM",
+    "USAM",
+    "VARIANTS",
+    "IntervalSAM",
+    "LookSAM",
+    "VaSSO",
+    "Variant",
+    "__version__",
+]
 __version__ = "0.1.0"

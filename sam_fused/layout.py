@@ -92,6 +92,8 @@ class Plan:
     indices: tuple[int, ...]
     runs: list[Run]
     mask: Tensor | None = None  # float 0/1 per parameter, on the device (built lazily)
+    rows: tuple | None = None  # gradient-centralization row table (built lazily)
+    complement: list[Run] | None = None  # runs over the parameters left out (built lazily)
 
     @property
     def empty(self) -> bool:
@@ -122,6 +124,7 @@ class Bucket:
         self.state_flat: dict[str, Tensor] = {}
         self.backup_flat: Tensor | None = None
         self.backups: list[Tensor | None] = [None] * len(params)  # reference buckets
+        self._scratch: dict[str, list[Tensor | None]] = {}  # reference buckets' per-step tensors
         self._plan: Plan | None = None
         self._watch: list[Tensor] = []  # parameters the plan left out
         self._expected_counts: tuple[int, int] = (-1, -1)
@@ -161,6 +164,73 @@ class Bucket:
     def state_view(self, name: str, index: int) -> Tensor:
         """Parameter ``index``'s slice of flat state buffer ``name``, shaped like it."""
         return _dense_view(self.flat_buffer(name), self.offsets[index], self.params[index])
+
+    def scratch(self, name: str) -> list[Tensor | None]:
+        """Per-parameter per-step tensors of a reference bucket (first grad, RSAM noise)."""
+        return self._scratch.setdefault(name, [None] * len(self.params))
+
+    def valid_index(self) -> Tensor:
+        """Flat indices of the real (non-padding) elements, in parameter order (cached)."""
+        index = getattr(self, "_valid_index", None)
+        if index is None:
+            parts = [
+                torch.arange(off, off + p.numel(), device=self.device)
+                for p, off in zip(self.params, self.offsets)
+            ]
+            index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=self.device)
+            self._valid_index = index
+        return index
+
+    def row_table(self, plan: Plan) -> tuple[Tensor, Tensor, list[int]]:
+        """Gradient centralization rows of the plan: (starts, lengths, loose params).
+
+        A contiguous parameter of two or more dimensions has ``shape[0]`` rows of
+        ``numel / shape[0]`` consecutive elements. Parameters of another memory layout
+        (``loose``) are centralized one by one.
+        """
+        table = getattr(plan, "rows", None)
+        if table is None:
+            starts: list[int] = []
+            lengths: list[int] = []
+            loose: list[int] = []
+            for i in plan.indices:
+                p = self.params[i]
+                if p.dim() <= 1 or p.numel() == 0:
+                    continue
+                if not p.is_contiguous():
+                    loose.append(i)
+                    continue
+                n_rows = p.shape[0]
+                row = p.numel() // n_rows
+                starts.extend(range(self.offsets[i], self.offsets[i] + n_rows * row, row))
+                lengths.extend([row] * n_rows)
+            table = (
+                torch.tensor(starts, dtype=torch.int64, device=self.device),
+                torch.tensor(lengths, dtype=torch.int32, device=self.device),
+                loose,
+            )
+            plan.rows = table
+        return table
+
+    def complement_runs(self, plan: Plan) -> list[Run]:
+        """Runs over the parameters the plan leaves out (RSAM restores their noise)."""
+        runs = getattr(plan, "complement", None)
+        if runs is None:
+            taking = set(plan.indices)
+            runs = []
+            for i, p in enumerate(self.params):
+                if i in taking:
+                    continue
+                start = self.offsets[i]
+                stop = start + -(-p.numel() // ALIGN) * ALIGN
+                if runs and runs[-1].stop == start:
+                    runs[-1].stop = stop
+                else:
+                    runs.append(Run(start, stop, i))
+            for run in runs:
+                run.views["param"] = self.param_flat[run.start : run.stop]
+            plan.complement = runs
+        return runs
 
     def backup_buffer(self) -> Tensor:
         if self.backup_flat is None:

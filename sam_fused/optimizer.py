@@ -17,6 +17,7 @@ restore, then its own ``step()``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,10 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import status as S
 from .backends import make_backend
+from .backends.reference import StepContext
 from .base_updates import AdamSpec, BaseSpec, base_spec_for, state_names
 from .layout import Bucket, Plan
-from .variants import get_variant
+from .variants import DESCENT, VARIANTS, get_variant, resolve_options
 
 __all__ = ["SAM"]
 
@@ -48,12 +51,15 @@ class SAM(torch.optim.Optimizer):
             ``adaptive=True`` with the default ``eta=0`` is the popular implementation's
             ASAM; ``eta=0.01`` is the official one.
         eta: ASAM's offset ``eta`` (default 0).
-        variant: ``"sam"`` (default) or ``"usam"`` (the unnormalized perturbation
-            ``rho * T^2 * g``); see ``sam_fused.VARIANTS``.
+        variant: ``"sam"`` (default), ``"usam"``, ``"vasso"``, ``"fsam"``, ``"gcsam"``,
+            ``"rsam"``, ``"gsam"``, ``"looksam"`` or ``"interval"``; see
+            ``sam_fused.VARIANTS`` and the classes of the same names.
         norm_eps: added to the global norm after the square root (default 1e-12).
         backend: ``"auto"`` (Triton for CUDA tensors, the reference for CPU tensors),
             ``"triton"`` or ``"reference"``. The environment variable
             ``SAM_FUSED_BACKEND`` replaces ``"auto"``.
+        variant_options: the variant's own options (see ``sam_fused.VARIANTS``); the
+            variant classes (``VaSSO``, ``GSAM``, ...) take them as keyword arguments.
         skip_nonfinite: when a NaN or infinity appears in the gradient of either pass,
             skip the whole step on the device: no perturbation, weights restored bit for
             bit, no optimizer state moved, and ``skipped_steps`` counts it (default True).
@@ -82,6 +88,7 @@ class SAM(torch.optim.Optimizer):
         norm_eps: float = 1e-12,
         backend: str = "auto",
         skip_nonfinite: bool = True,
+        variant_options: dict[str, Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -96,6 +103,11 @@ class SAM(torch.optim.Optimizer):
         if backend not in ("auto", "triton", "reference"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
         self.variant = get_variant(variant)
+        self.variant_options = resolve_options(self.variant, dict(variant_options or {}))
+        self._every = int(self.variant_options[self.variant.every_option]) if self.variant.every_option else 0
+        self._step_index = 0  # steps taken; LookSAM and interval SAM perturb when it is a multiple of k
+        self._noised = False
+        self._generator: torch.Generator | None = None
         self.norm_eps = float(norm_eps)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.backend_request = backend
@@ -110,7 +122,7 @@ class SAM(torch.optim.Optimizer):
         self._acc_dtype = torch.float32
         for index in range(len(self.param_groups)):
             self._build_buckets(index)
-        self._status = torch.zeros(4, dtype=self._acc_dtype, device=self._device)
+        self._status = torch.zeros(S.SIZE, dtype=self._acc_dtype, device=self._device)
         self._partials: dict[int, Tensor] = {}
         self._perturbed: list[Plan] | None = None
         self._attached: dict[int, tuple] = {}
@@ -179,43 +191,103 @@ class SAM(torch.optim.Optimizer):
         return name
 
     # ------------------------------------------------------------------ the step
+    def _context(self) -> StepContext:
+        return StepContext(
+            self.variant, self.variant_options, self.norm_eps, self.skip_nonfinite, self._status, self.state
+        )
+
+    @property
+    def perturbs_this_step(self) -> bool:
+        """Whether the coming step perturbs (False on LookSAM and interval SAM reuse steps)."""
+        return self._every == 0 or self._step_index % self._every == 0
+
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def noise_step(self) -> None:
+        """RSAM: back the weights up and move them to ``w + delta`` for the first pass.
+
+        ``delta ~ N(0, noise_std^2 I)`` is drawn from the optimizer's own generator (seeded
+        by the ``seed`` option and saved in ``state_dict``), so runs reproduce.
+        """
+        if not self.variant.noise:
+            raise RuntimeError(f"noise_step() belongs to RSAM; this optimizer runs {self.variant.name!r}")
+        if self._perturbed is not None or self._noised:
+            raise RuntimeError("noise_step() was called again before first_step()/second_step() finished")
+        self._check_hyperparameters()
+        ctx = self._context()
+        if self._generator is None:
+            self._generator = torch.Generator(device=self._device)
+            self._generator.manual_seed(int(self.variant_options["seed"]))
+        total = max(1, sum(p.numel() for b in self._buckets for p in b.params))
+        for bucket in self._buckets:
+            group = self.param_groups[bucket.group_index]
+            std = self.variant_options["noise_std"]
+            std = float(group["rho"]) / math.sqrt(total) if std is None else float(std)
+            bucket.backend.noise(bucket, ctx, std, self._generator)
+        self._noised = True
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> bool:
         """Perturb the weights: back them up and move them to ``w + eps``.
 
         Reads the first-pass gradients; with ``zero_grad=True`` zeroes them afterwards,
-        ready for the second pass.
+        ready for the second pass. Returns True when a second pass is due; LookSAM and
+        interval SAM return False on their reuse steps, where this call has already
+        applied the whole (one-pass) update.
         """
         if self._perturbed is not None:
             raise RuntimeError(
                 "first_step() was called twice without second_step(): the weights are "
                 "already perturbed; call second_step() to restore and update them"
             )
+        if self.variant.noise and not self._noised:
+            raise RuntimeError("RSAM takes its first pass at w + delta: call noise_step() before it")
         self._check_hyperparameters()
         plans = [bucket.plan() for bucket in self._buckets]
-        status = self._status
-        if self.variant.normalized or self.skip_nonfinite:
-            partials = self._partials_for(plans)
-            offset = 0
+        ctx = self._context()
+        if not self.perturbs_this_step:
+            self._reuse_step(plans, ctx)
+            if zero_grad:
+                self.zero_grad()
+            return False
+        for bucket, plan in zip(self._buckets, plans):
+            self._attach_state(bucket, plan, None)
+        if self.variant.centralize:
             for bucket, plan in zip(self._buckets, plans):
-                if plan.empty:
-                    continue
-                n = bucket.backend.partial_slots(bucket, plan)
-                group = self.param_groups[bucket.group_index]
-                bucket.backend.ascent_stats(
-                    bucket, plan, self.variant, group, partials[:, offset : offset + n]
-                )
-                offset += n
-            torch.sum(partials, dim=1, out=status[0:2])
+                if not plan.empty:
+                    bucket.backend.centralize(bucket, plan)
+        if self.variant.normalized or self.skip_nonfinite:
+            self._ascent_stats(plans, ctx, groups=None)
         for bucket, plan in zip(self._buckets, plans):
             if not plan.empty:
-                group = self.param_groups[bucket.group_index]
-                bucket.backend.perturb(
-                    bucket, plan, self.variant, group, status, self.norm_eps, self.skip_nonfinite
-                )
+                bucket.backend.perturb(bucket, plan, self.param_groups[bucket.group_index], ctx)
         self._perturbed = plans
+        self._noised = False
+        self._step_index += 1
         if zero_grad:
             self.zero_grad()
+        return True
+
+    def _ascent_stats(self, plans: list[Plan], ctx: StepContext, groups: dict | None) -> None:
+        """First-pass statistics of every bucket into ``status[SUMSQ, BAD1]``."""
+        partials = self._partials_for(plans)
+        offset = 0
+        for bucket, plan in zip(self._buckets, plans):
+            if plan.empty:
+                continue
+            n = bucket.backend.partial_slots(bucket, plan)
+            group = groups or self.param_groups[bucket.group_index]
+            bucket.backend.ascent_stats(bucket, plan, group, ctx, partials[:, offset : offset + n])
+            offset += n
+        torch.sum(partials[:2], dim=1, out=self._status[S.FIRST_PASS])
+
+    def _reuse_step(self, plans: list[Plan], ctx: StepContext) -> None:
+        """LookSAM / interval SAM between perturbed steps: one pass, one update."""
+        plain = StepContext(VARIANTS["sam"], ctx.options, ctx.norm_eps, ctx.check, ctx.status, ctx.state)
+        self._ascent_stats(plans, plain, groups={"adaptive": False, "eta": 0.0})  # ||g||, non-finite
+        self._status[S.SECOND_PASS].zero_()
+        descent = DESCENT.LOOKSAM_REUSE if self.variant.descent == DESCENT.LOOKSAM_FULL else DESCENT.PLAIN
+        self._descend(None, plans, ctx, descent)
+        self._step_index += 1
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -226,51 +298,86 @@ class SAM(torch.optim.Optimizer):
                 "undo. Call first_step() after the first backward pass."
             )
         plans = [bucket.plan() for bucket in self._buckets]
-        specs = [base_spec_for(self.base_optimizer, self.param_groups[b.group_index]) for b in self._buckets]
-        status = self._status
-        check = self.skip_nonfinite
-        if check:
+        ctx = self._context()
+        if self.variant.centralize:  # GCSAM descends along GC(g_p) too
+            for bucket, plan in zip(self._buckets, plans):
+                if not plan.empty:
+                    bucket.backend.centralize(bucket, plan)
+        if self.skip_nonfinite or self.variant.keeps_first_grad:
             partials = self._partials_for(plans)
             offset = 0
             for bucket, plan in zip(self._buckets, plans):
                 if plan.empty:
                     continue
                 n = bucket.backend.partial_slots(bucket, plan)
-                bucket.backend.count_nonfinite(bucket, plan, partials[1, offset : offset + n])
+                bucket.backend.descent_stats(bucket, plan, ctx, partials[:, offset : offset + n])
                 offset += n
-            torch.sum(partials[1], dim=0, keepdim=True, out=status[2:3])
-        if any(spec is None for spec in specs) or not self._buckets:
-            self._generic_second_step(check)
-        else:
-            counted = False
-            for bucket, perturbed, plan, spec in zip(self._buckets, self._perturbed, plans, specs):
-                self._attach_state(bucket, plan, spec)
-                bucket.backend.update(bucket, perturbed, plan, spec, self.state, status, check)
-                if not plan.empty:
-                    bucket.backend.advance_steps(bucket, plan, status, check, count_skip=not counted)
-                    counted = True
-                    bucket.note_update(plan)
+            torch.sum(partials, dim=1, out=self._status[S.SECOND_PASS])
+        self._descend(self._perturbed, plans, ctx, self.variant.descent)
+        if self.variant.descent == DESCENT.LOOKSAM_FULL:
+            self._store_gv_norm(plans, ctx)
         self._perturbed = None
-        self._opt_called = True  # LR schedulers check this to warn about call order
         if zero_grad:
             self.zero_grad()
 
-    def _generic_second_step(self, check: bool) -> None:
-        """Restore, then the base optimizer's own step (costs a host sync when checking)."""
-        for bucket, perturbed in zip(self._buckets, self._perturbed):
-            bucket.backend.restore(bucket, perturbed)
-        if check:
-            skip = self._status[1] + self._status[2] > 0
-            self._status[3] += skip
-            if bool(skip):
+    def _descend(
+        self, perturbed: list[Plan] | None, plans: list[Plan], ctx: StepContext, descent: int
+    ) -> None:
+        """Restore (when ``perturbed``) and apply the base update with the descent gradient."""
+        specs = [base_spec_for(self.base_optimizer, self.param_groups[b.group_index]) for b in self._buckets]
+        if any(spec is None for spec in specs) or not self._buckets:
+            self._generic_descend(perturbed, plans, ctx, descent)
+        else:
+            counted = False
+            for i, (bucket, plan, spec) in enumerate(zip(self._buckets, plans, specs)):
+                self._attach_state(bucket, plan, spec)
+                done = None if perturbed is None else perturbed[i]
+                bucket.backend.update(bucket, done, plan, spec, ctx, descent)
+                if not plan.empty:
+                    bucket.backend.advance_steps(bucket, plan, ctx, count_skip=not counted)
+                    counted = True
+                    bucket.note_update(plan)
+        self._opt_called = True  # LR schedulers check this to warn about call order
+
+    def _generic_descend(self, perturbed, plans, ctx: StepContext, descent: int) -> None:
+        """Restore, then the base optimizer's own step (a host sync decides a skip)."""
+        if descent != DESCENT.PLAIN:
+            raise NotImplementedError(
+                f"{self.variant.name} changes the descent gradient, which sam_fused fuses into "
+                "SGD, Adam and AdamW only; use one of those as the base optimizer"
+            )
+        if perturbed is not None:
+            for bucket, plan in zip(self._buckets, perturbed):
+                bucket.backend.restore(bucket, plan)
+        if ctx.check:
+            skip = self._status[S.BAD1] + self._status[S.BAD2] > 0
+            self._status[S.SKIPPED] += skip
+            if bool(skip):  # the base optimizer's step cannot be skipped on the device
                 return
         self.base_optimizer.step()
+        for bucket, plan in zip(self._buckets, plans):
+            bucket.steps.add_(bucket.mask_of(plan))
+
+    def _store_gv_norm(self, plans: list[Plan], ctx: StepContext) -> None:
+        """LookSAM: ``status[GV2] = ||g_v||^2`` of the newly stored component (exact)."""
+        partials = self._partials_for(plans)
+        offset = 0
+        for bucket, plan in zip(self._buckets, plans):
+            if plan.empty:
+                continue
+            n = bucket.backend.partial_slots(bucket, plan)
+            bucket.backend.state_sumsq(
+                bucket, plan, "looksam_gv", self.state, partials[:, offset : offset + n]
+            )
+            offset += n
+        torch.sum(partials[0], dim=0, keepdim=True, out=self._status[S.GV2 : S.GV2 + 1])
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
         """A whole SAM step, calling ``closure`` (forward + backward) for each pass.
 
         The closure convention is ``torch.optim.LBFGS``'s: it recomputes the loss, calls
-        ``backward()`` and returns the loss. Returns the first pass's loss.
+        ``backward()`` and returns the loss. Returns the first pass's loss (for RSAM, the
+        loss at ``w + delta``). LookSAM and interval SAM call it once on reuse steps.
         """
         if closure is None:
             raise RuntimeError(
@@ -278,10 +385,12 @@ class SAM(torch.optim.Optimizer):
                 "loss (it is called once per pass); or call first_step() and second_step()"
             )
         closure = torch.enable_grad()(closure)
+        if self.variant.noise:
+            self.noise_step()
         loss = closure()
-        self.first_step(zero_grad=True)
-        closure()
-        self.second_step()
+        if self.first_step(zero_grad=True):
+            closure()
+            self.second_step()
         return loss
 
     @torch.no_grad()
@@ -301,7 +410,7 @@ class SAM(torch.optim.Optimizer):
     @property
     def skipped_steps(self) -> Tensor:
         """How many steps were skipped for non-finite gradients (a device tensor)."""
-        return self._status[3]
+        return self._status[S.SKIPPED]
 
     @property
     def backends(self) -> list[str]:
@@ -318,19 +427,22 @@ class SAM(torch.optim.Optimizer):
         slots = sum(b.backend.partial_slots(b, p) for b, p in zip(self._buckets, plans) if not p.empty)
         partials = self._partials.get(slots)
         if partials is None:
-            partials = torch.zeros(2, slots, dtype=self._acc_dtype, device=self._device)
+            partials = torch.zeros(4, slots, dtype=self._acc_dtype, device=self._device)
             if len(self._partials) > 8:
                 self._partials.clear()
             self._partials[slots] = partials
         return partials
 
     def _attach_state(self, bucket: Bucket, plan: Plan, spec: BaseSpec) -> None:
-        """Expose a fused bucket's flat state as torch.optim-style per-parameter entries."""
+        """Expose a fused bucket's flat state as torch.optim-style per-parameter entries.
+
+        ``spec=None`` attaches only the variant's persistent state (before the ascent).
+        """
         if not bucket.fused:
             return
-        names = state_names(spec)
+        names = (state_names(spec) if spec is not None else ()) + self.variant.state
         key = (plan.key, names, isinstance(spec, AdamSpec))
-        if self._attached.get(id(bucket)) == key:
+        if self._attached.get((id(bucket), spec is None)) == key:
             return
         for i in plan.indices:
             st = self.state[bucket.params[i]]
@@ -339,22 +451,35 @@ class SAM(torch.optim.Optimizer):
                     st[name] = bucket.state_view(name, i)
             if isinstance(spec, AdamSpec):
                 st["step"] = bucket.steps[i]
-        self._attached[id(bucket)] = key
+        self._attached[(id(bucket), spec is None)] = key
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state and the param groups; never the per-step backup."""
-        if self._perturbed is not None:
+        """The base optimizer's state, the variant's persistent state and the param groups.
+
+        Never the per-step backup. Under ``"sam_fused"``: the step index (LookSAM and
+        interval SAM schedules), the skipped-step count, LookSAM's ``||g_v||^2`` and RSAM's
+        generator state.
+        """
+        if self._perturbed is not None or self._noised:
             raise RuntimeError(
                 "state_dict() was called between first_step() and second_step(): the weights "
                 "are perturbed. Save after second_step()."
             )
-        return super().state_dict()
+        state = super().state_dict()
+        state["sam_fused"] = {
+            "step_index": self._step_index,
+            "status": {i: float(self._status[i]) for i in S.PERSISTENT},
+            "generator": None if self._generator is None else self._generator.get_state(),
+        }
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint; state moves into the flat buffers where the layout has them."""
-        if self._perturbed is not None:
+        if self._perturbed is not None or self._noised:
             raise RuntimeError("load_state_dict() between first_step() and second_step() is not allowed")
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("sam_fused", None)
         super().load_state_dict(state_dict)
         self.base_optimizer.param_groups = self.param_groups
         self.base_optimizer.state = self.state
@@ -376,6 +501,14 @@ class SAM(torch.optim.Optimizer):
                             view.copy_(value)
                             st[name] = view
             bucket.reset_classes_from_steps()
+        if extra is not None:
+            self._step_index = int(extra["step_index"])
+            for index, value in extra["status"].items():
+                self._status[int(index)] = value
+            if extra.get("generator") is not None:
+                if self._generator is None:
+                    self._generator = torch.Generator(device=self._device)
+                self._generator.set_state(extra["generator"])
 
 
 def _check_rho(rho: Any, name: str) -> None:

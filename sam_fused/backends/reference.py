@@ -3,13 +3,16 @@
 This file is the specification. Every fused kernel is tested against it, and it is the
 path CPU tensors take. It reads top to bottom as the math of ``docs/variants.md``:
 
-1. ``ascent_stats``: the sum of squares of ``u = T * v`` over every parameter with a
+1. ``centralize`` (GCSAM): subtract each row's mean from the gradient.
+2. ``ascent_stats``: the sum of squares of ``u = T * v`` over every parameter with a
    gradient (accumulated in float32, float64 for float64 parameters), and a count of
    non-finite gradient entries.
-2. ``perturb``: back ``w`` up, then ``w <- w + eps`` with
-   ``eps = rho * T * u / (||u|| + norm_eps)``.
-3. ``count_nonfinite``: the same count for the second-pass gradient.
-4. ``update``: ``w <- backup`` (an exact copy), then the base update (SGD or Adam/AdamW).
+3. ``perturb``: back ``w`` up, then ``w <- w + eps`` with
+   ``eps = rho * T * u / (||u|| + norm_eps)``; update the variant's running state.
+4. ``descent_stats``: non-finite entries of the second-pass gradient ``g_p``, and the
+   inner products GSAM and LookSAM need.
+5. ``update``: ``w <- backup`` (an exact copy, not ``w - eps``), then the base update
+   (SGD or Adam/AdamW) with the variant's descent gradient.
 
 Non-finite gradients: when either pass saw a NaN or an infinity and the optimizer was
 built with ``skip_nonfinite=True`` (the default), the step is skipped *on the device*: the
@@ -20,14 +23,36 @@ free of host synchronisation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from .. import status as S
 from ..base_updates import AdamSpec, SGDSpec
 from ..layout import Bucket, Plan
-from ..variants import Variant
+from ..variants import ASCENT, DESCENT, Variant
 
-__all__ = ["ReferenceBackend", "math_dtype"]
+__all__ = ["ReferenceBackend", "StepContext", "math_dtype"]
+
+
+@dataclass
+class StepContext:
+    """What every backend operation of one step needs besides the bucket."""
+
+    variant: Variant
+    options: dict[str, Any]
+    norm_eps: float
+    check: bool  # skip the step on non-finite gradients
+    status: Tensor
+    state: dict  # the optimizer's per-parameter state (persistent variant state lives here)
+
+    def skip(self, device: torch.device) -> Tensor:
+        """Whether this step is skipped, as a 0-d bool tensor (no host sync)."""
+        if not self.check:
+            return torch.zeros((), dtype=torch.bool, device=device)
+        return (self.status[S.BAD1] + self.status[S.BAD2] > 0).to(device)
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,22 +67,63 @@ def ascent_scale(weight: Tensor, adaptive: bool, eta: float) -> Tensor | float:
     return 1.0
 
 
-def perturbation(
-    grad: Tensor,
-    weight: Tensor,
-    variant: Variant,
-    rho: float,
-    adaptive: bool,
-    eta: float,
-    global_norm: Tensor,
-    norm_eps: float,
-) -> Tensor:
-    """``eps`` for one parameter, in its math dtype, given the global norm of ``u``."""
-    t = ascent_scale(weight, adaptive, eta)
-    u = t * variant.direction(grad)
+def ascent_direction(
+    variant: Variant, options: dict[str, Any], g: Tensor, aux: Tensor | None, first: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """The variant's ascent direction ``v`` and its new running state (or None).
+
+    ``aux`` is the variant's state before this step (VaSSO's ``d``, F-SAM's ``m``) or RSAM's
+    noise ``delta``; ``first`` is True while the parameter has never been updated.
+    """
+    rule = variant.ascent
+    if rule == ASCENT.GRAD:
+        return g, None
+    if rule == ASCENT.VASSO:  # d <- (1 - theta) d + theta g, with d = g on the first step
+        theta = options["theta"]
+        d = torch.where(first, g, (1 - theta) * aux + theta * g)
+        return d, d
+    if rule == ASCENT.FSAM:  # v = g - sigma m (previous EMA), then m <- lam m + (1 - lam) g
+        lam = options["lam"]
+        return g - options["sigma"] * aux, lam * aux + (1 - lam) * g
+    if rule == ASCENT.RSAM:  # v = delta + lam g_hat, g_hat taken at w + delta
+        return aux + options["lam"] * g, None
+    raise NotImplementedError(f"ascent rule {rule}")
+
+
+def perturbation(u: Tensor, t: Tensor | float, rho: float, norm: Tensor, variant: Variant, eps: float):
+    """``eps = rho T u / (||u|| + norm_eps)``, or ``rho T u`` for unnormalized variants."""
     if variant.normalized:
-        return rho * t * u / (global_norm + norm_eps)
+        return rho * t * u / (norm + eps)
     return rho * t * u
+
+
+def centralized(g: Tensor) -> Tensor:
+    """Gradient centralization: subtract the mean over every dimension but the first."""
+    if g.dim() <= 1:
+        return g
+    return g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
+
+
+def descent_gradient(
+    variant_rule: int, options: dict[str, Any], gp: Tensor, aux: Tensor | None, status: Tensor
+) -> Tensor:
+    """The gradient the base update receives.
+
+    GSAM: ``g_p - alpha g_perp`` with ``g_perp = g - (<g, g_p> / ||g_p||^2) g_p`` (aux = g).
+    LookSAM reuse steps: ``g + alpha (||g|| / ||g_v||) g_v`` (aux = g_v, gp = this pass's g).
+    """
+    if variant_rule in (DESCENT.PLAIN, DESCENT.LOOKSAM_FULL):
+        return gp
+    dt = gp.dtype
+    if variant_rule == DESCENT.GSAM:
+        gp2 = status[S.GP2].to(dt)
+        coef = torch.where(gp2 > 0, status[S.DOT].to(dt) / gp2, 0)
+        return gp - options["alpha"] * (aux - coef * gp)
+    if variant_rule == DESCENT.LOOKSAM_REUSE:
+        gv_norm = status[S.GV2].to(dt).sqrt()
+        scale = torch.where(gv_norm > 0, status[S.SUMSQ].to(dt).sqrt() / gv_norm, 0)
+        return gp + options["alpha"] * scale * aux
+    raise NotImplementedError(f"descent rule {variant_rule}")
 
 
 def sgd_update(
@@ -112,94 +178,158 @@ class ReferenceBackend:
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         return 1
 
+    # ------------------------------------------------------------------ ascent
+    def centralize(self, bucket: Bucket, plan: Plan) -> None:
+        """GCSAM: centralize every taking-part gradient in place."""
+        compute = math_dtype(bucket.dtype)
+        for i in plan.indices:
+            g = bucket.params[i].grad
+            g.copy_(centralized(g.to(compute)))
+
+    def noise(self, bucket: Bucket, ctx: StepContext, std: float, generator: torch.Generator) -> None:
+        """RSAM: back every parameter up and move it to ``w + delta``, delta ~ N(0, std^2).
+
+        One draw of ``sum(numel)`` values for the whole bucket, split in parameter order,
+        so that every backend sees the same delta from the same generator state.
+        """
+        total = sum(p.numel() for p in bucket.params)
+        draw = torch.randn(total, generator=generator, device=bucket.device, dtype=torch.float32) * std
+        offset = 0
+        for i, p in enumerate(bucket.params):
+            w = p.detach()
+            bucket.backups[i] = w.clone()
+            delta = draw[offset : offset + w.numel()].view(w.shape).to(w.dtype)
+            offset += w.numel()
+            bucket.scratch("rsam_delta")[i] = delta
+            compute = math_dtype(w.dtype)
+            w.copy_((w.to(compute) + delta.to(compute)).to(w.dtype))
+
+    def _aux(self, bucket: Bucket, i: int, state: dict, ctx: StepContext, compute) -> Tensor | None:
+        name = ctx.variant.state[0] if ctx.variant.state else None
+        p = bucket.params[i]
+        if ctx.variant.ascent == ASCENT.RSAM:
+            return bucket.scratch("rsam_delta")[i].to(compute)
+        if ctx.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM):
+            held = state[p].get(name)
+            return torch.zeros_like(p, dtype=compute) if held is None else held.to(compute)
+        return None
+
     def ascent_stats(
-        self, bucket: Bucket, plan: Plan, variant: Variant, group: dict, partials: Tensor
+        self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
     ) -> None:
-        """Write ``[sum of u^2, non-finite count]`` of this bucket into ``partials[:, 0]``."""
+        """Write ``[sum of u^2, non-finite count]`` of this bucket into ``partials[:2, 0]``."""
         acc = partials.dtype
         sumsq = torch.zeros((), dtype=acc, device=bucket.device)
         bad = torch.zeros((), dtype=acc, device=bucket.device)
+        state = ctx.state
         for i in plan.indices:
             p = bucket.params[i]
             g = p.grad.to(acc)
-            u = ascent_scale(p.detach().to(acc), group["adaptive"], group["eta"]) * variant.direction(g)
+            first = bucket.steps[i] == 0
+            v, _ = ascent_direction(ctx.variant, ctx.options, g, self._aux(bucket, i, state, ctx, acc), first)
+            u = ascent_scale(p.detach().to(acc), group["adaptive"], group["eta"]) * v
             sumsq += u.square().sum()
             bad += (~torch.isfinite(g)).sum()
         partials[0, 0] = sumsq
         partials[1, 0] = bad
 
-    def perturb(
-        self,
-        bucket: Bucket,
-        plan: Plan,
-        variant: Variant,
-        group: dict,
-        status: Tensor,
-        norm_eps: float,
-        check: bool,
-    ) -> None:
+    def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
         """Back every taking-part parameter up and move it to ``w + eps``."""
         compute = math_dtype(bucket.dtype)
-        norm = status[0].to(compute).sqrt()
-        skip = status[1] > 0 if check else None
+        norm = ctx.status[S.SUMSQ].to(compute).sqrt()
+        skip = ctx.skip(bucket.device)
+        state = ctx.state
+        noise = ctx.variant.noise
         for i in plan.indices:
             p = bucket.params[i]
             w = p.detach()
-            bucket.backups[i] = w.clone()
-            eps = perturbation(
-                p.grad.to(compute),
-                w.to(compute),
-                variant,
-                group["rho"],
-                group["adaptive"],
-                group["eta"],
-                norm,
-                norm_eps,
-            )
-            perturbed = (w.to(compute) + eps).to(w.dtype)
-            w.copy_(perturbed if skip is None else torch.where(skip, w, perturbed))
+            if noise:  # the backup was taken before the noise; perturb from there
+                src = bucket.backups[i]
+            else:
+                src = w.clone()
+                bucket.backups[i] = src
+            if ctx.variant.keeps_first_grad:
+                bucket.scratch("first_grad")[i] = p.grad.clone()
+            first = bucket.steps[i] == 0
+            aux = self._aux(bucket, i, state, ctx, compute)
+            v, new_state = ascent_direction(ctx.variant, ctx.options, p.grad.to(compute), aux, first)
+            t = ascent_scale(src.to(compute), group["adaptive"], group["eta"])
+            eps = perturbation(t * v, t, group["rho"], norm, ctx.variant, ctx.norm_eps)
+            perturbed = (src.to(compute) + eps).to(w.dtype)
+            w.copy_(torch.where(skip, src, perturbed))
+            if new_state is not None:
+                name = ctx.variant.state[0]
+                old = state[p].get(name, torch.zeros_like(w))
+                state[p][name] = torch.where(skip, old, new_state.to(w.dtype))
+        if noise:  # parameters that took no part go back to w (their noise is undone)
+            for i in set(range(len(bucket.params))) - set(plan.indices):
+                self._restore_one(bucket, i)
 
-    def count_nonfinite(self, bucket: Bucket, plan: Plan, out: Tensor) -> None:
-        bad = torch.zeros((), dtype=out.dtype, device=bucket.device)
+    # ------------------------------------------------------------------ descent
+    def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
+        """``[non-finite count of g_p, <g, g_p>, ||g_p||^2, ||g||^2]`` into ``partials[:, 0]``."""
+        acc = partials.dtype
+        sums = torch.zeros(4, dtype=acc, device=bucket.device)
         for i in plan.indices:
-            bad += (~torch.isfinite(bucket.params[i].grad)).sum()
-        out[0] = bad
+            gp = bucket.params[i].grad.to(acc)
+            sums[0] += (~torch.isfinite(gp)).sum()
+            if ctx.variant.keeps_first_grad:
+                g = bucket.scratch("first_grad")[i].to(acc)
+                sums[1] += (g * gp).sum()
+                sums[2] += gp.square().sum()
+                sums[3] += g.square().sum()
+        partials[:, 0] = sums
 
     def restore(self, bucket: Bucket, plan: Plan) -> None:
         """``w <- backup``: an exact copy, not ``w - eps``."""
         for i in plan.indices:
-            backup = bucket.backups[i]
-            if backup is not None:
-                bucket.params[i].detach().copy_(backup)
-                bucket.backups[i] = None
+            self._restore_one(bucket, i)
+
+    def _restore_one(self, bucket: Bucket, i: int) -> None:
+        backup = bucket.backups[i]
+        if backup is not None:
+            bucket.params[i].detach().copy_(backup)
+            bucket.backups[i] = None
 
     def update(
         self,
         bucket: Bucket,
-        perturbed: Plan,
+        perturbed: Plan | None,
         plan: Plan,
         spec: SGDSpec | AdamSpec,
-        state: dict,
-        status: Tensor,
-        check: bool,
+        ctx: StepContext,
+        descent: int,
     ) -> None:
         """Restore the perturbed parameters, then apply the base update to ``plan``'s."""
-        self.restore(bucket, perturbed)
-        skip = status[1] + status[2] > 0 if check else torch.zeros((), dtype=torch.bool)
-        skip = skip.to(bucket.device)
+        if perturbed is not None:
+            self.restore(bucket, perturbed)
+        skip = ctx.skip(bucket.device)
         compute = math_dtype(bucket.dtype)
+        state = ctx.state
         for i in plan.indices:
             p = bucket.params[i]
             w_old = p.detach()
-            w, g = w_old.to(compute), p.grad.to(compute)
+            w, gp = w_old.to(compute), p.grad.to(compute)
             st = state[p]
+            aux = None
+            if descent == DESCENT.GSAM:
+                aux = bucket.scratch("first_grad")[i].to(compute)
+            elif descent == DESCENT.LOOKSAM_REUSE:
+                aux = st.get("looksam_gv", torch.zeros_like(w_old)).to(compute)
+            elif descent == DESCENT.LOOKSAM_FULL:  # store g_v = g_p - (<g_p, g> / ||g||^2) g
+                g = bucket.scratch("first_grad")[i].to(compute)
+                g2 = ctx.status[S.G2].to(compute)
+                gv = gp - torch.where(g2 > 0, ctx.status[S.DOT].to(compute) / g2, 0) * g
+                old = st.get("looksam_gv", torch.zeros_like(w_old))
+                st["looksam_gv"] = torch.where(skip, old, gv.to(w_old.dtype))
+            d = descent_gradient(descent, ctx.options, gp, aux, ctx.status)
             step = bucket.steps[i]
             if isinstance(spec, SGDSpec):
                 buf_old = st.get("momentum_buffer")
                 if spec.momentum != 0 and buf_old is None:
                     buf_old = torch.zeros_like(w_old)
                 buf = None if buf_old is None else buf_old.to(compute)
-                w_new, buf = sgd_update(w, g, buf, step == 0, spec)
+                w_new, buf = sgd_update(w, d, buf, step == 0, spec)
                 if buf is not None:
                     st["momentum_buffer"] = torch.where(skip, buf_old, buf.to(w_old.dtype))
             else:
@@ -209,7 +339,7 @@ class ReferenceBackend:
                 vmax_old = st.get("max_exp_avg_sq", zeros) if spec.amsgrad else None
                 w_new, m, v, v_max = adam_update(
                     w,
-                    g,
+                    d,
                     m_old.to(compute),
                     v_old.to(compute),
                     None if vmax_old is None else vmax_old.to(compute),
@@ -223,12 +353,18 @@ class ReferenceBackend:
                 st["step"] = bucket.steps[i]
             w_old.copy_(torch.where(skip, w_old, w_new.to(w_old.dtype)))
 
-    def advance_steps(
-        self, bucket: Bucket, plan: Plan, status: Tensor, check: bool, count_skip: bool
-    ) -> None:
+    def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, state: dict, partials: Tensor) -> None:
+        """The sum of squares of a state tensor over the plan (LookSAM's ``||g_v||^2``)."""
+        total = torch.zeros((), dtype=partials.dtype, device=bucket.device)
+        for i in plan.indices:
+            held = state[bucket.params[i]].get(name)
+            if held is not None:
+                total += held.to(partials.dtype).square().sum()
+        partials[0, 0] = total
+
+    def advance_steps(self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool) -> None:
         """Count one update for every taking-part parameter, unless the step was skipped."""
-        skip = (status[1] + status[2] > 0) if check else torch.zeros((), dtype=torch.bool)
-        skip = skip.to(bucket.device)
+        skip = ctx.skip(bucket.device)
         bucket.steps.add_(bucket.mask_of(plan) * (~skip))
         if count_skip:
-            status[3] += skip
+            ctx.status[S.SKIPPED] += skip

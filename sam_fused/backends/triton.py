@@ -15,9 +15,10 @@ from torch import Tensor
 
 from ..base_updates import AdamSpec, SGDSpec
 from ..layout import Bucket, Plan
-from ..variants import Variant
+from ..variants import ASCENT, DESCENT
+from .reference import StepContext, centralized
 
-__all__ = ["TritonBackend", "triton_available"]
+__all__ = ["TritonBackend", "interpreting", "triton_available"]
 
 
 def triton_available() -> bool:
@@ -30,6 +31,18 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _variant_scalars(ctx: StepContext) -> tuple[float, float]:
+    """The two per-variant scalars the ascent kernels take (``c1, c2``)."""
+    o, rule = ctx.options, ctx.variant.ascent
+    if rule == ASCENT.VASSO:
+        return float(o["theta"]), 0.0
+    if rule == ASCENT.FSAM:
+        return float(o["sigma"]), float(o["lam"])
+    if rule == ASCENT.RSAM:
+        return float(o["lam"]), 0.0
+    return 0.0, 0.0
 
 
 class TritonBackend:
@@ -48,108 +61,200 @@ class TritonBackend:
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         return sum(self.ascent.stats_programs(run.numel) for run in plan.runs)
 
-    def _stats(self, bucket, plan, variant, group, sumsq: Tensor | None, bad: Tensor) -> None:
+    def _aux_name(self, ctx: StepContext) -> str | None:
+        if ctx.variant.ascent == ASCENT.RSAM:
+            return "rsam_delta"
+        return ctx.variant.state[0] if ctx.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM) else None
+
+    def _steps(self, bucket: Bucket, run) -> Tensor:
+        steps = run.views.get("steps")
+        if steps is None:
+            steps = run.views["steps"] = bucket.steps[run.first :]
+        return steps
+
+    # ------------------------------------------------------------------ ascent
+    def centralize(self, bucket: Bucket, plan: Plan) -> None:
+        starts, lengths, loose = bucket.row_table(plan)
+        if starts.numel():
+            self.ascent.centralize_kernel[(starts.numel(),)](
+                bucket.grad_flat, starts, lengths, BLOCK=1024, num_warps=4
+            )
+        for i in loose:  # parameters in another memory layout: one by one
+            g = bucket.params[i].grad
+            g.copy_(centralized(g.float()))
+
+    def noise(self, bucket: Bucket, ctx: StepContext, std: float, generator: torch.Generator) -> None:
+        """RSAM: backup, then ``w <- w + delta`` with the same draw as the reference."""
+        index = bucket.valid_index()
+        draw = torch.randn(index.numel(), generator=generator, device=bucket.device, dtype=torch.float32)
+        delta = bucket.flat_buffer("rsam_delta")
+        delta.index_copy_(0, index, (draw * std).to(bucket.dtype))
+        bucket.backup_buffer().copy_(bucket.param_flat)
+        bucket.param_flat.add_(delta)
+
+    def ascent_stats(
+        self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
+    ) -> None:
+        adaptive = bool(group["adaptive"])
+        aux_name = self._aux_name(ctx)
+        c1, _ = _variant_scalars(ctx)
         offset = 0
-        adaptive = bool(group["adaptive"]) if sumsq is not None else False
         for run in plan.runs:
             programs = self.ascent.stats_programs(run.numel)
+            grad = run.views["grad"]
             self.ascent.ascent_stats_kernel[(programs,)](
-                run.views["grad"],
+                grad,
                 run.views["param"],
-                bad if sumsq is None else sumsq[offset:],
-                bad[offset:],
+                bucket.run_view(run, aux_name) if aux_name else grad,
+                self._steps(bucket, run),
+                partials[0, offset:],
+                partials[1, offset:],
                 run.numel,
                 float(group["eta"]) if adaptive else 0.0,
-                VARIANT=0 if variant is None else variant.kernel_id,
+                c1,
+                RULE=ctx.variant.ascent,
                 ADAPTIVE=adaptive,
-                WANT_SUMSQ=sumsq is not None,
+                WANT_SUMSQ=True,
                 BLOCK=self.ascent.BLOCK,
                 num_warps=8,
             )
             offset += programs
 
-    def ascent_stats(self, bucket, plan, variant: Variant, group, partials: Tensor) -> None:
-        self._stats(bucket, plan, variant, group, partials[0], partials[1])
-
-    def count_nonfinite(self, bucket: Bucket, plan: Plan, out: Tensor) -> None:
-        self._stats(bucket, plan, None, {"adaptive": False, "eta": 0.0}, None, out)
-
-    def perturb(self, bucket, plan, variant: Variant, group, status, norm_eps, check) -> None:
+    def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
         adaptive = bool(group["adaptive"])
+        aux_name = self._aux_name(ctx)
+        noise = ctx.variant.noise
+        keep = ctx.variant.keeps_first_grad
+        c1, c2 = _variant_scalars(ctx)
         for run in plan.runs:
+            param, grad = run.views["param"], run.views["grad"]
+            backup = bucket.run_view(run, "backup")
             self.ascent.perturb_kernel[(_grid(run.numel, self.ascent.BLOCK),)](
-                run.views["param"],
-                run.views["grad"],
-                bucket.run_view(run, "backup"),
-                status,
+                param,
+                backup if noise else param,
+                grad,
+                backup,
+                bucket.run_view(run, aux_name) if aux_name else grad,
+                bucket.run_view(run, "first_grad") if keep else grad,
+                self._steps(bucket, run),
+                ctx.status,
                 run.numel,
                 float(group["rho"]),
                 float(group["eta"]) if adaptive else 0.0,
-                float(norm_eps),
-                VARIANT=variant.kernel_id,
+                float(ctx.norm_eps),
+                c1,
+                c2,
+                RULE=ctx.variant.ascent,
                 ADAPTIVE=adaptive,
-                NORMALIZED=variant.normalized,
-                CHECK=check,
+                NORMALIZED=ctx.variant.normalized,
+                CHECK=ctx.check,
+                WRITE_BACKUP=not noise,
+                KEEP_GRAD=keep,
                 BLOCK=self.ascent.BLOCK,
                 num_warps=8,
             )
+        if noise:  # parameters that took no part lose their noise
+            for run in bucket.complement_runs(plan):
+                self._restore_run(bucket, run)
+
+    # ------------------------------------------------------------------ descent
+    def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
+        inner = ctx.variant.keeps_first_grad
+        offset = 0
+        for run in plan.runs:
+            programs = self.ascent.stats_programs(run.numel)
+            grad = run.views["grad"]
+            self.descent.descent_stats_kernel[(programs,)](
+                grad,
+                bucket.run_view(run, "first_grad") if inner else grad,
+                partials[0, offset:],
+                partials[1, offset:],
+                partials[2, offset:],
+                partials[3, offset:],
+                run.numel,
+                INNER=inner,
+                BLOCK=self.ascent.BLOCK,
+                num_warps=8,
+            )
+            offset += programs
 
     def restore(self, bucket: Bucket, plan: Plan) -> None:
         for run in plan.runs:
-            self.descent.restore_kernel[(_grid(run.numel, self.descent.BLOCK),)](
-                run.views["param"], bucket.run_view(run, "backup"), run.numel, BLOCK=self.descent.BLOCK
-            )
+            self._restore_run(bucket, run)
 
-    def update(self, bucket, perturbed: Plan, plan: Plan, spec, state, status, check) -> None:
+    def _restore_run(self, bucket: Bucket, run) -> None:
+        self.descent.restore_kernel[(_grid(run.numel, self.descent.BLOCK),)](
+            run.views["param"], bucket.run_view(run, "backup"), run.numel, BLOCK=self.descent.BLOCK
+        )
+
+    def update(
+        self,
+        bucket: Bucket,
+        perturbed: Plan | None,
+        plan: Plan,
+        spec: SGDSpec | AdamSpec,
+        ctx: StepContext,
+        descent: int,
+    ) -> None:
         if perturbed is plan:
-            source = "backup"  # restore fused into the update
+            source = "backup"  # the restore is fused into the update
         else:
-            self.restore(bucket, perturbed)
+            if perturbed is not None:
+                self.restore(bucket, perturbed)
             source = "param"
+        alpha = float(ctx.options.get("alpha", 0.0))
         for run in plan.runs:
             src = bucket.run_view(run, source)
+            grad = run.views["grad"]
+            if descent in (DESCENT.GSAM, DESCENT.LOOKSAM_FULL):
+                aux = bucket.run_view(run, "first_grad")
+            elif descent == DESCENT.LOOKSAM_REUSE:
+                aux = bucket.run_view(run, "looksam_gv")
+            else:
+                aux = grad
+            gv = bucket.run_view(run, "looksam_gv") if descent == DESCENT.LOOKSAM_FULL else grad
             grid = (_grid(run.numel, self.descent.BLOCK),)
-            steps = run.views.get("steps")
-            if steps is None:
-                steps = run.views["steps"] = bucket.steps[run.first :]
             if isinstance(spec, SGDSpec):
                 has_momentum = spec.momentum != 0
-                buf = bucket.run_view(run, "momentum_buffer") if has_momentum else src
                 self.descent.sgd_kernel[grid](
                     src,
                     run.views["param"],
-                    run.views["grad"],
-                    buf,
-                    steps,
-                    status,
+                    grad,
+                    bucket.run_view(run, "momentum_buffer") if has_momentum else src,
+                    aux,
+                    gv,
+                    self._steps(bucket, run),
+                    ctx.status,
                     run.numel,
                     spec.lr,
                     spec.momentum,
                     1.0 - spec.dampening,
                     spec.weight_decay,
+                    alpha,
+                    DESCENT=descent,
                     HAS_WEIGHT_DECAY=spec.weight_decay != 0,
                     HAS_MOMENTUM=has_momentum,
                     NESTEROV=spec.nesterov,
                     MAXIMIZE=spec.maximize,
-                    CHECK=check,
+                    CHECK=ctx.check,
                     BLOCK=self.descent.BLOCK,
                     num_warps=8,
                 )
             else:
-                assert isinstance(spec, AdamSpec)
                 m = bucket.run_view(run, "exp_avg")
                 v = bucket.run_view(run, "exp_avg_sq")
-                vmax = bucket.run_view(run, "max_exp_avg_sq") if spec.amsgrad else v
                 self.descent.adam_kernel[grid](
                     src,
                     run.views["param"],
-                    run.views["grad"],
+                    grad,
                     m,
                     v,
-                    vmax,
-                    steps,
+                    bucket.run_view(run, "max_exp_avg_sq") if spec.amsgrad else v,
+                    aux,
+                    gv,
+                    self._steps(bucket, run),
                     self._betas_tensor(bucket.device, spec),
-                    status,
+                    ctx.status,
                     run.numel,
                     spec.lr,
                     spec.beta2,
@@ -158,19 +263,51 @@ class TritonBackend:
                     spec.eps,
                     spec.weight_decay,
                     1.0 - spec.lr * spec.weight_decay,
+                    alpha,
+                    DESCENT=descent,
                     HAS_WEIGHT_DECAY=spec.weight_decay != 0,
                     DECOUPLED=spec.decoupled,
                     AMSGRAD=spec.amsgrad,
                     MAXIMIZE=spec.maximize,
-                    CHECK=check,
+                    CHECK=ctx.check,
                     BLOCK=self.descent.BLOCK,
                     num_warps=8,
                 )
 
-    def advance_steps(self, bucket: Bucket, plan: Plan, status, check, count_skip) -> None:
+    def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, state: dict, partials: Tensor) -> None:
+        """Sum of squares of flat state buffer ``name`` over the plan, into ``partials[0]``."""
+        offset = 0
+        for run in plan.runs:
+            programs = self.ascent.stats_programs(run.numel)
+            view = bucket.run_view(run, name)
+            self.ascent.ascent_stats_kernel[(programs,)](
+                view,
+                view,
+                view,
+                self._steps(bucket, run),
+                partials[0, offset:],
+                partials[1, offset:],  # non-finite count of the state: not needed
+                run.numel,
+                0.0,
+                0.0,
+                RULE=0,
+                ADAPTIVE=False,
+                WANT_SUMSQ=True,
+                BLOCK=self.ascent.BLOCK,
+                num_warps=8,
+            )
+            offset += programs
+
+    def advance_steps(self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool) -> None:
         n = len(bucket.params)
         self.descent.advance_steps_kernel[(_grid(n, 1024),)](
-            bucket.steps, bucket.mask_of(plan), status, n, CHECK=check, COUNT_SKIP=count_skip, BLOCK=1024
+            bucket.steps,
+            bucket.mask_of(plan),
+            ctx.status,
+            n,
+            CHECK=ctx.check,
+            COUNT_SKIP=count_skip,
+            BLOCK=1024,
         )
 
     def _betas_tensor(self, device: torch.device, spec: AdamSpec) -> Tensor:

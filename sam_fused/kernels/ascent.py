@@ -1,4 +1,4 @@
-"""The ascent half of a SAM step: global-norm statistics and the perturbation.
+"""The ascent half of a SAM step: global-norm statistics, perturbation, centralization.
 
 ``ascent_stats_kernel`` runs over one run of a flat bucket with a fixed grid (at most
 ``MAX_PROGRAMS`` programs, each striding over the run) and writes one partial sum per
@@ -6,12 +6,17 @@ program: the sum of ``u^2`` in float32 and the number of non-finite gradient ent
 host side sums the partials with one deterministic reduction: no float atomics, so the
 same gradients give bitwise the same norm on every run.
 
-``perturb_kernel`` reads ``status = [sum of u^2, non-finite count, ...]`` from device
-memory (no host sync), writes the backup and ``w + eps`` in one pass.
+``perturb_kernel`` reads the global sum of squares from the status tensor (no host sync)
+and writes the backup, ``w + eps`` and the variant's new running state in one pass.
+
+The variant's ascent direction is one ``constexpr`` branch of ``direction`` (rule numbers
+from ``sam_fused.variants.ASCENT``); its two scalars ``c1, c2`` are the variant's options.
 """
 
 import triton
 import triton.language as tl
+
+from .common import SUMSQ, skip_step
 
 BLOCK = 4096
 MAX_PROGRAMS = 1024
@@ -23,9 +28,15 @@ def stats_programs(n: int) -> int:
 
 
 @triton.jit
-def _direction(g, VARIANT: tl.constexpr):
-    # the variant's ascent direction v (docs/variants.md); 0 = the gradient itself
-    if VARIANT == 0:
+def direction(g, aux, first, c1, RULE: tl.constexpr):
+    """The ascent direction v (docs/variants.md) from the gradient and the variant's aux."""
+    if RULE == 1:  # VaSSO: d <- (1 - theta) d + theta g, d = g on the first step (c1 = theta)
+        v = tl.where(first, g, (1.0 - c1) * aux + c1 * g)
+    elif RULE == 2:  # F-SAM: v = g - sigma m with the previous EMA m (c1 = sigma)
+        v = g - c1 * aux
+    elif RULE == 3:  # RSAM: v = delta + lam g_hat (c1 = lam)
+        v = aux + c1 * g
+    else:  # SAM, ASAM, USAM, GSAM, LookSAM, GCSAM (after centralization)
         v = g
     return v
 
@@ -34,26 +45,33 @@ def _direction(g, VARIANT: tl.constexpr):
 def ascent_stats_kernel(
     grad_ptr,
     param_ptr,
+    aux_ptr,
+    steps_ptr,
     sumsq_ptr,
     bad_ptr,
     n,
     eta,
-    VARIANT: tl.constexpr,
+    c1,
+    RULE: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     WANT_SUMSQ: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    stride = tl.num_programs(0).to(tl.int64) * BLOCK
+    first = tl.load(steps_ptr) == 0
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(pid * BLOCK, n, step):
+    for start in range(pid * BLOCK, n, stride):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         bad += tl.where(tl.abs(g) < float("inf"), 0.0, 1.0)  # NaN compares false too
         if WANT_SUMSQ:
-            u = _direction(g, VARIANT)
+            aux = g
+            if RULE != 0:
+                aux = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u = direction(g, aux, first, c1, RULE)
             if ADAPTIVE:
                 w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 u = (tl.abs(w) + eta) * u
@@ -66,36 +84,79 @@ def ascent_stats_kernel(
 @triton.jit
 def perturb_kernel(
     param_ptr,
+    src_ptr,
     grad_ptr,
     backup_ptr,
+    aux_ptr,
+    keep_ptr,
+    steps_ptr,
     status_ptr,
     n,
     rho,
     eta,
     norm_eps,
-    VARIANT: tl.constexpr,
+    c1,
+    c2,
+    RULE: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     NORMALIZED: tl.constexpr,
     CHECK: tl.constexpr,
+    WRITE_BACKUP: tl.constexpr,
+    KEEP_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    w_raw = tl.load(param_ptr + offs, mask=mask)
+    w_raw = tl.load(src_ptr + offs, mask=mask)  # w, or RSAM's backup (w before the noise)
     w = w_raw.to(tl.float32)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g_raw = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+    g = g_raw.to(tl.float32)
+    first = tl.load(steps_ptr) == 0
+    aux = g
+    if RULE != 0:
+        aux_raw = tl.load(aux_ptr + offs, mask=mask, other=0.0)
+        aux = aux_raw.to(tl.float32)
+    v = direction(g, aux, first, c1, RULE)
     scale = rho
     if NORMALIZED:
-        norm = tl.sqrt(tl.load(status_ptr).to(tl.float32))
-        scale = rho / (norm + norm_eps)
-    u = _direction(g, VARIANT)
+        scale = rho / (tl.sqrt(tl.load(status_ptr + SUMSQ).to(tl.float32)) + norm_eps)
     if ADAPTIVE:
         t = tl.abs(w) + eta
-        eps = scale * t * (t * u)
+        eps = scale * t * (t * v)
     else:
-        eps = scale * u
+        eps = scale * v
     new_w = (w + eps).to(w_raw.dtype)
     if CHECK:
-        new_w = tl.where(tl.load(status_ptr + 1) > 0, w_raw, new_w)
-    tl.store(backup_ptr + offs, w_raw, mask=mask)
+        skip = skip_step(status_ptr)
+        new_w = tl.where(skip, w_raw, new_w)
+    if WRITE_BACKUP:
+        tl.store(backup_ptr + offs, w_raw, mask=mask)
+    if KEEP_GRAD:  # GSAM and LookSAM need g again in the second step
+        tl.store(keep_ptr + offs, g_raw, mask=mask)
+    if RULE == 1 or RULE == 2:  # the variant's running state: VaSSO's d, F-SAM's m
+        if RULE == 1:
+            new_state = v.to(aux_raw.dtype)
+        else:
+            new_state = (c2 * aux + (1.0 - c2) * g).to(aux_raw.dtype)
+        if CHECK:
+            new_state = tl.where(skip, aux_raw, new_state)
+        tl.store(aux_ptr + offs, new_state, mask=mask)
     tl.store(param_ptr + offs, new_w, mask=mask)
+
+
+@triton.jit
+def centralize_kernel(grad_ptr, row_start_ptr, row_len_ptr, BLOCK: tl.constexpr):
+    """GCSAM: one program per row, g <- g - mean(g) over the row (float32 math)."""
+    row = tl.program_id(0)
+    start = tl.load(row_start_ptr + row)
+    length = tl.load(row_len_ptr + row)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, length, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        acc += tl.load(grad_ptr + start + idx, mask=idx < length, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / length
+    for off in range(0, length, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        mask = idx < length
+        g = tl.load(grad_ptr + start + idx, mask=mask)
+        tl.store(grad_ptr + start + idx, (g.to(tl.float32) - mean).to(g.dtype), mask=mask)

@@ -1,10 +1,11 @@
 """The descent half of a SAM step: restore the weights and apply the base update.
 
-Each kernel reads the weights from ``src`` (the backup, which makes the restore free, or
-the parameters themselves when they were restored separately), applies the base update in
-float32 and stores the parameter and its state in their own dtypes. When ``CHECK`` is set,
-``status[1] + status[2] > 0`` (a non-finite gradient in either pass) keeps every stored
-value bitwise as it was, with only the restore taking effect.
+Each update kernel reads the weights from ``src`` (the backup, which makes the restore
+free, or the parameters themselves when no restore is due), forms the variant's descent
+gradient (``descent_gradient``: the second-pass gradient, GSAM's or LookSAM's
+correction), applies the base update in float32 and stores the parameter and its state in
+their own dtypes. When ``CHECK`` is set and either pass saw a non-finite gradient, every
+stored value stays bitwise as it was and only the restore takes effect.
 
 Every parameter of a run has the same update count; it is read from ``steps_ptr`` and
 advanced afterwards by ``advance_steps_kernel``, so that a skipped step leaves it alone.
@@ -13,12 +14,77 @@ advanced afterwards by ``advance_steps_kernel``, so that a skipped step leaves i
 import triton
 import triton.language as tl
 
+from .common import DOT, G2, GP2, GV2, SKIPPED, SUMSQ, skip_step, status_f32
+
 BLOCK = 4096
+MAX_PROGRAMS = 1024
 
 
 @triton.jit
-def _skip(status_ptr):
-    return (tl.load(status_ptr + 1) + tl.load(status_ptr + 2)) > 0
+def descent_stats_kernel(
+    grad_ptr,
+    first_grad_ptr,
+    bad_ptr,
+    dot_ptr,
+    gp2_ptr,
+    g2_ptr,
+    n,
+    INNER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Per-program partials of the second pass: non-finite count, and <g, g_p>, ||g_p||^2,
+    ||g||^2 when the variant needs them (INNER)."""
+    pid = tl.program_id(0).to(tl.int64)
+    stride = tl.num_programs(0).to(tl.int64) * BLOCK
+    bad = tl.zeros([BLOCK], dtype=tl.float32)
+    dot = tl.zeros([BLOCK], dtype=tl.float32)
+    gp2 = tl.zeros([BLOCK], dtype=tl.float32)
+    g2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(pid * BLOCK, n, stride):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        gp = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        bad += tl.where(tl.abs(gp) < float("inf"), 0.0, 1.0)
+        if INNER:
+            g = tl.load(first_grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dot += g * gp
+            gp2 += gp * gp
+            g2 += g * g
+    tl.store(bad_ptr + pid, tl.sum(bad, axis=0))
+    if INNER:
+        tl.store(dot_ptr + pid, tl.sum(dot, axis=0))
+        tl.store(gp2_ptr + pid, tl.sum(gp2, axis=0))
+        tl.store(g2_ptr + pid, tl.sum(g2, axis=0))
+
+
+@triton.jit
+def descent_gradient(
+    gp, aux_ptr, gv_ptr, offs, mask, status_ptr, alpha, RULE: tl.constexpr, CHECK: tl.constexpr
+):
+    """The gradient the base update receives (rule numbers: sam_fused.variants.DESCENT)."""
+    if RULE == 1:  # GSAM: g_p - alpha (g - (<g, g_p> / ||g_p||^2) g_p), aux = g
+        g = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gp2 = status_f32(status_ptr, GP2)
+        coef = tl.where(gp2 > 0, status_f32(status_ptr, DOT) / gp2, 0.0)
+        d = gp - alpha * (g - coef * gp)
+    elif RULE == 2:  # LookSAM full step: descend along g_p, store g_v = g_p - (<g_p,g>/||g||^2) g
+        g = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g2 = status_f32(status_ptr, G2)
+        coef = tl.where(g2 > 0, status_f32(status_ptr, DOT) / g2, 0.0)
+        gv_raw = tl.load(gv_ptr + offs, mask=mask)
+        gv = (gp - coef * g).to(gv_raw.dtype)
+        if CHECK:
+            gv = tl.where(skip_step(status_ptr), gv_raw, gv)
+        tl.store(gv_ptr + offs, gv, mask=mask)
+        d = gp
+    elif RULE == 3:  # LookSAM reuse step: g + alpha (||g|| / ||g_v||) g_v, aux = g_v
+        gv = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gv2 = status_f32(status_ptr, GV2)
+        scale = tl.where(gv2 > 0, tl.sqrt(status_f32(status_ptr, SUMSQ)) / tl.sqrt(gv2), 0.0)
+        d = gp + alpha * scale * gv
+    else:
+        d = gp
+    return d
 
 
 @triton.jit
@@ -34,6 +100,8 @@ def sgd_kernel(
     param_ptr,
     grad_ptr,
     buf_ptr,
+    aux_ptr,
+    gv_ptr,
     steps_ptr,
     status_ptr,
     n,
@@ -41,6 +109,8 @@ def sgd_kernel(
     momentum,
     one_minus_dampening,
     weight_decay,
+    alpha,
+    DESCENT: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -52,14 +122,15 @@ def sgd_kernel(
     mask = offs < n
     w_raw = tl.load(src_ptr + offs, mask=mask)
     w = w_raw.to(tl.float32)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gp = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = descent_gradient(gp, aux_ptr, gv_ptr, offs, mask, status_ptr, alpha, DESCENT, CHECK)
     if MAXIMIZE:
         g = -g
     d = g
     if HAS_WEIGHT_DECAY:
         d = g + weight_decay * w
     if CHECK:
-        skip = _skip(status_ptr)
+        skip = skip_step(status_ptr)
     if HAS_MOMENTUM:
         buf_raw = tl.load(buf_ptr + offs, mask=mask)
         first = tl.load(steps_ptr) == 0
@@ -86,6 +157,8 @@ def adam_kernel(
     exp_avg_ptr,
     exp_avg_sq_ptr,
     max_exp_avg_sq_ptr,
+    aux_ptr,
+    gv_ptr,
     steps_ptr,
     betas_ptr,
     status_ptr,
@@ -97,6 +170,8 @@ def adam_kernel(
     eps,
     weight_decay,
     decay_factor,
+    alpha,
+    DESCENT: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
@@ -116,7 +191,8 @@ def adam_kernel(
     mask = offs < n
     w_raw = tl.load(src_ptr + offs, mask=mask)
     w = w_raw.to(tl.float32)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gp = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = descent_gradient(gp, aux_ptr, gv_ptr, offs, mask, status_ptr, alpha, DESCENT, CHECK)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
@@ -130,7 +206,7 @@ def adam_kernel(
     m = m + one_minus_beta1 * (g - m)  # torch.lerp(m, g, 1 - beta1)
     v = beta2 * v_raw.to(tl.float32) + one_minus_beta2 * (g * g)
     if CHECK:
-        skip = _skip(status_ptr)
+        skip = skip_step(status_ptr)
     if AMSGRAD:
         vmax_raw = tl.load(max_exp_avg_sq_ptr + offs, mask=mask)
         vmax = tl.maximum(vmax_raw.to(tl.float32), v)
@@ -157,14 +233,14 @@ def adam_kernel(
 def advance_steps_kernel(
     steps_ptr, mask_ptr, status_ptr, n, CHECK: tl.constexpr, COUNT_SKIP: tl.constexpr, BLOCK: tl.constexpr
 ):
-    # steps += taking_part * (step not skipped); the first bucket also counts skipped steps
+    """steps += taking_part * (step not skipped); one bucket also counts skipped steps."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     inc = tl.load(mask_ptr + offs, mask=mask, other=0.0)
     if CHECK:
-        skip = _skip(status_ptr)
+        skip = skip_step(status_ptr)
         inc = tl.where(skip, 0.0, inc)
         if COUNT_SKIP:
             if tl.program_id(0) == 0:
-                tl.store(status_ptr + 3, tl.load(status_ptr + 3) + tl.where(skip, 1.0, 0.0))
+                tl.store(status_ptr + SKIPPED, tl.load(status_ptr + SKIPPED) + tl.where(skip, 1.0, 0.0))
     tl.store(steps_ptr + offs, tl.load(steps_ptr + offs, mask=mask) + inc, mask=mask)
