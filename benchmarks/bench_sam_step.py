@@ -46,6 +46,7 @@ import torch
 from benchmarks.baseline import PerParamSAM
 from benchmarks.param_sets import ParamSet, cpu_sets, full_sets, select
 from sam_fused import SAM
+from sam_fused.variants import VARIANTS
 
 RHO = 0.05
 BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
@@ -57,6 +58,8 @@ BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 # writes w, momentum (5), restore + AdamW reads backup, g, m, v and writes w, m, v (7)
 FLOOR_ACCESSES = {"sgd": 10, "adamw": 12}
 IMPLS = ("baseline", "reference", "triton", "triton_noskip")
+# a variant row is "<backend>:<variant>", e.g. "triton:vasso" (default skip_nonfinite=True)
+VARIANT_NAMES = tuple(v for v in VARIANTS if v != "sam")
 LABELS = {
     "floor": "floor (ANCHORS bytes)",
     "baseline": "per-param loop (davda54)",
@@ -78,7 +81,7 @@ class Row:
     ms: float | None  # None when the row failed (see ``error``)
     elements: int
     tensors: int
-    bytes_per_element: int | None = None  # what the implementation moves by design
+    bytes_per_element: float | None = None  # what the implementation moves by design
     speedup: float | None = None  # baseline ms / this ms
     pct_floor: float | None = None  # floor ms / this ms, in percent
     gbs: float | None = None  # bytes_per_element * elements / time
@@ -120,22 +123,67 @@ def build(impl: str, params: list[torch.nn.Parameter], base: str) -> torch.optim
     cls, kwargs = BASES[base]
     if impl == "baseline":
         return PerParamSAM(params, cls, rho=RHO, foreach=False, **kwargs)
+    if ":" in impl:  # a variant row
+        backend, variant = impl.split(":", 1)
+        return SAM(params, cls, rho=RHO, backend=backend, variant=variant, **kwargs)
     backend = "reference" if impl == "reference" else "triton"
     return SAM(params, cls, rho=RHO, backend=backend, skip_nonfinite=impl != "triton_noskip", **kwargs)
 
 
 def stepper(opt: torch.optim.Optimizer) -> Callable[[], None]:
-    """The timed unit: the optimizer part of one SAM step, gradients left in place."""
+    """The timed unit: the optimizer part of ``steps_per_call(opt)`` SAM steps.
+
+    LookSAM and interval SAM alternate perturbed and one-pass steps, so one call runs a
+    whole cycle of k steps and the row reports the average cost per step. RSAM's call
+    includes its ``noise_step()``.
+    """
+    cycle = steps_per_call(opt)
+    noise = getattr(getattr(opt, "variant", None), "noise", False)
 
     def step() -> None:
-        opt.first_step()
-        opt.second_step()
+        for _ in range(cycle):
+            if noise:
+                opt.noise_step()
+            if opt.first_step() is not False:
+                opt.second_step()
 
     return step
 
 
-def impl_bytes(impl: str, base: str, element_size: int) -> int | None:
+def steps_per_call(opt: torch.optim.Optimizer) -> int:
+    return max(1, getattr(opt, "_every", 0))
+
+
+def variant_accesses(variant: str, base: str) -> float:
+    """Element accesses per step of a variant's fused design (skip_nonfinite=True).
+
+    The update reads src (backup or w), g_p and the base state and writes w and the state:
+    5 accesses for SGD with momentum, 7 for AdamW. The rest is each variant's own traffic
+    (docs/variants.md); cyclic variants average a full step and k - 1 one-pass steps.
+    """
+    upd = 5 if base == "sgd" else 7
+    v = VARIANTS[variant]
+    full = {
+        "usam": 1 + 4 + 1 + upd,  # stats only count non-finite values
+        "vasso": 2 + 6 + 1 + upd,  # stats read g, d; perturb also reads and writes d
+        "fsam": 2 + 6 + 1 + upd,
+        "gcsam": 3 + 1 + 4 + 3 + 1 + upd,  # centralization reads each row twice, writes once
+        "rsam": 8 + 2 + 4 + 1 + upd,  # noise: draw, scatter, backup copy, w += delta
+        "gsam": 1 + 5 + 2 + upd + 1,  # keep g; <g, g_p>, ||g_p||^2; update re-reads g
+        "looksam": 1 + 5 + 2 + upd + 3 + 1,  # update reads g, reads and writes g_v; ||g_v||^2
+        "interval": 1 + 4 + 1 + upd,
+    }[variant]
+    if not v.every_option:
+        return float(full)
+    k = int(v.options[v.every_option])
+    reuse = 1 + upd + (1 if variant == "looksam" else 0)  # stats of g; LookSAM also reads g_v
+    return (full + (k - 1) * reuse) / k
+
+
+def impl_bytes(impl: str, base: str, element_size: int) -> float | None:
     """Bytes per element the fused designs move; None for the per-tensor implementations."""
+    if impl.startswith("triton:"):
+        return variant_accesses(impl.split(":", 1)[1], base) * element_size
     if impl == "triton_noskip":
         return FLOOR_ACCESSES[base] * element_size
     if impl == "triton":  # skip_nonfinite re-reads the second gradient once
@@ -273,6 +321,7 @@ def run_row(
     params = make_params(list(pset.shapes), device, dtype)
     opt = build(impl, params, base)
     step = stepper(opt)
+    cycle = steps_per_call(opt)
     step()  # allocates state, compiles kernels, builds the flat-buffer plan
     sync(device)
     if device.type == "cuda":
@@ -282,6 +331,9 @@ def run_row(
     else:
         ms, samples, method = time_cpu(step, args.reps)
         extra = None
+    if cycle > 1:  # average cost per step over a cycle of k steps
+        ms, samples = ms / cycle, [x / cycle for x in samples]
+        method += f", per step over a cycle of {cycle}"
     del opt, step, params
     cleanup(device)
     return Row(
@@ -301,7 +353,10 @@ def finish_rows(rows: list[Row], bandwidth_gbs: float | None, element_size: int)
             continue
         if key in baseline:
             r.speedup = baseline[key] / r.ms
-        if key in floor:
+        if ":" in r.impl and r.bytes_per_element is not None and bandwidth_gbs is not None:
+            own_floor_ms = r.bytes_per_element * r.elements / (bandwidth_gbs * 1e9) * 1e3
+            r.pct_floor = 100.0 * own_floor_ms / r.ms  # a variant against its own byte count
+        elif key in floor:
             r.pct_floor = 100.0 * floor[key] / r.ms
         if r.bytes_per_element is not None and bandwidth_gbs is not None:
             r.gbs = r.bytes_per_element * r.elements / (r.ms * 1e-3) / 1e9
@@ -330,7 +385,7 @@ def table(rows: list[Row], labels: dict[str, str]) -> str:
                 fmt(r.speedup, ".2f"),
                 fmt(r.pct_floor, ".1f"),
                 fmt(r.extra_mib, ".1f"),
-                fmt(r.bytes_per_element, "d"),
+                fmt(r.bytes_per_element, "g"),
                 fmt(r.gbs, ".0f"),
             )
         )
@@ -401,6 +456,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sets", default="all", help="comma-separated: resnet50,vit_b16,2000x4096,one_134m")
     p.add_argument("--base", default="sgd,adamw", help="comma-separated base optimizers: sgd,adamw")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    p.add_argument(
+        "--variants",
+        default="",
+        help=f"add a row per SAM variant ('all' or a subset of {','.join(VARIANT_NAMES)}), on the "
+        "triton backend (CUDA or TRITON_INTERPRET=1) or on the reference with --variant-backend",
+    )
+    p.add_argument("--variant-backend", default="triton", choices=("triton", "reference"))
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
@@ -455,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in impls:
         if i not in IMPLS:
             raise SystemExit(f"unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
+    variants = VARIANT_NAMES if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANT_NAMES:
+            raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANT_NAMES)}")
+    impls += [f"{args.variant_backend}:{v}" for v in variants]
 
     # which sets each implementation runs on: Triton needs CUDA, or the (slow) interpreter
     triton_sets = {s.name for s in sets}
@@ -473,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     log(f"sam_fused benchmark on {env.get('gpu', 'cpu')} ({size} sizes, {args.dtype}); torch {env['torch']}")
     payload: dict[str, Any] = {"environment": env, "args": vars(args), "size": size, "rows": []}
-    check_impls = [i for i in impls if not i.startswith("triton") or triton_sets]
+    # variants compute different math on purpose: only the plain SAM rows are compared
+    check_impls = [i for i in impls if ":" not in i and (not i.startswith("triton") or triton_sets)]
     if not args.no_check and check_impls:
         try:
             payload["agreement"] = agreement_check(check_impls, bases, device, dtype)

@@ -8,7 +8,8 @@
 # default 285), so a hang in one part cannot eat the others' time. Files written to $OUT:
 # versions.txt, tests.log, bench.txt (the table), bench.json (every row, written after each
 # row, so a killed run keeps what finished), bench_progress.log, summary.txt.
-# Knobs: PYTHON, CHECK_BUDGET, TEST_TIMEOUT (default 100), BENCH_TIMEOUT (default 180),
+# Knobs: PYTHON, CHECK_BUDGET, TEST_TIMEOUT (default 90), BENCH_TIMEOUT (default 120),
+# VARIANT_TIMEOUT (default 70),
 # BENCH_ARGS (extra arguments for the benchmark CLI, e.g. "--quick").
 set -u -o pipefail
 
@@ -68,12 +69,12 @@ EOF
 
 section "tests (SAM_FUSED_TEST_DEVICE=cuda)"
 if timeout 30 "$PYTHON" -c "import pytest" 2>/dev/null; then
-  t=$(cap "${TEST_TIMEOUT:-100}")
+  t=$(cap "${TEST_TIMEOUT:-90}")
   if [ "$t" -lt 20 ]; then
     echo "SKIPPED: only $(left) s left" | tee "$OUT/tests.log"
     summary+=("tests: skipped (no time left)")
   else
-    timeout -k 10 "$t" "$PYTHON" -m pytest tests -q -x -k "not slow" 2>&1 | tee "$OUT/tests.log"
+    timeout -k 10 "$t" "$PYTHON" -m pytest tests -q -x -k "not slow" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
     rc=$?
     [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s" | tee -a "$OUT/tests.log"
     summary+=("tests: exit $rc")
@@ -85,7 +86,7 @@ else
 fi
 
 section "benchmark"
-t=$(cap "${BENCH_TIMEOUT:-180}")
+t=$(cap "${BENCH_TIMEOUT:-120}")
 if [ "$t" -lt 30 ]; then
   echo "SKIPPED: only $(left) s left" | tee "$OUT/bench.txt"
   summary+=("benchmark: skipped (no time left)")
@@ -96,6 +97,20 @@ else
   rc=$?
   [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s (bench.json holds the rows that finished)" | tee -a "$OUT/bench.txt"
   summary+=("benchmark: exit $rc")
+fi
+
+section "variant rows (triton, sgd; own byte counts)"
+t=$(cap "${VARIANT_TIMEOUT:-70}")
+if [ "$t" -lt 30 ]; then
+  echo "SKIPPED: only $(left) s left" | tee "$OUT/bench_variants.txt"
+  summary+=("variants: skipped (no time left)")
+else
+  timeout -k 10 "$t" "$PYTHON" -m benchmarks.bench_sam_step --quick --no-check --base sgd \
+    --sets resnet50,2000x4096 --impls triton --variants all --json "$OUT/bench_variants.json" \
+    2>>"$OUT/bench_progress.log" | tee "$OUT/bench_variants.txt"
+  rc=$?
+  [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s (bench_variants.json holds the rows that finished)" | tee -a "$OUT/bench_variants.txt"
+  summary+=("variants: exit $rc")
 fi
 
 section "summary"
