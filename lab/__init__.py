@@ -1,0 +1,14 @@
+"""The convergence lab: small, deterministic experiments that check the seed paper's claims.
+
+Khanh et al., "Fundamental Convergence Analysis of Sharpness-Aware Minimization" (NeurIPS
+2024) prove that SAM-type methods converge under diminishing step sizes and shrinking radii,
+and show that a constant step can stall. The lab runs the real ``sam_fused`` optimizers on
+
+* a strongly convex quadratic (:mod:`lab.quadratic`), where the stall and its size can be
+  predicted in closed form, and
+* scikit-learn's digits with a small MLP (:mod:`lab.digits`), where SGD and every variant
+  are compared over several seeds.
+
+``python -m lab.convergence_lab --out docs/lab`` writes the plots and ``results.md``;
+``docs/convergence.md`` explains them.
+"""

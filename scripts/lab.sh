@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The convergence lab: reproduces the seed paper's claims (stall of constant-step SAM on a
+# quadratic, convergence under diminishing steps/radii) and compares SGD with every SAM
+# variant on scikit-learn's digits. Writes PNG plots and results.md into docs/lab (a few
+# minutes on a 2-core CPU). Extra arguments go to the lab's CLI, e.g.
+# `bash scripts/lab.sh --quick --out /tmp/lab` for a smoke run (see `--help`).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+source scripts/setup_env.sh
+if ! "$PYTHON" -c "import matplotlib, sklearn" 2>/dev/null; then
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check matplotlib scikit-learn
+fi
+"$PYTHON" -m lab.convergence_lab --out docs/lab "$@"
