@@ -10,4 +10,6 @@ source scripts/setup_env.sh
 if [ "${SAM_FUSED_TEST_DEVICE:-cpu}" = "cpu" ]; then
   export TRITON_INTERPRET=1
 fi
+# every Triton kernel must run here: a triton that fails to import is an error, not a skip
+export SAM_FUSED_REQUIRE_TRITON="${SAM_FUSED_REQUIRE_TRITON:-1}"
 "$PYTHON" -m pytest tests "$@"

@@ -20,10 +20,17 @@ try:
     import triton  # noqa: F401
 
     HAS_TRITON = True
-except ImportError:
+    TRITON_ERROR = ""
+except ImportError as exc:  # e.g. triton missing, or numpy missing for the interpreter
     HAS_TRITON = False
+    TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+    if os.environ.get("SAM_FUSED_REQUIRE_TRITON") == "1":
+        raise RuntimeError(
+            f"SAM_FUSED_REQUIRE_TRITON=1 but triton cannot be imported ({TRITON_ERROR}); "
+            "the Triton kernels would go untested"
+        ) from exc
 
-TRITON_SKIP_REASON = "triton is not installed in this environment (environment limitation)"
+TRITON_SKIP_REASON = f"triton cannot be imported here (environment limitation: {TRITON_ERROR})"
 
 BACKENDS = [
     "reference",
