@@ -4,8 +4,9 @@
 >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
 """
 
+from .backends import available_backends
 from .optimizer import SAM
 from .variants import VARIANTS, Variant
 
-__all__ = ["SAM", "VARIANTS", "Variant", "__version__"]
+__all__ = ["SAM", "VARIANTS", "Variant", "__version__", "available_backends"]
 __version__ = "0.1.0"

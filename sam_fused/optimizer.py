@@ -32,6 +32,7 @@ from .variants import get_variant
 __all__ = ["SAM"]
 
 BACKEND_ENV = "SAM_FUSED_BACKEND"
+BACKEND_NAMES = ("auto", "triton", "reference", "cpp", "cuda")
 _OUR_DEFAULTS = ("rho", "adaptive", "eta")
 
 
@@ -51,9 +52,10 @@ class SAM(torch.optim.Optimizer):
         variant: ``"sam"`` (default) or ``"usam"`` (the unnormalized perturbation
             ``rho * T^2 * g``); see ``sam_fused.VARIANTS``.
         norm_eps: added to the global norm after the square root (default 1e-12).
-        backend: ``"auto"`` (Triton for CUDA tensors, the reference for CPU tensors),
-            ``"triton"`` or ``"reference"``. The environment variable
-            ``SAM_FUSED_BACKEND`` replaces ``"auto"``.
+        backend: ``"auto"`` (Triton for CUDA tensors; for CPU tensors the compiled C++
+            backend when it is built or can be built, else the reference), ``"triton"``,
+            ``"reference"``, ``"cpp"`` (C++ CPU kernels) or ``"cuda"`` (CUDA C++ kernels).
+            The environment variable ``SAM_FUSED_BACKEND`` replaces ``"auto"``.
         skip_nonfinite: when a NaN or infinity appears in the gradient of either pass,
             skip the whole step on the device: no perturbation, weights restored bit for
             bit, no optimizer state moved, and ``skipped_steps`` counts it (default True).
@@ -93,8 +95,8 @@ class SAM(torch.optim.Optimizer):
         _check_eta(eta, "eta")
         if not norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {norm_eps}")
-        if backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
         self.variant = get_variant(variant)
         self.norm_eps = float(norm_eps)
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -170,12 +172,15 @@ class SAM(torch.optim.Optimizer):
         name = self.backend_request
         if name == "auto":
             name = os.environ.get(BACKEND_ENV, "auto") or "auto"
-        if name not in ("auto", "triton", "reference"):
-            raise ValueError(f"{BACKEND_ENV} must be 'auto', 'triton' or 'reference', got {name!r}")
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
         if name == "auto":
-            from .backends import triton_supports
+            from .backends import cpp_supports, triton_supports
 
-            return "triton" if device.type == "cuda" and triton_supports(device, dtype) else "reference"
+            if device.type == "cuda":
+                return "triton" if triton_supports(device, dtype) else "reference"
+            # CPU tensors: the compiled C++ backend when it is built or buildable
+            return "cpp" if device.type == "cpu" and cpp_supports(device, dtype) else "reference"
         return name
 
     # ------------------------------------------------------------------ the step

@@ -1,0 +1,213 @@
+"""The compiled backends: hand-written C++ (CPU) and CUDA kernels over flat buckets.
+
+The same operations, over the same flat layout, as the Triton backend: ``cpp`` runs the
+C++/OpenMP kernels of ``csrc/sam_fused_cpu.cpp`` on CPU tensors, ``cuda`` the kernels of
+``csrc/sam_fused_cuda.cu`` on CUDA tensors. Both libraries are compiled once (by setup.py
+or on first use, see ``sam_fused/_extension.py``) and register their operations as
+``torch.ops.sam_fused_cpu`` / ``torch.ops.sam_fused_cuda``.
+
+One call covers a whole bucket: the plan's runs go to the library as a small int64 table
+(cached on the plan), so a bucket of 2000 tensors costs one Python call per operation.
+Scalars that change between steps (lr, rho) are plain arguments; nothing is recompiled.
+
+Only the variants whose ascent direction is the gradient itself (``kernel_id == 0``: SAM,
+ASAM, USAM) are implemented here; others raise NotImplementedError before anything is
+written, and belong on the reference backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._extension import BackendInfo, _Extension, cpu_extension, cuda_extension
+from ..base_updates import AdamSpec, SGDSpec
+from ..layout import Bucket, Plan
+from ..variants import Variant
+
+__all__ = ["CppBackend", "CudaBackend"]
+
+_TABLE = "_compiled_runs"  # attribute of a Plan: (run table, partial slots per run)
+
+
+class CppBackend:
+    """Fused flat-buffer operations from the C++ CPU extension (CPU tensors)."""
+
+    name = "cpp"
+    device_type = "cpu"
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    def __init__(self) -> None:
+        ops = self.extension().ops()
+        if ops is None:
+            raise RuntimeError(f"the {self.name} backend is unavailable: {self.extension().info().detail}")
+        self.ops = ops
+        _, chunk, max_slots = (int(c) for c in ops.constants())
+        self._chunk = chunk
+        self._max_slots = max_slots
+
+    @classmethod
+    def extension(cls) -> _Extension:
+        return cpu_extension()
+
+    @classmethod
+    def info(cls) -> BackendInfo:
+        """Whether the library is here (loading or building it on first call)."""
+        return cls.extension().info()
+
+    @classmethod
+    def supports(cls, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this backend can run a bucket of ``dtype`` on ``device``."""
+        return device.type == cls.device_type and dtype in cls.dtypes and bool(cls.info())
+
+    # ------------------------------------------------------------------ plans
+    def _slots(self, n: int) -> int:
+        # the same pure function of the run length as stats_slots() in sam_fused_common.h
+        return max(1, min(-(-n // self._chunk), self._max_slots))
+
+    def _table(self, plan: Plan) -> tuple[Tensor, int]:
+        """The plan's runs as a CPU int64 (R, 3) table and its number of partial slots."""
+        cached = getattr(plan, _TABLE, None)
+        if cached is None:
+            rows = [[run.start, run.stop, run.first] for run in plan.runs]
+            table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+            cached = (table, sum(self._slots(run.numel) for run in plan.runs))
+            setattr(plan, _TABLE, cached)
+        return cached
+
+    @staticmethod
+    def _check_variant(variant: Variant) -> None:
+        if getattr(variant, "kernel_id", 0) != 0:
+            raise NotImplementedError(
+                f"variant {variant.name!r} has no kernel in the compiled backends (they implement "
+                "SAM, ASAM and USAM); run it on backend='reference' or 'triton'"
+            )
+
+    # ------------------------------------------------------------------ operations
+    def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
+        return self._table(plan)[1]
+
+    def ascent_stats(
+        self, bucket: Bucket, plan: Plan, variant: Variant, group: dict, partials: Tensor
+    ) -> None:
+        self._check_variant(variant)
+        adaptive = bool(group["adaptive"])
+        self.ops.stats(
+            bucket.grad_flat,
+            bucket.param_flat,
+            self._table(plan)[0],
+            partials[0],
+            partials[1],
+            adaptive,
+            float(group["eta"]) if adaptive else 0.0,
+        )
+
+    def count_nonfinite(self, bucket: Bucket, plan: Plan, out: Tensor) -> None:
+        self.ops.stats(bucket.grad_flat, bucket.param_flat, self._table(plan)[0], None, out, False, 0.0)
+
+    def perturb(
+        self,
+        bucket: Bucket,
+        plan: Plan,
+        variant: Variant,
+        group: dict,
+        status: Tensor,
+        norm_eps: float,
+        check: bool,
+    ) -> None:
+        self._check_variant(variant)
+        adaptive = bool(group["adaptive"])
+        self.ops.perturb(
+            bucket.param_flat,
+            bucket.grad_flat,
+            bucket.backup_buffer(),
+            status,
+            self._table(plan)[0],
+            float(group["rho"]),
+            float(group["eta"]) if adaptive else 0.0,
+            float(norm_eps),
+            adaptive,
+            bool(variant.normalized),
+            bool(check),
+        )
+
+    def restore(self, bucket: Bucket, plan: Plan) -> None:
+        if plan.runs:
+            self.ops.restore(bucket.param_flat, bucket.backup_buffer(), self._table(plan)[0])
+
+    def update(
+        self,
+        bucket: Bucket,
+        perturbed: Plan,
+        plan: Plan,
+        spec: SGDSpec | AdamSpec,
+        state: dict,
+        status: Tensor,
+        check: bool,
+    ) -> None:
+        if perturbed is plan:
+            src = bucket.backup_buffer()  # the restore fused into the update
+        else:
+            self.restore(bucket, perturbed)
+            src = bucket.param_flat
+        if not plan.runs:
+            return
+        table = self._table(plan)[0]
+        common: tuple[Any, ...] = (bucket.steps, status, table)
+        if isinstance(spec, SGDSpec):
+            buf = bucket.flat_buffer("momentum_buffer") if spec.momentum != 0 else None
+            self.ops.sgd(
+                src,
+                bucket.param_flat,
+                bucket.grad_flat,
+                buf,
+                *common,
+                spec.lr,
+                spec.momentum,
+                1.0 - spec.dampening,
+                spec.weight_decay,
+                spec.nesterov,
+                spec.maximize,
+                bool(check),
+            )
+        else:
+            assert isinstance(spec, AdamSpec)
+            self.ops.adam(
+                src,
+                bucket.param_flat,
+                bucket.grad_flat,
+                bucket.flat_buffer("exp_avg"),
+                bucket.flat_buffer("exp_avg_sq"),
+                bucket.flat_buffer("max_exp_avg_sq") if spec.amsgrad else None,
+                *common,
+                spec.lr,
+                spec.beta1,
+                spec.beta2,
+                spec.eps,
+                spec.weight_decay,
+                spec.decoupled,
+                spec.maximize,
+                bool(check),
+            )
+
+    def advance_steps(
+        self, bucket: Bucket, plan: Plan, status: Tensor, check: bool, count_skip: bool
+    ) -> None:
+        self.ops.advance_steps(bucket.steps, bucket.mask_of(plan), status, bool(check), bool(count_skip))
+
+
+class CudaBackend(CppBackend):
+    """The same operations from the CUDA extension (CUDA tensors, no host sync).
+
+    The run table stays on the host: the library launches one kernel per run with the
+    run's offsets as arguments, and the kernels read status and step counts on the device.
+    """
+
+    name = "cuda"
+    device_type = "cuda"
+
+    @classmethod
+    def extension(cls) -> _Extension:
+        return cuda_extension()
