@@ -4,6 +4,7 @@
 >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
 """
 
+from .backends import available_backends
 from .family import ASAM, FSAM, GCSAM, GSAM, RSAM, USAM, IntervalSAM, LookSAM, VaSSO
 from .optimizer import SAM
 from .variants import VARIANTS, Variant
@@ -22,5 +23,6 @@ __all__ = [
     "VaSSO",
     "Variant",
     "__version__",
+    "available_backends",
 ]
 __version__ = "0.1.0"

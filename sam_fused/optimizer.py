@@ -30,11 +30,12 @@ from .backends import make_backend
 from .backends.reference import StepContext
 from .base_updates import AdamSpec, BaseSpec, base_spec_for, state_names
 from .layout import Bucket, Plan
-from .variants import DESCENT, VARIANTS, get_variant, resolve_options
+from .variants import ASCENT, DESCENT, VARIANTS, get_variant, resolve_options
 
 __all__ = ["SAM"]
 
 BACKEND_ENV = "SAM_FUSED_BACKEND"
+BACKEND_NAMES = ("auto", "triton", "reference", "cpp", "cuda")
 _OUR_DEFAULTS = ("rho", "adaptive", "eta")
 
 
@@ -55,9 +56,10 @@ class SAM(torch.optim.Optimizer):
             ``"rsam"``, ``"gsam"``, ``"looksam"`` or ``"interval"``; see
             ``sam_fused.VARIANTS`` and the classes of the same names.
         norm_eps: added to the global norm after the square root (default 1e-12).
-        backend: ``"auto"`` (Triton for CUDA tensors, the reference for CPU tensors),
-            ``"triton"`` or ``"reference"``. The environment variable
-            ``SAM_FUSED_BACKEND`` replaces ``"auto"``.
+        backend: ``"auto"`` (Triton for CUDA tensors; for CPU tensors the compiled C++
+            backend when it is built or can be built, else the reference), ``"triton"``,
+            ``"reference"``, ``"cpp"`` (C++ CPU kernels) or ``"cuda"`` (CUDA C++ kernels).
+            The environment variable ``SAM_FUSED_BACKEND`` replaces ``"auto"``.
         variant_options: the variant's own options (see ``sam_fused.VARIANTS``); the
             variant classes (``VaSSO``, ``GSAM``, ...) take them as keyword arguments.
         skip_nonfinite: when a NaN or infinity appears in the gradient of either pass,
@@ -100,8 +102,8 @@ class SAM(torch.optim.Optimizer):
         _check_eta(eta, "eta")
         if not norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {norm_eps}")
-        if backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
         self.variant = get_variant(variant)
         self.variant_options = resolve_options(self.variant, dict(variant_options or {}))
         self._every = int(self.variant_options[self.variant.every_option]) if self.variant.every_option else 0
@@ -118,6 +120,7 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
+        self._check_descent_fusable()
         self._device = self._single_device()
         self._acc_dtype = torch.float32
         for index in range(len(self.param_groups)):
@@ -152,6 +155,11 @@ class SAM(torch.optim.Optimizer):
             self._status = self._status.to(self._device)
             self._partials.clear()
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
+        try:
+            self._check_descent_fusable()
+        except ValueError:
+            self.param_groups.pop()
+            raise
         self._build_buckets(len(self.param_groups) - 1)
         self._partials.clear()
 
@@ -171,23 +179,44 @@ class SAM(torch.optim.Optimizer):
         for p in group["params"]:
             by_dtype.setdefault(p.dtype, []).append(p)
         for dtype, params in by_dtype.items():
-            backend = make_backend(self._backend_name(params[0].device, dtype), params[0].device, dtype)
+            device = params[0].device
+            backend = make_backend(self._backend_name(device, dtype), device, dtype, self.variant)
             self._buckets.append(Bucket(params, index, fused=backend.name != "reference", backend=backend))
             if dtype == torch.float64:
                 self._acc_dtype = torch.float64
         if hasattr(self, "_status") and self._status.dtype != self._acc_dtype:
             self._status = self._status.to(self._acc_dtype)
 
+    def _check_descent_fusable(self) -> None:
+        """GSAM and LookSAM change the descent gradient inside the fused base update."""
+        if self.variant.descent == DESCENT.PLAIN:
+            return
+        for index, group in enumerate(self.param_groups):
+            if base_spec_for(self.base_optimizer, group) is None:
+                raise ValueError(
+                    f"{self.variant.name} changes the descent gradient, which sam_fused fuses into "
+                    f"torch.optim.SGD, Adam and AdamW only; param group {index} of "
+                    f"{type(self.base_optimizer).__name__} cannot take it (a differentiable or "
+                    "tensor-valued option also prevents it)"
+                )
+
     def _backend_name(self, device: torch.device, dtype: torch.dtype) -> str:
         name = self.backend_request
         if name == "auto":
             name = os.environ.get(BACKEND_ENV, "auto") or "auto"
-        if name not in ("auto", "triton", "reference"):
-            raise ValueError(f"{BACKEND_ENV} must be 'auto', 'triton' or 'reference', got {name!r}")
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
         if name == "auto":
-            from .backends import triton_supports
+            from .backends import cpp_supports, triton_supports
 
-            return "triton" if device.type == "cuda" and triton_supports(device, dtype) else "reference"
+            if device.type == "cuda":
+                return "triton" if triton_supports(device, dtype) else "reference"
+            # CPU tensors: the compiled C++ backend when it is built or buildable and has
+            # kernels for this variant
+            from .backends import CppBackend
+
+            compiled = CppBackend.supports_variant(self.variant) and cpp_supports(device, dtype)
+            return "cpp" if device.type == "cpu" and compiled else "reference"
         return name
 
     # ------------------------------------------------------------------ the step
@@ -242,6 +271,7 @@ class SAM(torch.optim.Optimizer):
         if self.variant.noise and not self._noised:
             raise RuntimeError("RSAM takes its first pass at w + delta: call noise_step() before it")
         self._check_hyperparameters()
+        self._check_descent_fusable()
         plans = [bucket.plan() for bucket in self._buckets]
         ctx = self._context()
         if not self.perturbs_this_step:
@@ -255,6 +285,8 @@ class SAM(torch.optim.Optimizer):
             for bucket, plan in zip(self._buckets, plans):
                 if not plan.empty:
                     bucket.backend.centralize(bucket, plan)
+        # the second pass's entries are this step's, not the last one's (a skip reads them)
+        self._status[S.SECOND_PASS].zero_()
         if self.variant.normalized or self.skip_nonfinite:
             self._ascent_stats(plans, ctx, groups=None)
         for bucket, plan in zip(self._buckets, plans):
@@ -313,6 +345,10 @@ class SAM(torch.optim.Optimizer):
                 bucket.backend.descent_stats(bucket, plan, ctx, partials[:, offset : offset + n])
                 offset += n
             torch.sum(partials, dim=1, out=self._status[S.SECOND_PASS])
+        if self.skip_nonfinite and self.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM):
+            for bucket, plan in zip(self._buckets, self._perturbed):
+                if not plan.empty:
+                    bucket.backend.revert_state(bucket, plan, ctx)
         self._descend(self._perturbed, plans, ctx, self.variant.descent)
         if self.variant.descent == DESCENT.LOOKSAM_FULL:
             self._store_gv_norm(plans, ctx)

@@ -8,7 +8,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 source scripts/setup_env.sh
-if ! "$PYTHON" -c "import matplotlib, sklearn" 2>/dev/null; then
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check matplotlib scikit-learn
-fi
 "$PYTHON" -m lab.convergence_lab --out docs/lab "$@"

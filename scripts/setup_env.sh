@@ -16,9 +16,12 @@ else
     python3 -m venv "$venv"
   fi
   PYTHON="$venv/bin/python"
-  if ! "$PYTHON" -c "import torch, triton, pytest, pytest_benchmark, hypothesis, ruff" 2>/dev/null; then
+  # numpy: the Triton interpreter (TRITON_INTERPRET=1) cannot import without it.
+  # matplotlib, scikit-learn: the convergence lab (plots; the digits data), so that its
+  # smoke test runs in CI instead of skipping.
+  if ! "$PYTHON" -c "import torch, triton, numpy, pytest, pytest_benchmark, hypothesis, ruff, matplotlib, sklearn" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet --disable-pip-version-check \
-      "torch==2.13.0" "triton>=3.0" pytest pytest-benchmark hypothesis ninja ruff
+      "torch==2.13.0" "triton>=3.0" numpy pytest pytest-benchmark hypothesis ninja ruff matplotlib scikit-learn
   fi
 fi
 export PYTHON

@@ -472,9 +472,16 @@ def test_backend_environment_override(device, monkeypatch):
         SAM(make_model(device).parameters(), lr=0.1)
 
 
-def test_auto_backend_picks_reference_for_cpu_tensors():
+def _cpu_auto_backend() -> str:
+    """What backend="auto" gives float32 CPU tensors: the C++ backend when it is available."""
+    from sam_fused import available_backends
+
+    return "cpp" if available_backends()["cpp"] else "reference"
+
+
+def test_auto_backend_for_cpu_tensors_is_cpp_when_available():
     opt = SAM(make_model("cpu").parameters(), lr=0.1)
-    assert opt.backends == ["reference"]
+    assert opt.backends == [_cpu_auto_backend()]
 
 
 def test_triton_backend_refuses_float64(device):
@@ -496,7 +503,7 @@ def test_package_works_without_triton():
         "print(o.backends)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['reference']"
+    assert out.stdout.strip() == f"['{_cpu_auto_backend()}']"
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -709,15 +709,36 @@ def test_invalid_option_values_are_refused(make, device):
 @pytest.mark.parametrize("cls", [GSAM, LookSAM])
 def test_descent_variants_need_a_fusable_base(cls, backend, device):
     """GSAM and LookSAM change the descent gradient, which is fused into SGD/Adam/AdamW only:
-    RMSprop is refused with an error that names them (at the latest on the first step)."""
+    RMSprop is refused when the optimizer is built, and so is a group added later."""
     params = small_params(device)
-    problem = Problem(SMALL_SHAPES, 0)
-    with pytest.raises(NotImplementedError, match=r"SGD, Adam and AdamW"):
-        opt = cls(params, torch.optim.RMSprop, lr=0.01, backend=backend)
-        problem.set_grads(params, 0)
-        if opt.first_step(zero_grad=True):
-            problem.set_grads(params, 0)
-            opt.second_step()
+    with pytest.raises(ValueError, match=r"SGD, Adam and AdamW"):
+        cls(params, torch.optim.RMSprop, lr=0.01, backend=backend)
+    opt = cls(params[:2], torch.optim.SGD, lr=0.01, backend=backend)
+    with pytest.raises(ValueError, match=r"param group 1"):
+        opt.add_param_group({"params": params[2:], "differentiable": True})
+    assert len(opt.param_groups) == 1 and len(opt.base_optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [SAM, VaSSO])
+def test_step_after_a_second_pass_skip_perturbs_again(cls, backend, device):
+    """A skip found in the second pass must not leak into the next step: its first pass
+    perturbs to w + rho g / ||g|| (float64 formula) as usual."""
+    params = small_params(device)
+    opt = cls(params, torch.optim.SGD, rho=0.3, lr=0.05, backend=backend)
+    problem = Problem(SMALL_SHAPES, 5)
+    problem.set_grads(params, 0)
+    opt.first_step()
+    problem.set_grads(params, 0)
+    params[1].grad[2] = float("nan")
+    opt.second_step()
+    assert int(opt.skipped_steps) == 1
+    before = [p.detach().double().clone() for p in params]
+    problem.set_grads(params, 1)
+    grads = [p.grad.double().clone() for p in params]
+    opt.first_step()
+    norm = gnorm(grads)  # VaSSO's first update: d = g, so both expect rho g / ||g||
+    for p, w, g in zip(params, before, grads):
+        torch.testing.assert_close(p.detach().double(), w + 0.3 * g / norm, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [GSAM, LookSAM])
@@ -726,7 +747,7 @@ def test_refused_base_leaves_weights_unperturbed(cls, backend, device):
     params = small_params(device)
     before = [p.detach().clone() for p in params]
     problem = Problem(SMALL_SHAPES, 0)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="changes the descent gradient"):
         opt = cls(params, torch.optim.RMSprop, lr=0.01, backend=backend)
         problem.set_grads(params, 0)
         if opt.first_step(zero_grad=True):

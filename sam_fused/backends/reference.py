@@ -10,7 +10,8 @@ path CPU tensors take. It reads top to bottom as the math of ``docs/variants.md`
 3. ``perturb``: back ``w`` up, then ``w <- w + eps`` with
    ``eps = rho * T * u / (||u|| + norm_eps)``; update the variant's running state.
 4. ``descent_stats``: non-finite entries of the second-pass gradient ``g_p``, and the
-   inner products GSAM and LookSAM need.
+   inner products GSAM and LookSAM need; ``revert_state`` undoes step 3's state update
+   when the second pass was non-finite.
 5. ``update``: ``w <- backup`` (an exact copy, not ``w - eps``), then the base update
    (SGD or Adam/AdamW) with the variant's descent gradient.
 
@@ -261,11 +262,27 @@ class ReferenceBackend:
                 name = ctx.variant.state[0]
                 old = state[p].get(name, torch.zeros_like(w))
                 state[p][name] = torch.where(skip, old, new_state.to(w.dtype))
+                bucket.scratch("state_prev")[i] = old  # for revert_state
         if noise:  # parameters that took no part go back to w (their noise is undone)
             for i in set(range(len(bucket.params))) - set(plan.indices):
                 self._restore_one(bucket, i)
 
     # ------------------------------------------------------------------ descent
+    def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext) -> None:
+        """VaSSO / F-SAM: undo this step's update of the running state if the step is skipped.
+
+        ``perturb`` updates the state as soon as the first pass is known good; a non-finite
+        second pass, found later, must still leave it as it was.
+        """
+        skip = ctx.skip(bucket.device)
+        name = ctx.variant.state[0]
+        prev = bucket.scratch("state_prev")
+        for i in plan.indices:
+            p = bucket.params[i]
+            if prev[i] is not None:
+                ctx.state[p][name] = torch.where(skip, prev[i], ctx.state[p][name])
+                prev[i] = None
+
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
         """``[non-finite count of g_p, <g, g_p>, ||g_p||^2, ||g||^2]`` into ``partials[:, 0]``."""
         acc = partials.dtype

@@ -125,6 +125,7 @@ class TritonBackend:
         aux_name = self._aux_name(ctx)
         noise = ctx.variant.noise
         keep = ctx.variant.keeps_first_grad
+        keeps_prev = ctx.check and ctx.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM)
         c1, c2 = _variant_scalars(ctx)
         for run in plan.runs:
             param, grad = run.views["param"], run.views["grad"]
@@ -136,6 +137,7 @@ class TritonBackend:
                 backup,
                 bucket.run_view(run, aux_name) if aux_name else grad,
                 bucket.run_view(run, "first_grad") if keep else grad,
+                bucket.run_view(run, "state_prev") if keeps_prev else grad,
                 self._steps(bucket, run),
                 ctx.status,
                 run.numel,
@@ -158,6 +160,18 @@ class TritonBackend:
                 self._restore_run(bucket, run)
 
     # ------------------------------------------------------------------ descent
+    def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext) -> None:
+        name = ctx.variant.state[0]
+        for run in plan.runs:
+            self.ascent.revert_state_kernel[(_grid(run.numel, self.ascent.BLOCK),)](
+                bucket.run_view(run, name),
+                bucket.run_view(run, "state_prev"),
+                ctx.status,
+                run.numel,
+                BLOCK=self.ascent.BLOCK,
+                num_warps=8,
+            )
+
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
         inner = ctx.variant.keeps_first_grad
         offset = 0

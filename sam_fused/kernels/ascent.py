@@ -89,6 +89,7 @@ def perturb_kernel(
     backup_ptr,
     aux_ptr,
     keep_ptr,
+    prev_ptr,
     steps_ptr,
     status_ptr,
     n,
@@ -139,9 +140,21 @@ def perturb_kernel(
         else:
             new_state = (c2 * aux + (1.0 - c2) * g).to(aux_raw.dtype)
         if CHECK:
+            # keep the old value: a non-finite second pass must undo this update
+            # (revert_state_kernel), since the skip is not known before then
             new_state = tl.where(skip, aux_raw, new_state)
+            tl.store(prev_ptr + offs, aux_raw, mask=mask)
         tl.store(aux_ptr + offs, new_state, mask=mask)
     tl.store(param_ptr + offs, new_w, mask=mask)
+
+
+@triton.jit
+def revert_state_kernel(state_ptr, prev_ptr, status_ptr, n, BLOCK: tl.constexpr):
+    """``state <- prev`` when the step is skipped; reads nothing else when it is not."""
+    if skip_step(status_ptr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(state_ptr + offs, tl.load(prev_ptr + offs, mask=mask), mask=mask)
 
 
 @triton.jit

@@ -1,0 +1,137 @@
+// Shared by the CPU (sam_fused_cpu.cpp) and CUDA (sam_fused_cuda.cu) extensions.
+//
+// Both extensions work on the flat buffers of a bucket (sam_fused/layout.py). A "run" is
+// a contiguous span [start, stop) of those buffers whose parameters share one update
+// count, read from steps[first]. Python passes the runs of a plan as a CPU int64 tensor
+// of shape (R, 3): start, stop, first. Every operation takes the whole flat buffers plus
+// that table, so one Python call covers a bucket however many runs it has.
+//
+// The gradient-norm statistics are reduced in two fixed stages: each run is cut into a
+// number of slots that depends only on the run's length (stats_slots), each slot writes
+// one partial sum, and the caller sums the partials with one torch.sum. Nothing depends
+// on the thread count or on scheduling, so the same gradients give bitwise the same norm.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace sam_fused {
+
+// Bumped whenever an operation's signature or meaning changes, so that Python can refuse
+// a stale prebuilt library (sam_fused/_extension.py: ABI_VERSION).
+constexpr int64_t kAbiVersion = 2;
+
+// CPU: a slot covers up to 64 Ki elements (256 KiB of float32 gradient), at most 1024
+// slots per run; a run of ResNet-50's 25.6 M elements gives 391 partial sums.
+constexpr int64_t kCpuStatsChunk = 65536;
+constexpr int64_t kCpuMaxSlots = 1024;
+// CUDA: one thread block per slot, as the Triton kernel's programs (4096 elements each,
+// at most 1024 blocks that stride over the run).
+constexpr int64_t kCudaStatsChunk = 4096;
+constexpr int64_t kCudaMaxSlots = 1024;
+
+// The number of partial sums a run of n elements produces: a pure function of n.
+inline int64_t stats_slots(int64_t n, int64_t chunk, int64_t max_slots) {
+  const int64_t wanted = (n + chunk - 1) / chunk;
+  return std::max<int64_t>(1, std::min<int64_t>(wanted, max_slots));
+}
+
+struct RunSpan {
+  int64_t start;
+  int64_t stop;
+  int64_t first;  // index into steps of the run's first parameter
+};
+
+// Reads and validates the (R, 3) run table against a buffer of `numel` elements and a
+// steps vector of `num_params` entries (negative: not checked). Raw pointers follow, so
+// every bound is checked here once.
+inline std::vector<RunSpan> read_runs(const at::Tensor& runs, int64_t numel, int64_t num_params) {
+  TORCH_CHECK(runs.device().is_cpu() && runs.scalar_type() == at::kLong && runs.dim() == 2 &&
+                  runs.size(1) == 3 && runs.is_contiguous(),
+              "sam_fused: the run table must be a contiguous CPU int64 tensor of shape (R, 3)");
+  const int64_t* p = runs.data_ptr<int64_t>();
+  std::vector<RunSpan> out;
+  out.reserve(runs.size(0));
+  for (int64_t r = 0; r < runs.size(0); ++r) {
+    RunSpan s{p[3 * r], p[3 * r + 1], p[3 * r + 2]};
+    TORCH_CHECK(0 <= s.start && s.start <= s.stop && s.stop <= numel,
+                "sam_fused: run ", r, " [", s.start, ", ", s.stop, ") is outside the buffer of ", numel,
+                " elements");
+    TORCH_CHECK(num_params < 0 || (0 <= s.first && s.first < num_params), "sam_fused: run ", r,
+                " names parameter ", s.first, " of ", num_params);
+    out.push_back(s);
+  }
+  return out;
+}
+
+// Checks that a flat buffer is usable through a raw pointer of the bucket's dtype.
+inline void check_flat(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
+                       const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "sam_fused: ", name, " is on ", t.device(), ", expected ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "sam_fused: ", name, " is ", t.scalar_type(), ", expected ",
+              dtype);
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous() && t.numel() >= numel, "sam_fused: ", name,
+              " must be a contiguous 1-D buffer of at least ", numel, " elements");
+}
+
+// Indices into the status vector; they mirror sam_fused/status.py (the other entries are
+// the variants', which these backends do not run). float32, or float64 when an optimizer
+// also holds float64 parameters.
+constexpr int kStatusSumsq = 0;    // first pass: sum of u^2
+constexpr int kStatusBad1 = 1;     // first pass: non-finite gradient entries
+constexpr int kStatusSkipped = 2;  // steps skipped so far (persistent)
+constexpr int kStatusBad2 = 4;     // second pass: non-finite gradient entries
+constexpr int kStatusSize = 8;
+
+inline void check_status(const at::Tensor& status, const at::Device& device) {
+  TORCH_CHECK(status.device() == device && status.dim() == 1 && status.numel() >= kStatusSize &&
+                  status.is_contiguous() &&
+                  (status.scalar_type() == at::kFloat || status.scalar_type() == at::kDouble),
+              "sam_fused: status must be a contiguous float32/float64 vector of ", kStatusSize, " entries on ", device);
+}
+
+inline void check_partials(const at::Tensor& t, const char* name, int64_t slots, const at::Device& device) {
+  TORCH_CHECK(t.device() == device && t.dim() == 1 && t.numel() == slots && t.stride(0) == 1 &&
+                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+              "sam_fused: ", name, " must be a float32/float64 vector of ", slots,
+              " contiguous slots (one per partial sum) on ", device, ", got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
+// Calls f with a value of the storage type (float, at::BFloat16 or at::Half), so that one
+// generic lambda instantiates the kernels for the three dtypes the fused backends take.
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, "sam_fused: the compiled backends take float32, bfloat16 and float16, not ", dtype,
+                  "; use backend='reference' for other dtypes");
+  }
+}
+
+// Calls f with std::true_type or std::false_type: a runtime flag as a template argument.
+template <typename F>
+void dispatch_bool(bool value, const F& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+}  // namespace sam_fused

@@ -1,0 +1,577 @@
+// The C++ CPU backend of sam_fused: the fused SAM operations over flat buffers.
+//
+// The same operations as the Triton kernels (sam_fused/kernels/*.py), written as plain
+// loops over raw pointers that GCC vectorises at -O3, spread over ATen's intra-op thread
+// pool (OpenMP in torch's CPU builds) in fixed-size blocks. Storage is float32, bfloat16
+// or float16; all math is float32, with Adam's bias corrections in double as PyTorch
+// computes them. Elementwise results do not depend on how blocks are split over threads;
+// the norm statistics are reduced per slot in a fixed order (see sam_fused_common.h), so
+// they are bitwise reproducible for any OMP_NUM_THREADS.
+//
+// Skipping non-finite steps: status lives in host memory here, so each operation reads
+// the skip decision once and takes the "unchanged" path (a copy, or nothing) as a whole;
+// the stored bits are the same as the Triton kernels' per-element tl.where.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <Python.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "sam_fused_common.h"
+
+namespace sam_fused {
+namespace {
+
+// Elements per unit of parallel work for the elementwise operations: large enough that
+// the thread hand-off is noise, small enough that two cores split even small buckets.
+constexpr int64_t kBlock = 32768;
+// Lanes of the norm accumulator: 16 independent float sums per sub-block, added in a fixed
+// tree, so the vectoriser can keep them in registers without reassociating anything.
+constexpr int kLanes = 16;
+constexpr int64_t kSub = 2048;
+
+inline uint32_t bits_of(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+inline float float_of(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+// cond ? a : b as mask arithmetic: GCC vectorises this where it gives up on some
+// chains of ?: (the float16 conversions below).
+inline uint32_t pick(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(cond);
+  return (a & mask) | (b & ~mask);
+}
+
+inline float pick(bool cond, float a, float b) { return float_of(pick(cond, bits_of(a), bits_of(b))); }
+
+// The kernels see storage as plain scalars: float, or the uint16_t bits of a bfloat16 or
+// float16 value. Loops over plain scalars vectorise; loops over c10's wrapper structs
+// (copied into privatised temporaries under `omp simd`) do not.
+template <typename K>
+using Raw = std::conditional_t<std::is_same_v<K, float>, float, uint16_t>;
+
+template <typename K>
+inline Raw<K>* raw_ptr(const at::Tensor& t) {
+  return reinterpret_cast<Raw<K>*>(t.data_ptr());
+}
+
+// Storage -> float32 (exact), by hand as branch-free integer arithmetic so that the loops
+// around it vectorise for the baseline ISA (c10's conversions have branches, or need
+// F16C, which a portable build cannot assume). Bitwise the same as c10's conversions
+// (checked on every one of the 2^16 float16 and bfloat16 inputs).
+template <typename K>
+inline float to_f(Raw<K> x) {
+  if constexpr (std::is_same_v<K, float>) {
+    return x;
+  } else if constexpr (std::is_same_v<K, at::BFloat16>) {
+    return float_of(static_cast<uint32_t>(x) << 16);  // the upper half of a float
+  } else {
+    const uint32_t h = x;
+    const uint32_t sign = (h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1Fu;
+    const uint32_t man = h & 0x3FFu;
+    // normal: rebias the exponent from 15 to 127; inf/NaN: all-ones exponent
+    const uint32_t normal = ((exp + 112u) << 23) | (man << 13);
+    const uint32_t special = 0x7F800000u | (man << 13) | pick(man != 0, 0x400000u, 0u);  // NaNs quiet
+    // zero and subnormals: man * 2^-24, exact in float
+    const uint32_t small = bits_of(static_cast<float>(static_cast<int32_t>(man)) * 0x1p-24f);
+    const uint32_t magnitude = pick(exp == 0, small, pick(exp == 31, special, normal));
+    return float_of(sign | magnitude);
+  }
+}
+
+// float32 -> storage, rounding to nearest even as torch's .to() does; branch-free as above
+// and bitwise the same as c10 (bfloat16 NaN -> 0x7FC0, float16 NaN -> sign | 0x7E00;
+// checked on all 2^32 float32 inputs).
+template <typename K>
+inline Raw<K> from_f(float x) {
+  if constexpr (std::is_same_v<K, float>) {
+    return x;
+  } else if constexpr (std::is_same_v<K, at::BFloat16>) {
+    const uint32_t bits = bits_of(x);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>(pick(x != x, 0x7FC0u, rounded));
+  } else {
+    const uint32_t bits = bits_of(x);
+    const uint32_t sign = (bits >> 16) & 0x8000u;
+    const uint32_t mag = bits & 0x7FFFFFFFu;
+    // normal half range (>= 2^-14): rebias the exponent, round the 13 dropped bits to
+    // nearest even; a carry out of the mantissa correctly bumps the exponent
+    const uint32_t rebased = mag - 0x38000000u;
+    const uint32_t normal = (rebased + 0xFFFu + ((rebased >> 13) & 1u)) >> 13;
+    // below 2^-14: |x| * 2^24 (exact) rounded to an integer by adding 2^23, whose float
+    // addition rounds to nearest even; the integer is the subnormal's bits (1024 = 2^-14)
+    const uint32_t small = bits_of(float_of(mag) * 0x1p24f + 0x1p23f) - 0x4B000000u;
+    uint32_t out = pick(mag < 0x38800000u, small, normal);
+    out = pick(mag >= 0x477FF000u, 0x7C00u, out);  // rounds to 65536 or above: infinity
+    out = pick(mag > 0x7F800000u, 0x7E00u, out);   // NaN
+    return static_cast<uint16_t>(sign | out);
+  }
+}
+
+struct Span {
+  int64_t start;
+  int64_t stop;
+  int64_t run;
+};
+
+// Cuts every run into blocks of kBlock elements: the unit the thread pool distributes.
+std::vector<Span> blocks_of(const std::vector<RunSpan>& runs) {
+  std::vector<Span> spans;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    for (int64_t s = runs[r].start; s < runs[r].stop; s += kBlock) {
+      spans.push_back({s, std::min(s + kBlock, runs[r].stop), static_cast<int64_t>(r)});
+    }
+  }
+  return spans;
+}
+
+template <typename F>
+void for_each_span(const std::vector<Span>& spans, const F& body) {
+  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) body(spans[i]);
+  });
+}
+
+double status_at(const at::Tensor& status, int64_t i) {
+  if (status.scalar_type() == at::kDouble) return status.data_ptr<double>()[i];
+  return status.data_ptr<float>()[i];
+}
+
+void status_add(const at::Tensor& status, int64_t i, double value) {
+  if (status.scalar_type() == at::kDouble) {
+    status.data_ptr<double>()[i] += value;
+  } else {
+    status.data_ptr<float>()[i] += static_cast<float>(value);
+  }
+}
+
+void write_partial(const at::Tensor& out, int64_t i, double value) {
+  if (out.scalar_type() == at::kDouble) {
+    out.data_ptr<double>()[i] = value;
+  } else {
+    out.data_ptr<float>()[i] = static_cast<float>(value);
+  }
+}
+
+template <typename T>
+void copy_span(T* dst, const T* src, int64_t start, int64_t stop) {
+  if (dst != src) std::memcpy(dst + start, src + start, sizeof(T) * (stop - start));
+}
+
+// ------------------------------------------------------------------ norm statistics
+// One slot: the sum of u^2 (u = g, or (|w| + eta) * g when adaptive) over
+// [start, stop) and the number of non-finite gradient entries. Float lanes within a
+// sub-block, float-to-double between sub-blocks; the order is fixed by the code alone.
+template <typename T, bool ADAPTIVE, bool WANT_SUMSQ>
+void stats_slot(const Raw<T>* __restrict g, const Raw<T>* __restrict w, int64_t start, int64_t stop, float eta,
+                double* sumsq, double* bad) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  double total = 0.0;
+  int64_t bad_total = 0;
+  for (int64_t s = start; s < stop; s += kSub) {
+    const int64_t e = std::min(s + kSub, stop);
+    float acc[kLanes] = {};
+    int32_t cnt[kLanes] = {};
+    int64_t i = s;
+    for (; i + kLanes <= e; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const float gv = to_f<T>(g[i + l]);
+        cnt[l] += static_cast<int32_t>(!(std::fabs(gv) < inf));  // NaN compares false too
+        if constexpr (WANT_SUMSQ) {
+          float u = gv;
+          if constexpr (ADAPTIVE) u = (std::fabs(to_f<T>(w[i + l])) + eta) * u;
+          acc[l] += u * u;
+        }
+      }
+    }
+    for (int l = 0; i < e; ++i, ++l) {  // tail (runs are multiples of 16: normally empty)
+      const float gv = to_f<T>(g[i]);
+      cnt[l] += static_cast<int32_t>(!(std::fabs(gv) < inf));
+      if constexpr (WANT_SUMSQ) {
+        float u = gv;
+        if constexpr (ADAPTIVE) u = (std::fabs(to_f<T>(w[i])) + eta) * u;
+        acc[l] += u * u;
+      }
+    }
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) {
+        acc[l] += acc[l + width];
+        cnt[l] += cnt[l + width];
+      }
+    }
+    total += static_cast<double>(acc[0]);
+    bad_total += cnt[0];
+  }
+  *sumsq = total;
+  *bad = static_cast<double>(bad_total);
+}
+
+// ascent_stats (want_sumsq) and count_nonfinite (not): one partial per slot.
+void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& runs_t,
+           const c10::optional<at::Tensor>& sumsq, const at::Tensor& bad, bool adaptive, double eta) {
+  const auto device = grad.device();
+  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
+  const auto runs = read_runs(runs_t, grad.numel(), -1);
+  check_flat(grad, "grad", grad.scalar_type(), grad.numel(), device);
+  check_flat(param, "param", grad.scalar_type(), grad.numel(), device);
+  // the slots of every run, in order: (run, slot begin, slot end, output index)
+  std::vector<Span> slots;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const int64_t n = runs[r].stop - runs[r].start;
+    const int64_t count = stats_slots(n, kCpuStatsChunk, kCpuMaxSlots);
+    // a slot spans a multiple of kLanes elements, so slot boundaries do not depend on
+    // anything but n; trailing slots may be empty and then write zeros
+    int64_t per = (n + count - 1) / count;
+    per = (per + kLanes - 1) / kLanes * kLanes;
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t a = std::min(runs[r].start + k * per, runs[r].stop);
+      const int64_t b = std::min(a + per, runs[r].stop);
+      slots.push_back({a, b, static_cast<int64_t>(r)});
+    }
+  }
+  const int64_t total = static_cast<int64_t>(slots.size());
+  check_partials(bad, "bad", total, device);
+  if (sumsq.has_value()) check_partials(*sumsq, "sumsq", total, device);
+  const bool want = sumsq.has_value();
+  dispatch_dtype(grad.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const auto* g = raw_ptr<T>(grad);
+    const auto* w = raw_ptr<T>(param);
+    dispatch_bool(want && adaptive, [&](auto A) {
+      dispatch_bool(want, [&](auto W) {
+        at::parallel_for(0, total, 1, [&](int64_t b, int64_t e) {
+          for (int64_t k = b; k < e; ++k) {
+            double s = 0.0, nb = 0.0;
+            stats_slot<T, decltype(A)::value, decltype(W)::value>(g, w, slots[k].start, slots[k].stop,
+                                                                  static_cast<float>(eta), &s, &nb);
+            if (want) write_partial(*sumsq, k, s);
+            write_partial(bad, k, nb);
+          }
+        });
+      });
+    });
+  });
+}
+
+// ------------------------------------------------------------------ perturbation
+template <typename T, bool ADAPTIVE>
+void perturb_span(Raw<T>* __restrict w, const Raw<T>* __restrict g, Raw<T>* __restrict backup, int64_t start,
+                  int64_t stop, float scale, float eta) {
+#pragma omp simd
+  for (int64_t i = start; i < stop; ++i) {
+    const Raw<T> raw = w[i];
+    backup[i] = raw;
+    const float wf = to_f<T>(raw);
+    const float u = to_f<T>(g[i]);  // the variant's direction: the gradient (kernel_id 0)
+    float eps;
+    if constexpr (ADAPTIVE) {
+      const float t = std::fabs(wf) + eta;
+      eps = scale * t * (t * u);
+    } else {
+      eps = scale * u;
+    }
+    w[i] = from_f<T>(wf + eps);
+  }
+}
+
+// backup = w (always); w <- w + eps unless a non-finite first gradient skips the step.
+void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
+             const at::Tensor& status, const at::Tensor& runs_t, double rho, double eta, double norm_eps,
+             bool adaptive, bool normalized, bool check) {
+  const auto device = param.device();
+  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
+  const auto dtype = param.scalar_type();
+  const auto runs = read_runs(runs_t, param.numel(), -1);
+  check_flat(param, "param", dtype, param.numel(), device);
+  check_flat(grad, "grad", dtype, param.numel(), device);
+  check_flat(backup, "backup", dtype, param.numel(), device);
+  check_status(status, device);
+  const bool skip = check && status_at(status, kStatusBad1) > 0;
+  float scale = static_cast<float>(rho);
+  if (normalized) {
+    // as the Triton kernel: the norm in float32, then one scale per step
+    const float norm = std::sqrt(static_cast<float>(status_at(status, kStatusSumsq)));
+    scale = static_cast<float>(rho) / (norm + static_cast<float>(norm_eps));
+  }
+  const auto spans = blocks_of(runs);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto* w = raw_ptr<T>(param);
+    const auto* g = raw_ptr<T>(grad);
+    auto* b = raw_ptr<T>(backup);
+    if (skip) {
+      for_each_span(spans, [&](const Span& s) { copy_span(b, w, s.start, s.stop); });
+      return;
+    }
+    dispatch_bool(adaptive, [&](auto A) {
+      for_each_span(spans, [&](const Span& s) {
+        perturb_span<T, decltype(A)::value>(w, g, b, s.start, s.stop, scale, static_cast<float>(eta));
+      });
+    });
+  });
+}
+
+// w <- backup, an exact copy.
+void restore(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& runs_t) {
+  const auto device = param.device();
+  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
+  const auto runs = read_runs(runs_t, param.numel(), -1);
+  check_flat(backup, "backup", param.scalar_type(), param.numel(), device);
+  check_flat(param, "param", param.scalar_type(), param.numel(), device);
+  const auto spans = blocks_of(runs);
+  dispatch_dtype(param.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto* w = raw_ptr<T>(param);
+    const auto* b = raw_ptr<T>(backup);
+    for_each_span(spans, [&](const Span& s) { copy_span(w, b, s.start, s.stop); });
+  });
+}
+
+// ------------------------------------------------------------------ SGD
+// torch.optim.SGD with the restore fused in: w is read from src (the backup, or the
+// parameters when they were restored separately) and written to param.
+template <typename T, bool WD, bool MOMENTUM, bool NESTEROV>
+void sgd_span(const Raw<T>* src, Raw<T>* param, const Raw<T>* __restrict g, Raw<T>* __restrict buf, int64_t start,
+              int64_t stop, float lr, float momentum, float one_minus_dampening, float weight_decay,
+              float gsign, bool first) {
+#pragma omp simd
+  for (int64_t i = start; i < stop; ++i) {
+    const float w = to_f<T>(src[i]);
+    const float gv = to_f<T>(g[i]) * gsign;  // maximize: -g (an exact sign flip)
+    float d = WD ? gv + weight_decay * w : gv;
+    if constexpr (MOMENTUM) {
+      const float b = pick(first, d, momentum * to_f<T>(buf[i]) + one_minus_dampening * d);
+      buf[i] = from_f<T>(b);
+      d = NESTEROV ? d + momentum * b : b;
+    }
+    param[i] = from_f<T>(w - lr * d);
+  }
+}
+
+void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
+         const c10::optional<at::Tensor>& buf, const at::Tensor& steps, const at::Tensor& status,
+         const at::Tensor& runs_t, double lr, double momentum, double one_minus_dampening,
+         double weight_decay, bool nesterov, bool maximize, bool check) {
+  const auto device = param.device();
+  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
+  const auto dtype = param.scalar_type();
+  const int64_t n = param.numel();
+  TORCH_CHECK(steps.device() == device && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
+              "sam_fused: steps must be a contiguous float32 CPU tensor");
+  const auto runs = read_runs(runs_t, n, steps.numel());
+  check_flat(param, "param", dtype, n, device);
+  check_flat(src, "src", dtype, n, device);
+  check_flat(grad, "grad", dtype, n, device);
+  if (buf.has_value()) check_flat(*buf, "momentum_buffer", dtype, n, device);
+  check_status(status, device);
+  const bool skip = check && status_at(status, kStatusBad1) + status_at(status, kStatusBad2) > 0;
+  const bool has_momentum = buf.has_value();
+  const float* step_counts = steps.data_ptr<float>();
+  const auto spans = blocks_of(runs);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* s = raw_ptr<T>(src);
+    auto* w = raw_ptr<T>(param);
+    if (skip) {  // only the restore takes effect; the buffer keeps its bits
+      for_each_span(spans, [&](const Span& sp) { copy_span(w, s, sp.start, sp.stop); });
+      return;
+    }
+    const auto* g = raw_ptr<T>(grad);
+    Raw<T>* b = has_momentum ? raw_ptr<T>(*buf) : nullptr;
+    dispatch_bool(weight_decay != 0, [&](auto WD) {
+      dispatch_bool(has_momentum, [&](auto M) {
+        dispatch_bool(nesterov && has_momentum, [&](auto NEST) {
+          for_each_span(spans, [&](const Span& sp) {
+            const bool first = step_counts[runs[sp.run].first] == 0.0f;
+            sgd_span<T, decltype(WD)::value, decltype(M)::value, decltype(NEST)::value>(
+                s, w, g, b, sp.start, sp.stop, static_cast<float>(lr), static_cast<float>(momentum),
+                static_cast<float>(one_minus_dampening), static_cast<float>(weight_decay),
+                maximize ? -1.0f : 1.0f, first);
+          });
+        });
+      });
+    });
+  });
+}
+
+// ------------------------------------------------------------------ Adam / AdamW
+// Weight decay: 0 none, 1 L2 (Adam: g += wd * w), 2 decoupled (AdamW: w *= 1 - lr * wd).
+template <typename T, int DECAY, bool AMSGRAD, bool SMALL_WEIGHT>
+void adam_span(const Raw<T>* src, Raw<T>* param, const Raw<T>* __restrict g, Raw<T>* __restrict m_ptr,
+               Raw<T>* __restrict v_ptr, Raw<T>* __restrict vmax_ptr, int64_t start, int64_t stop, float weight,
+               float beta2, float one_minus_beta2, float eps, float weight_decay, float decay_factor,
+               float gsign, float step_size, float bc2_sqrt) {
+#pragma omp simd
+  for (int64_t i = start; i < stop; ++i) {
+    float w = to_f<T>(src[i]);
+    float gv = to_f<T>(g[i]) * gsign;
+    if constexpr (DECAY == 2) w = w * decay_factor;
+    if constexpr (DECAY == 1) gv = gv + weight_decay * w;
+    const float m0 = to_f<T>(m_ptr[i]);
+    // torch.lerp(m, g, weight) with its two branches chosen by |weight| < 0.5
+    const float m = SMALL_WEIGHT ? m0 + weight * (gv - m0) : gv - (gv - m0) * (1.0f - weight);
+    // beta2 * v + (1 - beta2) * g * g, evaluated left to right as the reference does
+    const float v = beta2 * to_f<T>(v_ptr[i]) + one_minus_beta2 * gv * gv;
+    float denom;
+    if constexpr (AMSGRAD) {
+      const float vm0 = to_f<T>(vmax_ptr[i]);
+      const float vm = pick(std::isnan(vm0) || vm0 > v, vm0, v);  // torch.maximum keeps NaN
+      vmax_ptr[i] = from_f<T>(vm);
+      denom = std::sqrt(vm) / bc2_sqrt + eps;
+    } else {
+      denom = std::sqrt(v) / bc2_sqrt + eps;
+    }
+    m_ptr[i] = from_f<T>(m);
+    v_ptr[i] = from_f<T>(v);
+    param[i] = from_f<T>(w - step_size * (m / denom));
+  }
+}
+
+void adam(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+          const at::Tensor& exp_avg_sq, const c10::optional<at::Tensor>& max_exp_avg_sq,
+          const at::Tensor& steps, const at::Tensor& status, const at::Tensor& runs_t, double lr,
+          double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
+          bool check) {
+  const auto device = param.device();
+  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
+  const auto dtype = param.scalar_type();
+  const int64_t n = param.numel();
+  TORCH_CHECK(steps.device() == device && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
+              "sam_fused: steps must be a contiguous float32 CPU tensor");
+  const auto runs = read_runs(runs_t, n, steps.numel());
+  check_flat(param, "param", dtype, n, device);
+  check_flat(src, "src", dtype, n, device);
+  check_flat(grad, "grad", dtype, n, device);
+  check_flat(exp_avg, "exp_avg", dtype, n, device);
+  check_flat(exp_avg_sq, "exp_avg_sq", dtype, n, device);
+  const bool amsgrad = max_exp_avg_sq.has_value();
+  if (amsgrad) check_flat(*max_exp_avg_sq, "max_exp_avg_sq", dtype, n, device);
+  check_status(status, device);
+  const bool skip = check && status_at(status, kStatusBad1) + status_at(status, kStatusBad2) > 0;
+  // per-run bias corrections, in double from the step count as PyTorch does on the host
+  const float* step_counts = steps.data_ptr<float>();
+  std::vector<float> step_size(runs.size()), bc2_sqrt(runs.size());
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const double t = static_cast<double>(step_counts[runs[r].first] + 1.0f);
+    step_size[r] = static_cast<float>(lr / (1.0 - std::pow(beta1, t)));
+    bc2_sqrt[r] = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+  }
+  const float weight = static_cast<float>(1.0 - beta1);
+  const int decay = weight_decay == 0 ? 0 : (decoupled ? 2 : 1);
+  const auto spans = blocks_of(runs);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* s = raw_ptr<T>(src);
+    auto* w = raw_ptr<T>(param);
+    if (skip) {  // only the restore takes effect; moments keep their bits
+      for_each_span(spans, [&](const Span& sp) { copy_span(w, s, sp.start, sp.stop); });
+      return;
+    }
+    const auto* g = raw_ptr<T>(grad);
+    auto* m = raw_ptr<T>(exp_avg);
+    auto* v = raw_ptr<T>(exp_avg_sq);
+    Raw<T>* vmax = amsgrad ? raw_ptr<T>(*max_exp_avg_sq) : nullptr;
+    auto run_all = [&](auto decay_tag) {
+      constexpr int D = decltype(decay_tag)::value;
+      dispatch_bool(amsgrad, [&](auto AMS) {
+        dispatch_bool(std::fabs(weight) < 0.5f, [&](auto SMALL) {
+          for_each_span(spans, [&](const Span& sp) {
+            adam_span<T, D, decltype(AMS)::value, decltype(SMALL)::value>(
+                s, w, g, m, v, vmax, sp.start, sp.stop, weight, static_cast<float>(beta2),
+                static_cast<float>(1.0 - beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
+                static_cast<float>(1.0 - lr * weight_decay), maximize ? -1.0f : 1.0f, step_size[sp.run],
+                bc2_sqrt[sp.run]);
+          });
+        });
+      });
+    };
+    if (decay == 0) run_all(std::integral_constant<int, 0>{});
+    if (decay == 1) run_all(std::integral_constant<int, 1>{});
+    if (decay == 2) run_all(std::integral_constant<int, 2>{});
+  });
+}
+
+// ------------------------------------------------------------------ step counters
+// steps += mask * (not skipped); status[kStatusSkipped] += skipped when this bucket counts skips.
+void advance_steps(const at::Tensor& steps, const at::Tensor& mask, const at::Tensor& status, bool check,
+                   bool count_skip) {
+  TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kFloat && steps.is_contiguous() &&
+                  mask.device().is_cpu() && mask.scalar_type() == at::kFloat && mask.is_contiguous() &&
+                  mask.numel() == steps.numel(),
+              "sam_fused: steps and mask must be contiguous float32 CPU tensors of one length");
+  check_status(status, steps.device());
+  const bool skip = check && status_at(status, kStatusBad1) + status_at(status, kStatusBad2) > 0;
+  if (check && count_skip && skip) status_add(status, kStatusSkipped, 1.0);
+  if (skip) return;
+  float* s = steps.data_ptr<float>();
+  const float* m = mask.data_ptr<float>();
+  for (int64_t i = 0; i < steps.numel(); ++i) s[i] += m[i];
+}
+
+// [ABI version, elements per stats slot, most slots per run]
+std::vector<int64_t> constants() { return {kAbiVersion, kCpuStatsChunk, kCpuMaxSlots}; }
+
+}  // namespace
+}  // namespace sam_fused
+
+// The operations are registered with the dispatcher (torch.ops.sam_fused_cpu.*): no
+// pybind11, which keeps the first-use build short. Alias annotations mark what each writes.
+TORCH_LIBRARY(sam_fused_cpu, m) {
+  using namespace sam_fused;
+  m.def("constants() -> int[]", &constants);
+  m.def(
+      "stats(Tensor grad, Tensor param, Tensor runs, Tensor(a!)? sumsq, Tensor(b!) bad, bool adaptive, "
+      "float eta) -> ()",
+      &stats);
+  m.def(
+      "perturb(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor status, Tensor runs, float rho, "
+      "float eta, float norm_eps, bool adaptive, bool normalized, bool check) -> ()",
+      &perturb);
+  m.def("restore(Tensor(a!) param, Tensor backup, Tensor runs) -> ()", &restore);
+  m.def(
+      "sgd(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!)? buf, Tensor steps, Tensor status, "
+      "Tensor runs, float lr, float momentum, float one_minus_dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool check) -> ()",
+      &sgd);
+  m.def(
+      "adam(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, Tensor steps, Tensor status, Tensor runs, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled, bool maximize, bool check) -> ()",
+      &adam);
+  m.def(
+      "advance_steps(Tensor(a!) steps, Tensor mask, Tensor(b!) status, bool check, bool count_skip) -> ()",
+      &advance_steps);
+}
+
+// An empty Python module, so that the library loads with a plain import (setup.py builds
+// it as sam_fused._C_cpu) as well as through torch's JIT loader; importing it registers
+// the operations above.
+#define SAM_FUSED_CONCAT_(a, b) a##b
+#define SAM_FUSED_CONCAT(a, b) SAM_FUSED_CONCAT_(a, b)
+#define SAM_FUSED_STR_(a) #a
+#define SAM_FUSED_STR(a) SAM_FUSED_STR_(a)
+
+static PyModuleDef sam_fused_module = {
+    PyModuleDef_HEAD_INIT, SAM_FUSED_STR(TORCH_EXTENSION_NAME),
+    "sam_fused C++ CPU backend (operations in torch.ops.sam_fused_cpu)",
+    -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+
+PyMODINIT_FUNC SAM_FUSED_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  return PyModule_Create(&sam_fused_module);
+}
