@@ -17,6 +17,7 @@ restore, then its own ``step()``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -67,6 +68,10 @@ class SAM(torch.optim.Optimizer):
             bit, no optimizer state moved, and ``skipped_steps`` counts it (default True).
             It costs one extra read of the second gradient. With False, non-finite
             gradients flow into the update as they do in ``torch.optim``.
+        max_grad_norm: clip the descent gradient (the one the base update receives) to
+            this global norm over every parameter, on the device, fused into
+            ``second_step`` (default None: no clipping). The first pass needs no clipping:
+            the normalized perturbation does not depend on the gradient's length.
         **base_kwargs: options of the base optimizer (``lr``, ``momentum``, ...).
 
     Example::
@@ -77,6 +82,10 @@ class SAM(torch.optim.Optimizer):
         loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
     """
+
+    # GradScaler.step(opt) hands this optimizer the scale and lets it unscale inside its own
+    # kernels (as torch's fused optimizers do) instead of unscaling gradients in place
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -90,6 +99,7 @@ class SAM(torch.optim.Optimizer):
         norm_eps: float = 1e-12,
         backend: str = "auto",
         skip_nonfinite: bool = True,
+        max_grad_norm: float | None = None,
         variant_options: dict[str, Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
@@ -110,6 +120,18 @@ class SAM(torch.optim.Optimizer):
         self._step_index = 0  # steps taken; LookSAM and interval SAM perturb when it is a multiple of k
         self._noised = False
         self._generator: torch.Generator | None = None
+        if max_grad_norm is not None:
+            if not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
+                raise ValueError(
+                    f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}"
+                )
+            if self.variant.descent == DESCENT.LOOKSAM_FULL:
+                raise ValueError(
+                    "max_grad_norm is not available with LookSAM: the norm of its reuse steps' "
+                    "descent gradient g + alpha (||g|| / ||g_v||) g_v is not computed"
+                )
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._scaler: Any = None  # the GradScaler of the step in flight (first_step(grad_scaler=))
         self.norm_eps = float(norm_eps)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.backend_request = backend
@@ -220,9 +242,16 @@ class SAM(torch.optim.Optimizer):
         return name
 
     # ------------------------------------------------------------------ the step
-    def _context(self) -> StepContext:
+    def _context(self, scaled: bool = False) -> StepContext:
         return StepContext(
-            self.variant, self.variant_options, self.norm_eps, self.skip_nonfinite, self._status, self.state
+            self.variant,
+            self.variant_options,
+            self.norm_eps,
+            self.skip_nonfinite or scaled,  # an overflow under a GradScaler must never land
+            self._status,
+            self.state,
+            unscale=scaled,
+            clip=self.max_grad_norm is not None,
         )
 
     @property
@@ -255,13 +284,18 @@ class SAM(torch.optim.Optimizer):
         self._noised = True
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> bool:
+    def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:
         """Perturb the weights: back them up and move them to ``w + eps``.
 
         Reads the first-pass gradients; with ``zero_grad=True`` zeroes them afterwards,
         ready for the second pass. Returns True when a second pass is due; LookSAM and
         interval SAM return False on their reuse steps, where this call has already
         applied the whole (one-pass) update.
+
+        ``grad_scaler``: the ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` made
+        these gradients. They are unscaled inside the kernels (the buffers are not
+        rewritten), an overflow skips the whole step, and ``second_step`` / ``scaler.step``
+        use the same scaler; see "Mixed precision" in the README.
         """
         if self._perturbed is not None:
             raise RuntimeError(
@@ -272,10 +306,18 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("RSAM takes its first pass at w + delta: call noise_step() before it")
         self._check_hyperparameters()
         self._check_descent_fusable()
+        scaler = _active_scaler(grad_scaler, self, "first_step")
         plans = [bucket.plan() for bucket in self._buckets]
-        ctx = self._context()
+        self._scaler = scaler
+        if scaler is not None:  # both passes of a step share the scale (it moves in update())
+            inv = self._status[S.INV_SCALE1 : S.INV_SCALE2 + 1]
+            inv.copy_(scaler._scale.to(inv).expand(2)).reciprocal_()
+        ctx = self._context(scaled=scaler is not None)
         if not self.perturbs_this_step:
             self._reuse_step(plans, ctx)
+            if scaler is not None:
+                _report_to_scaler(scaler, self, mark_stepped=True)
+            self._scaler = None
             if zero_grad:
                 self.zero_grad()
             return False
@@ -314,28 +356,57 @@ class SAM(torch.optim.Optimizer):
 
     def _reuse_step(self, plans: list[Plan], ctx: StepContext) -> None:
         """LookSAM / interval SAM between perturbed steps: one pass, one update."""
-        plain = StepContext(VARIANTS["sam"], ctx.options, ctx.norm_eps, ctx.check, ctx.status, ctx.state)
+        plain = dataclasses.replace(ctx, variant=VARIANTS["sam"])
         self._ascent_stats(plans, plain, groups={"adaptive": False, "eta": 0.0})  # ||g||, non-finite
         self._status[S.SECOND_PASS].zero_()
+        if ctx.clip:  # the descent gradient is this pass's g: its norm is the ascent's
+            self._status[S.GP2].copy_(self._status[S.SUMSQ])
         descent = DESCENT.LOOKSAM_REUSE if self.variant.descent == DESCENT.LOOKSAM_FULL else DESCENT.PLAIN
         self._descend(None, plans, ctx, descent)
         self._step_index += 1
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the weights exactly and apply the base update with the current gradients."""
+    def second_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
+        """Restore the weights exactly and apply the base update with the current gradients.
+
+        After ``first_step(grad_scaler=scaler)`` the second pass's gradients are unscaled
+        with the same scaler (``grad_scaler`` may repeat it); the scaler then learns about
+        an overflow in either pass, so that ``scaler.update()`` backs off.
+        """
+        self._second_step(zero_grad, grad_scaler, scaler_step_scale=None)
+
+    def _second_step(self, zero_grad: bool, grad_scaler: Any, scaler_step_scale: Any) -> None:
         if self._perturbed is None:
             raise RuntimeError(
                 "second_step() was called without first_step(): there is no perturbation to "
                 "undo. Call first_step() after the first backward pass."
             )
+        scaler = _active_scaler(grad_scaler, self, None) if grad_scaler is not None else self._scaler
+        if scaler is not None and self._scaler is None:
+            raise RuntimeError(
+                "second_step(grad_scaler=...) needs first_step(grad_scaler=...) with the same "
+                "scaler: the first pass's gradients were taken as unscaled"
+            )
+        if grad_scaler is not None and grad_scaler is not self._scaler:
+            raise RuntimeError("second_step() got another GradScaler than first_step()")
         plans = [bucket.plan() for bucket in self._buckets]
-        ctx = self._context()
+        if scaler is not None:
+            inv2 = self._status[S.INV_SCALE2 : S.INV_SCALE2 + 1]
+            if scaler_step_scale is not None:  # scaler.step(): its scale, or None once unscale_()d
+                scale = scaler_step_scale[0]
+            else:
+                state = scaler._per_optimizer_states[id(self)]
+                scale = None if state["stage"] is _opt_state().UNSCALED else scaler._scale
+            if scale is None:
+                inv2.fill_(1.0)  # the user ran scaler.unscale_(opt) on this pass already
+            else:
+                inv2.copy_(scale.to(inv2).reshape(1)).reciprocal_()
+        ctx = self._context(scaled=scaler is not None)
         if self.variant.centralize:  # GCSAM descends along GC(g_p) too
             for bucket, plan in zip(self._buckets, plans):
                 if not plan.empty:
                     bucket.backend.centralize(bucket, plan)
-        if self.skip_nonfinite or self.variant.keeps_first_grad:
+        if ctx.check or ctx.clip or self.variant.keeps_first_grad:
             partials = self._partials_for(plans)
             offset = 0
             for bucket, plan in zip(self._buckets, plans):
@@ -345,7 +416,7 @@ class SAM(torch.optim.Optimizer):
                 bucket.backend.descent_stats(bucket, plan, ctx, partials[:, offset : offset + n])
                 offset += n
             torch.sum(partials, dim=1, out=self._status[S.SECOND_PASS])
-        if self.skip_nonfinite and self.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM):
+        if ctx.check and self.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM):
             for bucket, plan in zip(self._buckets, self._perturbed):
                 if not plan.empty:
                     bucket.backend.revert_state(bucket, plan, ctx)
@@ -353,6 +424,9 @@ class SAM(torch.optim.Optimizer):
         if self.variant.descent == DESCENT.LOOKSAM_FULL:
             self._store_gv_norm(plans, ctx)
         self._perturbed = None
+        if scaler is not None:
+            _report_to_scaler(scaler, self, mark_stepped=scaler_step_scale is None)
+        self._scaler = None
         if zero_grad:
             self.zero_grad()
 
@@ -360,6 +434,8 @@ class SAM(torch.optim.Optimizer):
         self, perturbed: list[Plan] | None, plans: list[Plan], ctx: StepContext, descent: int
     ) -> None:
         """Restore (when ``perturbed``) and apply the base update with the descent gradient."""
+        if ctx.clip:
+            self._clip_coefficient(descent)
         specs = [base_spec_for(self.base_optimizer, self.param_groups[b.group_index]) for b in self._buckets]
         if any(spec is None for spec in specs) or not self._buckets:
             self._generic_descend(perturbed, plans, ctx, descent)
@@ -374,6 +450,19 @@ class SAM(torch.optim.Optimizer):
                     counted = True
                     bucket.note_update(plan)
         self._opt_called = True  # LR schedulers check this to warn about call order
+
+    def _clip_coefficient(self, descent: int) -> None:
+        """``status[CLIP] = min(1, max_norm / (||d|| + 1e-6))`` on the device, as
+        ``torch.nn.utils.clip_grad_norm_`` computes it, for the descent gradient ``d``."""
+        st = self._status
+        norm2 = st[S.GP2]
+        if descent == DESCENT.GSAM:  # ||(1 + alpha c) g_p - alpha g||^2 with c = <g, g_p> / ||g_p||^2
+            alpha = float(self.variant_options["alpha"])
+            c = torch.where(st[S.GP2] > 0, st[S.DOT] / st[S.GP2], 0.0)
+            a = 1 + alpha * c
+            norm2 = (a * a * st[S.GP2] - 2 * alpha * a * st[S.DOT] + alpha * alpha * st[S.G2]).clamp(min=0)
+        coef = self.max_grad_norm / (norm2.sqrt() + 1e-6)
+        st[S.CLIP] = coef.clamp(max=1.0)
 
     def _generic_descend(self, perturbed, plans, ctx: StepContext, descent: int) -> None:
         """Restore, then the base optimizer's own step (a host sync decides a skip)."""
@@ -390,6 +479,19 @@ class SAM(torch.optim.Optimizer):
             self._status[S.SKIPPED] += skip
             if bool(skip):  # the base optimizer's step cannot be skipped on the device
                 return
+        # the base optimizer reads p.grad itself: unscale and clip in place, as
+        # scaler.unscale_() and clip_grad_norm_() would
+        factor = None
+        if ctx.unscale:
+            factor = self._status[S.INV_SCALE2]
+        if ctx.clip:
+            factor = self._status[S.CLIP] if factor is None else factor * self._status[S.CLIP]
+        if factor is not None:
+            grads = [
+                p.grad for b, plan in zip(self._buckets, plans) for i in plan.indices for p in [b.params[i]]
+            ]
+            if grads:
+                torch._foreach_mul_(grads, factor)
         self.base_optimizer.step()
         for bucket, plan in zip(self._buckets, plans):
             bucket.steps.add_(bucket.mask_of(plan))
@@ -415,10 +517,24 @@ class SAM(torch.optim.Optimizer):
         ``backward()`` and returns the loss. Returns the first pass's loss (for RSAM, the
         loss at ``w + delta``). LookSAM and interval SAM call it once on reuse steps.
         """
+        if closure is None and self._perturbed is not None:
+            # after first_step(), step() finishes the step: this is what GradScaler.step(opt)
+            # calls (handing over its scale, None once the user ran scaler.unscale_(opt))
+            if hasattr(self, "found_inf"):
+                if self._scaler is None:
+                    raise RuntimeError(
+                        "scaler.step(opt) after first_step() without grad_scaler=scaler: the first "
+                        "pass's gradients were taken as unscaled; pass grad_scaler to first_step()"
+                    )
+                self._second_step(False, None, scaler_step_scale=(getattr(self, "grad_scale", None),))
+            else:
+                self._second_step(False, None, scaler_step_scale=None)
+            return None
         if closure is None:
             raise RuntimeError(
                 "SAM.step() needs a closure that runs forward and backward and returns the "
-                "loss (it is called once per pass); or call first_step() and second_step()"
+                "loss (it is called once per pass), or a first_step() before it; or call "
+                "first_step() and second_step()"
             )
         closure = torch.enable_grad()(closure)
         if self.variant.noise:
@@ -545,6 +661,55 @@ class SAM(torch.optim.Optimizer):
                 if self._generator is None:
                     self._generator = torch.Generator(device=self._device)
                 self._generator.set_state(extra["generator"])
+
+
+def _opt_state():
+    from torch.amp.grad_scaler import OptState
+
+    return OptState
+
+
+def _active_scaler(scaler: Any, opt: SAM, where: str | None) -> Any:
+    """``scaler`` when it is an enabled GradScaler ready for this step, else None (disabled)."""
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if not scaler.is_enabled():
+        return None
+    if scaler._scale is None:
+        raise RuntimeError("the GradScaler has no scale yet: call scaler.scale(loss).backward() first")
+    if scaler._scale.device != opt._device:
+        raise ValueError(
+            f"the GradScaler's scale is on {scaler._scale.device}, the parameters on {opt._device}"
+        )
+    stage = scaler._per_optimizer_states[id(opt)]["stage"]
+    if where == "first_step" and stage is not _opt_state().READY:
+        raise RuntimeError(
+            "first_step(grad_scaler=...) found scaler.unscale_(opt) or scaler.step(opt) already "
+            "called in this step: sam_fused unscales the first pass itself; call scaler.update() "
+            "once per step, after the second step"
+        )
+    return scaler
+
+
+def _report_to_scaler(scaler: Any, opt: SAM, mark_stepped: bool) -> None:
+    """Tell the scaler whether either pass overflowed (on the device), so update() backs off.
+
+    GradScaler keeps one ``found_inf`` tensor per device for each optimizer; update() reads
+    them. scaler.step() and scaler.unscale_() have filled them with the second pass's check
+    only; a first-pass overflow is added here. Otherwise the entry is created.
+    """
+    found = ((opt._status[S.BAD1] + opt._status[S.BAD2]) > 0).to(torch.float32)
+    state = scaler._per_optimizer_states[id(opt)]
+    per_device = state["found_inf_per_device"]
+    if per_device:
+        for t in per_device.values():
+            torch.maximum(t, found.to(t.device), out=t)
+    else:
+        per_device[scaler._scale.device] = found.to(scaler._scale.device).reshape(())
+    if mark_stepped:
+        state["stage"] = _opt_state().STEPPED
 
 
 def _check_rho(rho: Any, name: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import status as S
 from .._extension import BackendInfo, _Extension, cpu_extension, cuda_extension
 from ..base_updates import AdamSpec, SGDSpec
 from ..layout import Bucket, Plan
@@ -102,10 +103,19 @@ class CppBackend:
         # GCSAM's row means: a per-parameter reduction that ATen already does well
         _REFERENCE.centralize(bucket, plan)
 
+    @staticmethod
+    def _scale_grads(plan: Plan, factor: Tensor) -> None:
+        # The compiled kernels take true gradients: GradScaler's factor and the clipping
+        # coefficient are applied in place first (one more pass, as scaler.unscale_() does).
+        for run in plan.runs:
+            run.views["grad"].mul_(factor)
+
     def ascent_stats(
         self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
     ) -> None:
         self._check_variant(ctx.variant)
+        if ctx.unscale:  # perturb and (on one-pass steps) update read these unscaled values
+            self._scale_grads(plan, ctx.status[S.INV_SCALE1])
         adaptive = bool(group["adaptive"])
         self.ops.stats(
             bucket.grad_flat,
@@ -118,10 +128,14 @@ class CppBackend:
         )
 
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
-        # only the non-finite count of g_p; the inner products belong to GSAM / LookSAM
+        # the non-finite count of g_p, and ||g_p||^2 for clipping; the inner products belong
+        # to GSAM / LookSAM
+        if ctx.unscale:
+            self._scale_grads(plan, ctx.status[S.INV_SCALE2])
         partials[1:].zero_()
         table = self._table(plan)[0]
-        self.ops.stats(bucket.grad_flat, bucket.param_flat, table, None, partials[0], False, 0.0)
+        sumsq = partials[2] if ctx.clip else None
+        self.ops.stats(bucket.grad_flat, bucket.param_flat, table, sumsq, partials[0], False, 0.0)
 
     def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
         self._check_variant(ctx.variant)
@@ -155,6 +169,8 @@ class CppBackend:
     ) -> None:
         if descent != DESCENT.PLAIN:
             raise NotImplementedError(f"the {self.name} backend has no kernel for descent rule {descent}")
+        if ctx.clip:
+            self._scale_grads(plan, ctx.status[S.CLIP])
         if perturbed is plan:
             src = bucket.backup_buffer()  # the restore fused into the update
         else:

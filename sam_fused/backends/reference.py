@@ -10,10 +10,16 @@ path CPU tensors take. It reads top to bottom as the math of ``docs/variants.md`
 3. ``perturb``: back ``w`` up, then ``w <- w + eps`` with
    ``eps = rho * T * u / (||u|| + norm_eps)``; update the variant's running state.
 4. ``descent_stats``: non-finite entries of the second-pass gradient ``g_p``, and the
-   inner products GSAM and LookSAM need; ``revert_state`` undoes step 3's state update
-   when the second pass was non-finite.
+   inner products GSAM and LookSAM need (``||g_p||^2`` also for clipping);
+   ``revert_state`` undoes step 3's state update when the second pass was non-finite.
 5. ``update``: ``w <- backup`` (an exact copy, not ``w - eps``), then the base update
-   (SGD or Adam/AdamW) with the variant's descent gradient.
+   (SGD or Adam/AdamW) with the variant's descent gradient, times the clipping
+   coefficient when ``max_grad_norm`` is set.
+
+Mixed precision: with a GradScaler the gradients hold ``scale * g``. Every operation that
+reads a gradient first multiplies it by ``1 / scale`` (``StepContext.unscaled``), so the
+math below is always on true gradients and the gradient buffers are never rewritten; the
+non-finite counts look at the raw (scaled) values, where an overflow shows.
 
 Non-finite gradients: when either pass saw a NaN or an infinity and the optimizer was
 built with ``skip_nonfinite=True`` (the default), the step is skipped *on the device*: the
@@ -48,6 +54,12 @@ class StepContext:
     check: bool  # skip the step on non-finite gradients
     status: Tensor
     state: dict  # the optimizer's per-parameter state (persistent variant state lives here)
+    unscale: bool = False  # gradients hold loss_scale * g: multiply by status[INV_SCALE1/2]
+    clip: bool = False  # max_grad_norm: multiply the descent gradient by status[CLIP]
+
+    def unscaled(self, g: Tensor, index: int) -> Tensor:
+        """``g`` (already in the math dtype) divided by its pass's loss scale."""
+        return g * self.status[index].to(g.dtype) if self.unscale else g
 
     def skip(self, device: torch.device) -> Tensor:
         """Whether this step is skipped, as a 0-d bool tensor (no host sync)."""
@@ -225,12 +237,13 @@ class ReferenceBackend:
         state = ctx.state
         for i in plan.indices:
             p = bucket.params[i]
-            g = p.grad.to(acc)
+            g_raw = p.grad.to(acc)
+            g = ctx.unscaled(g_raw, S.INV_SCALE1)
             first = bucket.steps[i] == 0
             v, _ = ascent_direction(ctx.variant, ctx.options, g, self._aux(bucket, i, state, ctx, acc), first)
             u = ascent_scale(p.detach().to(acc), group["adaptive"], group["eta"]) * v
             sumsq += u.square().sum()
-            bad += (~torch.isfinite(g)).sum()
+            bad += (~torch.isfinite(g_raw)).sum()
         partials[0, 0] = sumsq
         partials[1, 0] = bad
 
@@ -249,11 +262,13 @@ class ReferenceBackend:
             else:
                 src = w.clone()
                 bucket.backups[i] = src
+            g = ctx.unscaled(p.grad.to(compute), S.INV_SCALE1)
             if ctx.variant.keeps_first_grad:
-                bucket.scratch("first_grad")[i] = p.grad.clone()
+                # a copy: without a scale, g may be p.grad itself, which the next pass rewrites
+                bucket.scratch("first_grad")[i] = g.to(p.grad.dtype, copy=True)
             first = bucket.steps[i] == 0
             aux = self._aux(bucket, i, state, ctx, compute)
-            v, new_state = ascent_direction(ctx.variant, ctx.options, p.grad.to(compute), aux, first)
+            v, new_state = ascent_direction(ctx.variant, ctx.options, g, aux, first)
             t = ascent_scale(src.to(compute), group["adaptive"], group["eta"])
             eps = perturbation(t * v, t, group["rho"], norm, ctx.variant, ctx.norm_eps)
             perturbed = (src.to(compute) + eps).to(w.dtype)
@@ -288,12 +303,14 @@ class ReferenceBackend:
         acc = partials.dtype
         sums = torch.zeros(4, dtype=acc, device=bucket.device)
         for i in plan.indices:
-            gp = bucket.params[i].grad.to(acc)
-            sums[0] += (~torch.isfinite(gp)).sum()
+            gp_raw = bucket.params[i].grad.to(acc)
+            sums[0] += (~torch.isfinite(gp_raw)).sum()
+            gp = ctx.unscaled(gp_raw, S.INV_SCALE2)
+            if ctx.variant.keeps_first_grad or ctx.clip:
+                sums[2] += gp.square().sum()
             if ctx.variant.keeps_first_grad:
                 g = bucket.scratch("first_grad")[i].to(acc)
                 sums[1] += (g * gp).sum()
-                sums[2] += gp.square().sum()
                 sums[3] += g.square().sum()
         partials[:, 0] = sums
 
@@ -326,7 +343,7 @@ class ReferenceBackend:
         for i in plan.indices:
             p = bucket.params[i]
             w_old = p.detach()
-            w, gp = w_old.to(compute), p.grad.to(compute)
+            w, gp = w_old.to(compute), ctx.unscaled(p.grad.to(compute), S.INV_SCALE2)
             st = state[p]
             aux = None
             if descent == DESCENT.GSAM:
@@ -340,6 +357,8 @@ class ReferenceBackend:
                 old = st.get("looksam_gv", torch.zeros_like(w_old))
                 st["looksam_gv"] = torch.where(skip, old, gv.to(w_old.dtype))
             d = descent_gradient(descent, ctx.options, gp, aux, ctx.status)
+            if ctx.clip:  # max_grad_norm: the coefficient of the whole descent gradient
+                d = d * ctx.status[S.CLIP].to(compute)
             step = bucket.steps[i]
             if isinstance(spec, SGDSpec):
                 buf_old = st.get("momentum_buffer")

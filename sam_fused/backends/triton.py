@@ -107,6 +107,7 @@ class TritonBackend:
                 run.views["param"],
                 bucket.run_view(run, aux_name) if aux_name else grad,
                 self._steps(bucket, run),
+                ctx.status,
                 partials[0, offset:],
                 partials[1, offset:],
                 run.numel,
@@ -115,6 +116,7 @@ class TritonBackend:
                 RULE=ctx.variant.ascent,
                 ADAPTIVE=adaptive,
                 WANT_SUMSQ=True,
+                UNSCALE=ctx.unscale,
                 BLOCK=self.ascent.BLOCK,
                 num_warps=8,
             )
@@ -152,6 +154,7 @@ class TritonBackend:
                 CHECK=ctx.check,
                 WRITE_BACKUP=not noise,
                 KEEP_GRAD=keep,
+                UNSCALE=ctx.unscale,
                 BLOCK=self.ascent.BLOCK,
                 num_warps=8,
             )
@@ -185,8 +188,11 @@ class TritonBackend:
                 partials[1, offset:],
                 partials[2, offset:],
                 partials[3, offset:],
+                ctx.status,
                 run.numel,
                 INNER=inner,
+                WANT_GP2=ctx.clip,
+                UNSCALE=ctx.unscale,
                 BLOCK=self.ascent.BLOCK,
                 num_warps=8,
             )
@@ -246,6 +252,8 @@ class TritonBackend:
                     spec.weight_decay,
                     alpha,
                     DESCENT=descent,
+                    UNSCALE=ctx.unscale,
+                    CLIP_GRAD=ctx.clip,
                     HAS_WEIGHT_DECAY=spec.weight_decay != 0,
                     HAS_MOMENTUM=has_momentum,
                     NESTEROV=spec.nesterov,
@@ -279,6 +287,8 @@ class TritonBackend:
                     1.0 - spec.lr * spec.weight_decay,
                     alpha,
                     DESCENT=descent,
+                    UNSCALE=ctx.unscale,
+                    CLIP_GRAD=ctx.clip,
                     HAS_WEIGHT_DECAY=spec.weight_decay != 0,
                     DECOUPLED=spec.decoupled,
                     AMSGRAD=spec.amsgrad,
@@ -299,6 +309,7 @@ class TritonBackend:
                 view,
                 view,
                 self._steps(bucket, run),
+                partials,  # status: not read without UNSCALE
                 partials[0, offset:],
                 partials[1, offset:],  # non-finite count of the state: not needed
                 run.numel,
@@ -307,6 +318,7 @@ class TritonBackend:
                 RULE=0,
                 ADAPTIVE=False,
                 WANT_SUMSQ=True,
+                UNSCALE=False,
                 BLOCK=self.ascent.BLOCK,
                 num_warps=8,
             )

@@ -16,7 +16,7 @@ from ``sam_fused.variants.ASCENT``); its two scalars ``c1, c2`` are the variant'
 import triton
 import triton.language as tl
 
-from .common import SUMSQ, skip_step
+from .common import INV_SCALE1, SUMSQ, skip_step, status_f32
 
 BLOCK = 4096
 MAX_PROGRAMS = 1024
@@ -47,6 +47,7 @@ def ascent_stats_kernel(
     param_ptr,
     aux_ptr,
     steps_ptr,
+    status_ptr,
     sumsq_ptr,
     bad_ptr,
     n,
@@ -55,11 +56,15 @@ def ascent_stats_kernel(
     RULE: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     WANT_SUMSQ: tl.constexpr,
+    UNSCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     stride = tl.num_programs(0).to(tl.int64) * BLOCK
     first = tl.load(steps_ptr) == 0
+    inv_scale = 1.0
+    if UNSCALE:  # GradScaler: the gradients hold scale * g
+        inv_scale = status_f32(status_ptr, INV_SCALE1)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(pid * BLOCK, n, stride):
@@ -67,6 +72,8 @@ def ascent_stats_kernel(
         mask = offs < n
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         bad += tl.where(tl.abs(g) < float("inf"), 0.0, 1.0)  # NaN compares false too
+        if UNSCALE:
+            g = g * inv_scale
         if WANT_SUMSQ:
             aux = g
             if RULE != 0:
@@ -104,6 +111,7 @@ def perturb_kernel(
     CHECK: tl.constexpr,
     WRITE_BACKUP: tl.constexpr,
     KEEP_GRAD: tl.constexpr,
+    UNSCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -112,6 +120,8 @@ def perturb_kernel(
     w = w_raw.to(tl.float32)
     g_raw = tl.load(grad_ptr + offs, mask=mask, other=0.0)
     g = g_raw.to(tl.float32)
+    if UNSCALE:
+        g = g * status_f32(status_ptr, INV_SCALE1)
     first = tl.load(steps_ptr) == 0
     aux = g
     if RULE != 0:
@@ -132,8 +142,8 @@ def perturb_kernel(
         new_w = tl.where(skip, w_raw, new_w)
     if WRITE_BACKUP:
         tl.store(backup_ptr + offs, w_raw, mask=mask)
-    if KEEP_GRAD:  # GSAM and LookSAM need g again in the second step
-        tl.store(keep_ptr + offs, g_raw, mask=mask)
+    if KEEP_GRAD:  # GSAM and LookSAM need g again in the second step (unscaled)
+        tl.store(keep_ptr + offs, g.to(g_raw.dtype), mask=mask)
     if RULE == 1 or RULE == 2:  # the variant's running state: VaSSO's d, F-SAM's m
         if RULE == 1:
             new_state = v.to(aux_raw.dtype)

@@ -14,6 +14,9 @@ BAD2 = tl.constexpr(S.BAD2)
 DOT = tl.constexpr(S.DOT)
 GP2 = tl.constexpr(S.GP2)
 G2 = tl.constexpr(S.G2)
+INV_SCALE1 = tl.constexpr(S.INV_SCALE1)
+INV_SCALE2 = tl.constexpr(S.INV_SCALE2)
+CLIP = tl.constexpr(S.CLIP)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ advanced afterwards by ``advance_steps_kernel``, so that a skipped step leaves i
 import triton
 import triton.language as tl
 
-from .common import DOT, G2, GP2, GV2, SKIPPED, SUMSQ, skip_step, status_f32
+from .common import CLIP, DOT, G2, GP2, GV2, INV_SCALE2, SKIPPED, SUMSQ, skip_step, status_f32
 
 BLOCK = 4096
 MAX_PROGRAMS = 1024
@@ -28,13 +28,19 @@ def descent_stats_kernel(
     dot_ptr,
     gp2_ptr,
     g2_ptr,
+    status_ptr,
     n,
     INNER: tl.constexpr,
+    WANT_GP2: tl.constexpr,
+    UNSCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Per-program partials of the second pass: non-finite count, and <g, g_p>, ||g_p||^2,
-    ||g||^2 when the variant needs them (INNER)."""
+    ||g||^2 when the variant needs them (INNER); ||g_p||^2 also for clipping (WANT_GP2)."""
     pid = tl.program_id(0).to(tl.int64)
+    inv_scale = 1.0
+    if UNSCALE:
+        inv_scale = status_f32(status_ptr, INV_SCALE2)
     stride = tl.num_programs(0).to(tl.int64) * BLOCK
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     dot = tl.zeros([BLOCK], dtype=tl.float32)
@@ -45,16 +51,20 @@ def descent_stats_kernel(
         mask = offs < n
         gp = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         bad += tl.where(tl.abs(gp) < float("inf"), 0.0, 1.0)
+        if UNSCALE:
+            gp = gp * inv_scale
+        if INNER or WANT_GP2:
+            gp2 += gp * gp
         if INNER:
             g = tl.load(first_grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dot += g * gp
-            gp2 += gp * gp
             g2 += g * g
+    # every row is written (zeros where unused): the partials buffer is shared with the
+    # first pass, and the whole second-pass slice of the status is summed from it
     tl.store(bad_ptr + pid, tl.sum(bad, axis=0))
-    if INNER:
-        tl.store(dot_ptr + pid, tl.sum(dot, axis=0))
-        tl.store(gp2_ptr + pid, tl.sum(gp2, axis=0))
-        tl.store(g2_ptr + pid, tl.sum(g2, axis=0))
+    tl.store(gp2_ptr + pid, tl.sum(gp2, axis=0))
+    tl.store(dot_ptr + pid, tl.sum(dot, axis=0))
+    tl.store(g2_ptr + pid, tl.sum(g2, axis=0))
 
 
 @triton.jit
@@ -88,6 +98,29 @@ def descent_gradient(
 
 
 @triton.jit
+def descent_input(
+    gp,
+    aux_ptr,
+    gv_ptr,
+    offs,
+    mask,
+    status_ptr,
+    alpha,
+    RULE: tl.constexpr,
+    UNSCALE: tl.constexpr,
+    CLIP_GRAD: tl.constexpr,
+    CHECK: tl.constexpr,
+):
+    """The unscaled second-pass gradient -> the variant's descent gradient -> clipped."""
+    if UNSCALE:
+        gp = gp * status_f32(status_ptr, INV_SCALE2)
+    d = descent_gradient(gp, aux_ptr, gv_ptr, offs, mask, status_ptr, alpha, RULE, CHECK)
+    if CLIP_GRAD:
+        d = d * status_f32(status_ptr, CLIP)
+    return d
+
+
+@triton.jit
 def restore_kernel(param_ptr, backup_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -111,6 +144,8 @@ def sgd_kernel(
     weight_decay,
     alpha,
     DESCENT: tl.constexpr,
+    UNSCALE: tl.constexpr,
+    CLIP_GRAD: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -123,7 +158,7 @@ def sgd_kernel(
     w_raw = tl.load(src_ptr + offs, mask=mask)
     w = w_raw.to(tl.float32)
     gp = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = descent_gradient(gp, aux_ptr, gv_ptr, offs, mask, status_ptr, alpha, DESCENT, CHECK)
+    g = descent_input(gp, aux_ptr, gv_ptr, offs, mask, status_ptr, alpha, DESCENT, UNSCALE, CLIP_GRAD, CHECK)
     if MAXIMIZE:
         g = -g
     d = g
@@ -172,6 +207,8 @@ def adam_kernel(
     decay_factor,
     alpha,
     DESCENT: tl.constexpr,
+    UNSCALE: tl.constexpr,
+    CLIP_GRAD: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
@@ -192,7 +229,7 @@ def adam_kernel(
     w_raw = tl.load(src_ptr + offs, mask=mask)
     w = w_raw.to(tl.float32)
     gp = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = descent_gradient(gp, aux_ptr, gv_ptr, offs, mask, status_ptr, alpha, DESCENT, CHECK)
+    g = descent_input(gp, aux_ptr, gv_ptr, offs, mask, status_ptr, alpha, DESCENT, UNSCALE, CLIP_GRAD, CHECK)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
