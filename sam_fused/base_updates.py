@@ -40,7 +40,7 @@ __all__ = ["AdamSpec", "BaseSpec", "SGDSpec", "base_spec_for", "state_names"]
 
 @dataclass(frozen=True)
 class SGDSpec:
-    lr: float
+    lr: float | Tensor  # a one-element tensor stays one (LR schedulers fill it in place)
     momentum: float
     dampening: float
     weight_decay: float
@@ -50,7 +50,7 @@ class SGDSpec:
 
 @dataclass(frozen=True)
 class AdamSpec:
-    lr: float
+    lr: float | Tensor
     beta1: float
     beta2: float
     eps: float
@@ -76,6 +76,17 @@ def _scalar(value: Any, name: str) -> float:
     return float(value)
 
 
+def _lr(value: Any) -> float | Tensor:
+    """The learning rate: a float, or a one-element tensor kept as a 0-d view of itself, so
+    that the fused kernels read its current value on the device (no sync, and a captured
+    CUDA graph sees what a scheduler writes into it)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise _NotFusable("lr is a tensor with several values")
+        return value.reshape(())
+    return float(value)
+
+
 class _NotFusable(Exception):
     pass
 
@@ -88,7 +99,7 @@ def base_spec_for(base: torch.optim.Optimizer, group: dict[str, Any]) -> BaseSpe
     try:
         if kind is torch.optim.SGD:
             return SGDSpec(
-                lr=_scalar(group["lr"], "lr"),
+                lr=_lr(group["lr"]),
                 momentum=float(group["momentum"]),
                 dampening=float(group["dampening"]),
                 weight_decay=float(group["weight_decay"]),
@@ -98,7 +109,7 @@ def base_spec_for(base: torch.optim.Optimizer, group: dict[str, Any]) -> BaseSpe
         if kind is torch.optim.AdamW or kind is torch.optim.Adam:
             beta1, beta2 = group["betas"]
             return AdamSpec(
-                lr=_scalar(group["lr"], "lr"),
+                lr=_lr(group["lr"]),
                 beta1=_scalar(beta1, "beta1"),
                 beta2=_scalar(beta2, "beta2"),
                 eps=float(group["eps"]),

@@ -114,7 +114,7 @@ class RhoScheduler:
                 raise ValueError(f"param group {i} has no 'rho': a radius schedule needs a SAM optimizer")
         self.optimizer = optimizer
         self.exclude = tuple(exclude)
-        self.base_rhos = [float(group["rho"]) for group in optimizer.param_groups]
+        self.base_rhos = [float(group["rho"]) for group in optimizer.param_groups]  # read once
         self.last_step = 0
         self._apply()
 
@@ -127,7 +127,10 @@ class RhoScheduler:
                 value = float(self.rho(i, base, group))
                 if not value >= 0:
                     raise ValueError(f"{type(self).__name__} produced rho={value} for group {i}")
-                group["rho"] = value
+                if isinstance(group["rho"], torch.Tensor):
+                    group["rho"].fill_(value)  # a device-resident rho (CUDA graphs) keeps its storage
+                else:
+                    group["rho"] = value
 
     def step(self) -> None:
         self.last_step += 1

@@ -190,7 +190,9 @@ class CppBackend:
                 bucket.grad_flat,
                 buf,
                 *common,
-                spec.lr,
+                float(
+                    spec.lr
+                ),  # a CUDA tensor lr costs a sync here (the Triton backend reads it on the device)
                 spec.momentum,
                 1.0 - spec.dampening,
                 spec.weight_decay,
@@ -208,7 +210,9 @@ class CppBackend:
                 bucket.flat_buffer("exp_avg_sq"),
                 bucket.flat_buffer("max_exp_avg_sq") if spec.amsgrad else None,
                 *common,
-                spec.lr,
+                float(
+                    spec.lr
+                ),  # a CUDA tensor lr costs a sync here (the Triton backend reads it on the device)
                 spec.beta1,
                 spec.beta2,
                 spec.eps,

@@ -129,6 +129,7 @@ class TritonBackend:
         keep = ctx.variant.keeps_first_grad
         keeps_prev = ctx.check and ctx.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM)
         c1, c2 = _variant_scalars(ctx)
+        rho, rho_on_device = _scalar_arg(group["rho"], bucket.device)
         for run in plan.runs:
             param, grad = run.views["param"], run.views["grad"]
             backup = bucket.run_view(run, "backup")
@@ -143,7 +144,7 @@ class TritonBackend:
                 self._steps(bucket, run),
                 ctx.status,
                 run.numel,
-                float(group["rho"]),
+                rho,
                 float(group["eta"]) if adaptive else 0.0,
                 float(ctx.norm_eps),
                 c1,
@@ -151,6 +152,7 @@ class TritonBackend:
                 RULE=ctx.variant.ascent,
                 ADAPTIVE=adaptive,
                 NORMALIZED=ctx.variant.normalized,
+                RHO_ON_DEVICE=rho_on_device,
                 CHECK=ctx.check,
                 WRITE_BACKUP=not noise,
                 KEEP_GRAD=keep,
@@ -223,6 +225,7 @@ class TritonBackend:
                 self.restore(bucket, perturbed)
             source = "param"
         alpha = float(ctx.options.get("alpha", 0.0))
+        lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
         for run in plan.runs:
             src = bucket.run_view(run, source)
             grad = run.views["grad"]
@@ -246,7 +249,7 @@ class TritonBackend:
                     self._steps(bucket, run),
                     ctx.status,
                     run.numel,
-                    spec.lr,
+                    lr,
                     spec.momentum,
                     1.0 - spec.dampening,
                     spec.weight_decay,
@@ -259,6 +262,7 @@ class TritonBackend:
                     NESTEROV=spec.nesterov,
                     MAXIMIZE=spec.maximize,
                     CHECK=ctx.check,
+                    LR_ON_DEVICE=lr_on_device,
                     BLOCK=self.descent.BLOCK,
                     num_warps=8,
                 )
@@ -278,13 +282,13 @@ class TritonBackend:
                     self._betas_tensor(bucket.device, spec),
                     ctx.status,
                     run.numel,
-                    spec.lr,
+                    lr,
                     spec.beta2,
                     1.0 - spec.beta1,
                     1.0 - spec.beta2,
                     spec.eps,
                     spec.weight_decay,
-                    1.0 - spec.lr * spec.weight_decay,
+                    0.0 if lr_on_device else 1.0 - lr * spec.weight_decay,
                     alpha,
                     DESCENT=descent,
                     UNSCALE=ctx.unscale,
@@ -294,6 +298,7 @@ class TritonBackend:
                     AMSGRAD=spec.amsgrad,
                     MAXIMIZE=spec.maximize,
                     CHECK=ctx.check,
+                    LR_ON_DEVICE=lr_on_device,
                     BLOCK=self.descent.BLOCK,
                     num_warps=8,
                 )
@@ -344,6 +349,21 @@ class TritonBackend:
             betas = torch.tensor([spec.beta1, spec.beta2], dtype=torch.float64, device=device)
             self._betas[key] = betas
         return betas
+
+
+def _scalar_arg(value: float | Tensor, device: torch.device) -> tuple[float | Tensor, bool]:
+    """A hyperparameter as a kernel argument: a device scalar is passed by pointer (the
+    kernel loads it, so in-place schedule updates reach CUDA graph replays); a Python
+    float or a CPU tensor (read without a sync) by value."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a tensor hyperparameter must hold one value, got shape {tuple(value.shape)}")
+        if value.device == device:
+            return value, True
+        if value.device.type == "cpu":
+            return float(value), False
+        raise ValueError(f"a hyperparameter tensor on {value.device} cannot drive parameters on {device}")
+    return float(value), False
 
 
 def _grid(n: int, block: int) -> int:

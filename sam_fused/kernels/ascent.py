@@ -100,7 +100,7 @@ def perturb_kernel(
     steps_ptr,
     status_ptr,
     n,
-    rho,
+    rho_arg,
     eta,
     norm_eps,
     c1,
@@ -112,8 +112,15 @@ def perturb_kernel(
     WRITE_BACKUP: tl.constexpr,
     KEEP_GRAD: tl.constexpr,
     UNSCALE: tl.constexpr,
+    RHO_ON_DEVICE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # rho is a float argument, or a pointer to a device scalar that schedules update in place
+    # (CUDA graphs replay the launch with its arguments frozen)
+    if RHO_ON_DEVICE:
+        rho = tl.load(rho_arg).to(tl.float32)
+    else:
+        rho = rho_arg
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w_raw = tl.load(src_ptr + offs, mask=mask)  # w, or RSAM's backup (w before the noise)

@@ -138,7 +138,7 @@ def sgd_kernel(
     steps_ptr,
     status_ptr,
     n,
-    lr,
+    lr_arg,
     momentum,
     one_minus_dampening,
     weight_decay,
@@ -151,8 +151,13 @@ def sgd_kernel(
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     CHECK: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    if LR_ON_DEVICE:  # a device scalar that LR schedulers fill in place (CUDA graph replays)
+        lr = tl.load(lr_arg).to(tl.float32)
+    else:
+        lr = lr_arg
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w_raw = tl.load(src_ptr + offs, mask=mask)
@@ -198,7 +203,7 @@ def adam_kernel(
     betas_ptr,
     status_ptr,
     n,
-    lr,
+    lr_arg,
     beta2,
     one_minus_beta1,
     one_minus_beta2,
@@ -214,6 +219,7 @@ def adam_kernel(
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     CHECK: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # bias corrections in float64 from the device-resident step count, as PyTorch
@@ -221,6 +227,11 @@ def adam_kernel(
     t = tl.load(steps_ptr).to(tl.float64) + 1.0
     bias_correction1 = 1.0 - tl.exp(t * tl.log(tl.load(betas_ptr)))
     bias_correction2 = 1.0 - tl.exp(t * tl.log(tl.load(betas_ptr + 1)))
+    if LR_ON_DEVICE:  # the decay factor 1 - lr wd is then formed here, not on the host
+        lr = tl.load(lr_arg).to(tl.float64)
+        decay_factor = (1.0 - lr * weight_decay).to(tl.float32)
+    else:
+        lr = lr_arg
     step_size = (lr / bias_correction1).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
 
