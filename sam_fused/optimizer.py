@@ -36,6 +36,11 @@ from .variants import ASCENT, DESCENT, VARIANTS, get_variant, resolve_options
 __all__ = ["SAM"]
 
 BACKEND_ENV = "SAM_FUSED_BACKEND"
+# torch.compile does not trace into the optimizer: its kernels, layout checks and
+# device-side skip logic run eagerly (a graph break where a compiled function calls them),
+# so a compiled training step works and its compile time does not grow with the model.
+_eager = torch.compiler.disable
+
 BACKEND_NAMES = ("auto", "triton", "reference", "cpp", "cuda")
 _OUR_DEFAULTS = ("rho", "adaptive", "eta")
 
@@ -259,6 +264,7 @@ class SAM(torch.optim.Optimizer):
         """Whether the coming step perturbs (False on LookSAM and interval SAM reuse steps)."""
         return self._every == 0 or self._step_index % self._every == 0
 
+    @_eager
     @torch.no_grad()
     def noise_step(self) -> None:
         """RSAM: back the weights up and move them to ``w + delta`` for the first pass.
@@ -283,6 +289,7 @@ class SAM(torch.optim.Optimizer):
             bucket.backend.noise(bucket, ctx, std, self._generator)
         self._noised = True
 
+    @_eager
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:
         """Perturb the weights: back them up and move them to ``w + eps``.
@@ -365,6 +372,7 @@ class SAM(torch.optim.Optimizer):
         self._descend(None, plans, ctx, descent)
         self._step_index += 1
 
+    @_eager
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
         """Restore the weights exactly and apply the base update with the current gradients.
@@ -510,6 +518,7 @@ class SAM(torch.optim.Optimizer):
             offset += n
         torch.sum(partials[0], dim=0, keepdim=True, out=self._status[S.GV2 : S.GV2 + 1])
 
+    @_eager
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
         """A whole SAM step, calling ``closure`` (forward + backward) for each pass.
 
