@@ -8,7 +8,14 @@ optimizer's own cost: what ANCHORS.md compares. Implementations:
 * ``reference``: ``sam_fused.SAM(backend="reference")``;
 * ``triton``: ``sam_fused.SAM(backend="triton")``, the default ``skip_nonfinite=True``;
 * ``triton_noskip``: the same with ``skip_nonfinite=False``, which moves exactly the bytes
-  ANCHORS.md counts for the floor.
+  ANCHORS.md counts for the floor;
+* ``cpp``: ``sam_fused.SAM(backend="cpp")``, the compiled C++/OpenMP kernels (CPU tensors);
+* ``cuda``: ``sam_fused.SAM(backend="cuda")``, the compiled CUDA C++ kernels (CUDA tensors).
+
+The compiled rows run only on their own device and only when ``available_backends()``
+reports the extension (built ahead of time or JIT-built on first use); otherwise they are
+skipped with the reason printed. The default list holds the rows that can run on the
+chosen device: ``cuda`` beside ``triton`` on a GPU, ``cpp`` on a CPU.
 
 On CUDA every row is timed with ``triton.testing.do_bench`` (median) or, for steps slower
 than 20 ms, a few CUDA-event-timed calls; the floor is ANCHORS' byte count over the
@@ -46,6 +53,7 @@ import torch
 from benchmarks.baseline import PerParamSAM
 from benchmarks.param_sets import ParamSet, cpu_sets, full_sets, select
 from sam_fused import SAM
+from sam_fused.backends import CppBackend, CudaBackend
 from sam_fused.variants import VARIANTS
 
 RHO = 0.05
@@ -57,7 +65,9 @@ BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 # perturb reads w, g, writes w, backup (4); restore + SGD reads backup, g, momentum and
 # writes w, momentum (5), restore + AdamW reads backup, g, m, v and writes w, m, v (7)
 FLOOR_ACCESSES = {"sgd": 10, "adamw": 12}
-IMPLS = ("baseline", "reference", "triton", "triton_noskip")
+IMPLS = ("baseline", "reference", "triton", "triton_noskip", "cpp", "cuda")
+COMPILED = ("cpp", "cuda")  # compiled backends: the row's name is the backend's name
+COMPILED_DEVICE = {"cpp": "cpu", "cuda": "cuda"}  # the device type each one runs on
 # a variant row is "<backend>:<variant>", e.g. "triton:vasso" (default skip_nonfinite=True)
 VARIANT_NAMES = tuple(v for v in VARIANTS if v != "sam")
 LABELS = {
@@ -66,6 +76,8 @@ LABELS = {
     "reference": "sam_fused reference",
     "triton": "sam_fused triton",
     "triton_noskip": "sam_fused triton, no skip",
+    "cpp": "sam_fused cpp (C++/OpenMP)",
+    "cuda": "sam_fused cuda (CUDA C++)",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SLOW_MS = 20.0  # steps slower than this are timed with a few CUDA-event calls, not do_bench
@@ -126,6 +138,8 @@ def build(impl: str, params: list[torch.nn.Parameter], base: str) -> torch.optim
     if ":" in impl:  # a variant row
         backend, variant = impl.split(":", 1)
         return SAM(params, cls, rho=RHO, backend=backend, variant=variant, **kwargs)
+    if impl in COMPILED:
+        return SAM(params, cls, rho=RHO, backend=impl, **kwargs)  # default skip_nonfinite=True
     backend = "reference" if impl == "reference" else "triton"
     return SAM(params, cls, rho=RHO, backend=backend, skip_nonfinite=impl != "triton_noskip", **kwargs)
 
@@ -186,7 +200,7 @@ def impl_bytes(impl: str, base: str, element_size: int) -> float | None:
         return variant_accesses(impl.split(":", 1)[1], base) * element_size
     if impl == "triton_noskip":
         return FLOOR_ACCESSES[base] * element_size
-    if impl == "triton":  # skip_nonfinite re-reads the second gradient once
+    if impl in ("triton", *COMPILED):  # skip_nonfinite re-reads the second gradient once
         return (FLOOR_ACCESSES[base] + 1) * element_size
     return None
 
@@ -282,6 +296,19 @@ def cleanup(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------- checks
+
+
+def compiled_unavailable(impl: str, device: torch.device) -> str | None:
+    """Why the compiled backend ``impl`` cannot run on ``device``, or None when it can.
+
+    Asks the same ``BackendInfo`` that ``sam_fused.available_backends()`` reports, but only
+    for this one extension: ``available_backends()`` would also build the other device's
+    extension (half a minute or more) for a row this run never times.
+    """
+    if COMPILED_DEVICE[impl] != device.type:
+        return f"the {impl} backend runs on {COMPILED_DEVICE[impl]} tensors and this run is on {device.type}"
+    info = (CppBackend if impl == "cpp" else CudaBackend).info()  # builds on first use
+    return None if info else f"the {impl} backend is unavailable here: {info.detail}"
 
 
 def agreement_check(impls: list[str], bases: list[str], device: torch.device, dtype: torch.dtype) -> dict:
@@ -455,7 +482,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sets", default="all", help="comma-separated: resnet50,vit_b16,2000x4096,one_134m")
     p.add_argument("--base", default="sgd,adamw", help="comma-separated base optimizers: sgd,adamw")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    p.add_argument(
+        "--impls",
+        default=None,
+        help=f"comma-separated subset of {','.join(IMPLS)} (default: all that fit the device, i.e. "
+        "without cuda on a CPU and without cpp on a GPU)",
+    )
     p.add_argument(
         "--variants",
         default="",
@@ -513,10 +545,19 @@ def main(argv: list[str] | None = None) -> int:
     for b in bases:
         if b not in BASES:
             raise SystemExit(f"unknown base optimizer {b!r}; choose from {', '.join(BASES)}")
+    if args.impls is None:  # the compiled backend of the other device would only be skipped
+        args.impls = ",".join(i for i in IMPLS if COMPILED_DEVICE.get(i, device.type) == device.type)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     for i in impls:
         if i not in IMPLS:
             raise SystemExit(f"unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
+    skipped: dict[str, str] = {}
+    for i in [i for i in impls if i in COMPILED]:
+        reason = compiled_unavailable(i, device)
+        if reason is not None:
+            skipped[i] = reason
+            impls.remove(i)
+            log(f"note: skipping the {i} rows: {reason}")
     variants = VARIANT_NAMES if args.variants == "all" else [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANT_NAMES:
@@ -539,7 +580,13 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(device)
     log(f"sam_fused benchmark on {env.get('gpu', 'cpu')} ({size} sizes, {args.dtype}); torch {env['torch']}")
-    payload: dict[str, Any] = {"environment": env, "args": vars(args), "size": size, "rows": []}
+    payload: dict[str, Any] = {
+        "environment": env,
+        "args": vars(args),
+        "size": size,
+        "rows": [],
+        "skipped": skipped,
+    }
     # variants compute different math on purpose: only the plain SAM rows are compared
     check_impls = [i for i in impls if ":" not in i and (not i.startswith("triton") or triton_sets)]
     if not args.no_check and check_impls:
@@ -606,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  CPU run at scaled-down sizes: no bandwidth floor (a GPU metric); no memory column")
     print()
     print(table(rows, labels))
+    for impl, reason in skipped.items():
+        print(f"skipped {LABELS[impl]}: {reason}")
     for r in rows:
         if r.error:
             print(f"FAILED: {r.set} {r.base} {r.impl}: {r.error}")
