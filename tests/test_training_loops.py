@@ -283,6 +283,44 @@ def test_sam_step_with_frozen_second_pass_records_one_forward(freeze, backend, d
         assert not torch.equal(model.features[1].running_mean, twin.features[1].running_mean)
 
 
+def bn_freezing_closure(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    """The README's closure: the first call records BN statistics, later calls do not."""
+    calls = 0
+
+    def closure() -> Tensor:
+        nonlocal calls
+        calls += 1
+        with frozen_bn_stats(model) if calls > 1 else nullcontext():
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("name", ["sam", "looksam"])
+def test_bn_freezing_closure_equals_manual_loop(name, backend, device):
+    """step(closure) with the README's closure: the manual loop with the helper on pass 2
+    (weights and BN buffers bit for bit), and after each step (LookSAM's one-pass steps
+    included) the BN buffers of ONE forward at the step's starting weights."""
+    manual, closed = ConvNet(seed=4).to(device).train(), ConvNet(seed=4).to(device).train()
+    opt_m, opt_c = (
+        OPTIMIZERS[name](manual.parameters(), backend),
+        OPTIMIZERS[name](closed.parameters(), backend),
+    )
+    for step in range(4):
+        x, y = fresh_batch(60 + step, 8, (2, 6, 6), device)
+        one_forward = copy.deepcopy(closed)  # independent: forwards only, at the weights w
+        with torch.no_grad():
+            one_forward(x)
+        manual_sam_step(manual, opt_m, x, y, freeze_bn=True)
+        opt_c.step(bn_freezing_closure(closed, x, y))
+        opt_c.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(params_of(closed), params_of(manual), strict=True))
+        assert_buffers_equal(bn_buffers(closed), bn_buffers(manual), f"closure vs manual, step {step}")
+        assert_buffers_equal(bn_buffers(closed), bn_buffers(one_forward), f"one forward, step {step}")
+
+
 # ============================================================================ 2. accumulation
 
 
