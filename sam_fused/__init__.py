@@ -5,6 +5,7 @@
 """
 
 from .backends import available_backends
+from .batchnorm import frozen_bn_stats
 from .family import ASAM, FSAM, GCSAM, GSAM, RSAM, USAM, IntervalSAM, LookSAM, VaSSO
 from .optimizer import SAM
 from .variants import VARIANTS, Variant
@@ -24,5 +25,6 @@ __all__ = [
     "Variant",
     "__version__",
     "available_backends",
+    "frozen_bn_stats",
 ]
 __version__ = "0.1.0"
