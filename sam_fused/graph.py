@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .base_updates import base_spec_for
+from .batchnorm import frozen_bn_stats
 from .optimizer import SAM
 
 __all__ = ["GraphedSAMStep"]
@@ -62,6 +63,8 @@ class GraphedSAMStep:
             (e.g. ``torch.bfloat16``); None (default) for no autocast.
         graphs: capture and replay a CUDA graph (default True); False runs the same step
             eagerly on each call.
+        freeze_bn_stats: run the second pass inside :func:`sam_fused.frozen_bn_stats`, so
+            BatchNorm running statistics record only the pass at ``w`` (default False).
         warmup_steps: eager steps (with ``lr = 0``) before capture (default 3).
     """
 
@@ -74,6 +77,7 @@ class GraphedSAMStep:
         example_target: Tensor,
         *,
         autocast_dtype: torch.dtype | None = None,
+        freeze_bn_stats: bool = False,
         graphs: bool = True,
         warmup_steps: int = 3,
     ) -> None:
@@ -87,6 +91,7 @@ class GraphedSAMStep:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.autocast_dtype = autocast_dtype
+        self.freeze_bn_stats = bool(freeze_bn_stats)
         self.graphs = bool(graphs)
         self.device = optimizer._device
         self._graph: Any = None
@@ -111,7 +116,8 @@ class GraphedSAMStep:
             loss = self.loss_fn(self.model(x), y)
         loss.backward()
         if opt.first_step(zero_grad=True):
-            with self._autocast():
+            frozen = frozen_bn_stats(self.model) if self.freeze_bn_stats else contextlib.nullcontext()
+            with self._autocast(), frozen:
                 loss2 = self.loss_fn(self.model(x), y)
             loss2.backward()
             opt.second_step(zero_grad=True)

@@ -142,6 +142,24 @@ def test_eager_helper_equals_the_manual_loop(backend, device, cls, base, kw):
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
+def test_helper_can_freeze_bn_statistics_in_the_second_pass(backend, device):
+    """With freeze_bn_stats=True the running statistics equal those of one plain forward
+    per step (computed independently on a copy), not two."""
+    model = make_model(11, device, bn=True)
+    shadow = make_model(11, device, bn=True)
+    opt = SAM(model.parameters(), lr=0.0, backend=backend)  # lr = 0: weights stay those of shadow
+    step = GraphedSAMStep(model, loss_fn, opt, *batch(0, device), freeze_bn_stats=True, graphs=False)
+    for i in range(3):
+        x, y = batch(i, device)
+        step(x, y)
+        with torch.no_grad():
+            shadow(x)
+    bn, bn_shadow = model[1], shadow[1]
+    assert int(bn.num_batches_tracked) == 3
+    torch.testing.assert_close(bn.running_mean, bn_shadow.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bn.running_var, bn_shadow.running_var, rtol=1e-6, atol=1e-7)
+
+
 def test_eager_helper_with_bf16_autocast(backend, device):
     model = make_model(4, device)
     opt = SAM(model.parameters(), lr=0.1, backend=backend)
