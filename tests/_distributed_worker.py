@@ -192,7 +192,29 @@ def run_fsdp(rank: int) -> dict[str, Any]:
         out[key]["norms"] = norms
         out[key]["local_shapes"] = [tuple(p.to_local().shape) for p in params]
         out[key]["backends"] = opt.backends
+
+    # what is refused, and how (the messages are checked by the test)
+    from sam_fused.distributed import local_first_pass
+
+    half = make_model()
+    fully_shard(half[0])  # the first layer's parameters are DTensors, the last layer's are not
+    whole = make_model()
+    fully_shard(whole)
+    out["errors"] = {
+        "mixed": _error(lambda: make_sam(half.parameters(), "sgd", "auto")),
+        "cpp": _error(lambda: make_sam(whole.parameters(), "sgd", "cpp")),
+        "local_first_pass": _error(lambda: local_first_pass(whole).__enter__()),
+        "inner_module": _error(lambda: local_first_pass(make_model()).__enter__()),
+    }
     return out
+
+
+def _error(build: Callable[[], Any]) -> str | None:
+    try:
+        build()
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def main() -> None:

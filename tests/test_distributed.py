@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sam_fused import status as S
+from sam_fused.backends import cpp_supports
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _distributed_worker as W  # the problem both sides build
@@ -49,6 +50,8 @@ def _free_port() -> int:
 def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     """Run both ranks once; what each saved, in rank order."""
     out = tmp_path_factory.mktemp("dist")
+    # load (or build) the C++ extension here first, so the two ranks do not both build it
+    cpp_supports(torch.device("cpu"), torch.float32)
     env = dict(os.environ)
     env.update(
         MASTER_ADDR="127.0.0.1",
@@ -266,3 +269,52 @@ def test_fsdp2_norm_is_the_full_model_norm(ranks):
         for variant, base, backend, _ in W.FSDP_CASES:
             got = res["fsdp"][f"fsdp/{variant}/{base}/{backend}"]["norms"][0]
             assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_refusals_on_two_ranks(ranks):
+    for res in ranks:
+        errors = res["fsdp"]["errors"]
+        assert errors["mixed"].startswith("ValueError") and "all or none" in errors["mixed"]
+        assert errors["cpp"].startswith("ValueError") and "local shards" in errors["cpp"]
+        assert errors["local_first_pass"].startswith("TypeError") and "DTensor" in errors["local_first_pass"]
+        assert errors["inner_module"].startswith("TypeError") and "not its .module" in errors["inner_module"]
+
+
+# ---------------------------------------------------------------------------- one process
+def test_import_needs_no_process_group():
+    code = (
+        "import torch.distributed as dist, sam_fused.distributed as d; "
+        "assert not dist.is_initialized(); print(sorted(d.__all__))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["['agree_on_skip',", "'local_first_pass',", "'sam_step']"]
+
+
+def test_plain_module_in_one_process_is_a_pass_through():
+    """Without a multi-rank job every gradient is local: sam_step(m_sharpness=True) is plain SAM."""
+    from sam_fused.distributed import sam_step
+
+    runs = []
+    for m_sharpness in (False, True):
+        model = W.make_model()
+        opt = W.make_sam(model.parameters(), "sgd", "reference")
+        for x, y in W.batches():
+            sam_step(model, opt, lambda x=x, y=y, m=model: W.loss_fn(m(x), y), m_sharpness=m_sharpness)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    want = _single_process_sam("sgd", "reference")["params"]
+    for got in runs:
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_bad_input_is_refused():
+    from sam_fused.distributed import local_first_pass, sam_step
+
+    model = W.make_model()
+    with pytest.raises(TypeError, match="DistributedDataParallel"), local_first_pass(nn.DataParallel(model)):
+        pass
+    with pytest.raises(TypeError, match=r"nn\.Module"), local_first_pass(object()):
+        pass
+    gsam = W.make_sam(model.parameters(), "sgd", "reference", "gsam")
+    with pytest.raises(ValueError, match="m_sharpness=False"):
+        sam_step(model, gsam, lambda: W.loss_fn(model(torch.ones(2, 6)), torch.ones(2, 1)), m_sharpness=True)
