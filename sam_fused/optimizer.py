@@ -29,6 +29,7 @@ from torch import Tensor
 from . import status as S
 from .backends import make_backend
 from .backends.reference import StepContext
+from .backends.sharded import ShardedBackend, is_dtensor, shard_group
 from .base_updates import AdamSpec, BaseSpec, base_spec_for, state_names
 from .layout import Bucket, Plan
 from .variants import ASCENT, DESCENT, VARIANTS, get_variant, resolve_options
@@ -177,6 +178,7 @@ class SAM(torch.optim.Optimizer):
             devices.add(self._device)
         if len(devices) > 1:
             raise ValueError(_several_devices(devices))
+        shard_group([*(p for b in self._buckets for p in b.params), *param_group["params"]])  # refuse a mix
         if devices and not self._has_params:
             self._device = devices.pop()
             self._status = self._status.to(self._device)
@@ -207,12 +209,32 @@ class SAM(torch.optim.Optimizer):
             by_dtype.setdefault(p.dtype, []).append(p)
         for dtype, params in by_dtype.items():
             device = params[0].device
-            backend = make_backend(self._backend_name(device, dtype), device, dtype, self.variant)
+            if is_dtensor(params[0]):
+                backend = self._sharded_backend()
+            else:
+                backend = make_backend(self._backend_name(device, dtype), device, dtype, self.variant)
             self._buckets.append(Bucket(params, index, fused=backend.name != "reference", backend=backend))
             if dtype == torch.float64:
                 self._acc_dtype = torch.float64
         if hasattr(self, "_status") and self._status.dtype != self._acc_dtype:
             self._status = self._status.to(self._acc_dtype)
+        # FSDP2: the global statistics are sums over the ranks' shards (None: nothing to reduce)
+        self._process_group = shard_group(p for b in self._buckets for p in b.params)
+
+    def _sharded_backend(self) -> ShardedBackend:
+        """DTensor parameters cannot move into flat buffers: reference math on local shards."""
+        if self.backend_request not in ("auto", "reference"):
+            raise ValueError(
+                f"backend={self.backend_request!r} needs parameters it can move into flat buffers; "
+                "DTensor parameters (FSDP2 / fully_shard) run on the reference backend over their "
+                "local shards: use backend='auto' or 'reference'"
+            )
+        return ShardedBackend()
+
+    def _sum_over_shards(self, entries: slice) -> None:
+        """FSDP2: each rank summed its own shards into ``status[entries]``; add the ranks up."""
+        if self._process_group is not None:
+            torch.distributed.all_reduce(self._status[entries], group=self._process_group)
 
     def _check_descent_fusable(self) -> None:
         """GSAM and LookSAM change the descent gradient inside the fused base update."""
@@ -360,6 +382,7 @@ class SAM(torch.optim.Optimizer):
             bucket.backend.ascent_stats(bucket, plan, group, ctx, partials[:, offset : offset + n])
             offset += n
         torch.sum(partials[:2], dim=1, out=self._status[S.FIRST_PASS])
+        self._sum_over_shards(S.FIRST_PASS)
 
     def _reuse_step(self, plans: list[Plan], ctx: StepContext) -> None:
         """LookSAM / interval SAM between perturbed steps: one pass, one update."""
@@ -424,6 +447,7 @@ class SAM(torch.optim.Optimizer):
                 bucket.backend.descent_stats(bucket, plan, ctx, partials[:, offset : offset + n])
                 offset += n
             torch.sum(partials, dim=1, out=self._status[S.SECOND_PASS])
+            self._sum_over_shards(S.SECOND_PASS)
         if ctx.check and self.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM):
             for bucket, plan in zip(self._buckets, self._perturbed):
                 if not plan.empty:
@@ -517,6 +541,7 @@ class SAM(torch.optim.Optimizer):
             )
             offset += n
         torch.sum(partials[0], dim=0, keepdim=True, out=self._status[S.GV2 : S.GV2 + 1])
+        self._sum_over_shards(slice(S.GV2, S.GV2 + 1))
 
     @_eager
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:

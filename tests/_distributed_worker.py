@@ -1,0 +1,236 @@
+"""One rank of the distributed tests (``tests/test_distributed.py`` starts two of these).
+
+Run as ``python tests/_distributed_worker.py OUT_DIR`` with ``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT`` set. Every scenario runs on both ranks (collectives
+need both); each rank saves what it ends with to ``OUT_DIR/rank{RANK}.pt`` and the test
+process compares that with computations of its own. The problem (model, data, loss,
+hyperparameters) is defined here once, so that both sides build the same one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+WORLD = 2
+GLOBAL_BATCH = 8
+STEPS = 3
+RHO = 0.1
+# SGD with momentum and weight decay, and AdamW: both fused base updates
+BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.02, "weight_decay": 0.05}),
+}
+# the state torch.optim keeps per parameter for each base, compared after the run
+STATE_NAMES = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
+DDP_BACKENDS = ("reference", "auto")  # "auto" is the compiled cpp backend where it builds
+FSDP_CASES = (  # (variant, base, backend, variant_options)
+    ("sam", "sgd", "auto", {}),
+    ("sam", "adamw", "reference", {}),
+    ("gsam", "sgd", "auto", {"alpha": 0.4}),  # the second pass's inner products
+    ("looksam", "sgd", "auto", {"k": 2, "alpha": 0.7}),  # + ||g_v||^2 and a reuse step
+)
+
+
+def make_model() -> nn.Module:
+    """6 -> 7 -> 1: on two ranks FSDP2 splits 7 rows 4 + 3 and gives rank 1 an empty last layer."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 1))
+
+
+def batches() -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(GLOBAL_BATCH, 6, generator=gen), torch.randn(GLOBAL_BATCH, 1, generator=gen))
+        for _ in range(STEPS)
+    ]
+
+
+def shard(batch: tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """Rank ``rank``'s half of the global batch (equal halves: DDP's mean = the global mean)."""
+    per = GLOBAL_BATCH // WORLD
+    x, y = batch
+    return x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+
+
+def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+    return (out - y).square().mean()
+
+
+def make_sam(params, base: str, backend: str, variant: str = "sam", options: dict | None = None):
+    from sam_fused import SAM
+
+    cls, kwargs = BASES[base]
+    return SAM(params, cls, rho=RHO, backend=backend, variant=variant, variant_options=options, **kwargs)
+
+
+def snapshot(params: list[Tensor], opt, base: str, full: Callable[[Tensor], Tensor]) -> dict[str, Any]:
+    """Parameters and base-optimizer state as plain full tensors (``full`` gathers shards)."""
+    state = [{n: full(opt.state[p][n]).clone() for n in STATE_NAMES[base]} for p in params]
+    return {"params": [full(p.detach()).clone() for p in params], "state": state}
+
+
+# ---------------------------------------------------------------------------- DDP
+def ddp_model() -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(make_model())
+
+
+def run_ddp(rank: int) -> dict[str, Any]:
+    from sam_fused.distributed import agree_on_skip, local_first_pass, sam_step
+
+    out: dict[str, Any] = {}
+    data = [shard(b, rank) for b in batches()]
+    same = lambda t: t  # DDP parameters are whole on every rank: nothing to gather
+
+    for backend in DDP_BACKENDS:
+        for base in BASES:
+            # synced SAM, the manual loop: DDP averages both passes
+            model = ddp_model()
+            opt = make_sam(model.parameters(), base, backend)
+            for x, y in data:
+                loss_fn(model(x), y).backward()
+                opt.first_step(zero_grad=True)
+                loss_fn(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+            out[f"synced/{backend}/{base}"] = snapshot(list(model.parameters()), opt, base, same)
+            out[f"backends/{backend}"] = opt.backends
+
+            # m-sharpness through sam_step
+            model = ddp_model()
+            opt = make_sam(model.parameters(), base, backend)
+            for x, y in data:
+                sam_step(model, opt, lambda x=x, y=y, m=model: loss_fn(m(x), y), m_sharpness=True)
+            out[f"msharp/{backend}/{base}"] = snapshot(list(model.parameters()), opt, base, same)
+
+    # m-sharpness, the manual loop with the context manager
+    model = ddp_model()
+    opt = make_sam(model.parameters(), "sgd", "reference")
+    for x, y in data:
+        with local_first_pass(model):
+            loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        agree_on_skip(opt, model)
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    out["msharp_manual"] = snapshot(list(model.parameters()), opt, "sgd", same)
+
+    # what the first pass sees: inside the helper, the naive recipe, plain DDP
+    x, y = data[0]
+    model = ddp_model()
+    opt = make_sam(model.parameters(), "sgd", "reference")
+    with local_first_pass(model):
+        loss_fn(model(x), y).backward()
+    out["helper/grads"] = [p.grad.clone() for p in model.parameters()]
+    opt.first_step(zero_grad=True)
+    out["helper/perturbed"] = [p.detach().clone() for p in model.parameters()]
+    loss_fn(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+    model = ddp_model()
+    output = model(x)  # the popular recipe: forward outside no_sync ...
+    with model.no_sync():
+        loss_fn(output, y).backward()  # ... backward inside
+    out["naive/grads"] = [p.grad.clone() for p in model.parameters()]
+
+    # a NaN in rank 1's first pass only: every rank must skip, or the replicas drift apart
+    for agree in (True, False):
+        model = ddp_model()
+        opt = make_sam(model.parameters(), "sgd", "reference")
+        x, y = data[0]
+        with local_first_pass(model):
+            loss = loss_fn(model(x), y)
+            (loss * float("nan") if rank == 1 else loss).backward()
+        opt.first_step(zero_grad=True)
+        if agree:
+            agree_on_skip(opt, model)
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        out[f"nan/agree={agree}"] = {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "skipped": float(opt.skipped_steps),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------- FSDP2
+def run_fsdp(rank: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from sam_fused import status as S
+
+    out: dict[str, Any] = {}
+    data = [shard(b, rank) for b in batches()]
+
+    def full(t: Tensor) -> Tensor:
+        assert isinstance(t, DTensor), f"expected a DTensor, got {type(t).__name__}"
+        return t.full_tensor()
+
+    for variant, base, backend, options in FSDP_CASES:
+        model = make_model()
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        params = list(model.parameters())
+        opt = make_sam(params, base, backend, variant, options)
+        norms = []
+        for x, y in data:
+            loss_fn(model(x), y).backward()
+            if opt.first_step(zero_grad=True):
+                norms.append(float(opt._status[S.SUMSQ].sqrt()))
+                loss_fn(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+        key = f"fsdp/{variant}/{base}/{backend}"
+        out[key] = snapshot(params, opt, base, full)
+        out[key]["norms"] = norms
+        out[key]["local_shapes"] = [tuple(p.to_local().shape) for p in params]
+        out[key]["backends"] = opt.backends
+
+    # what is refused, and how (the messages are checked by the test)
+    from sam_fused.distributed import local_first_pass
+
+    half = make_model()
+    fully_shard(half[0])  # the first layer's parameters are DTensors, the last layer's are not
+    whole = make_model()
+    fully_shard(whole)
+    out["errors"] = {
+        "mixed": _error(lambda: make_sam(half.parameters(), "sgd", "auto")),
+        "cpp": _error(lambda: make_sam(whole.parameters(), "sgd", "cpp")),
+        "local_first_pass": _error(lambda: local_first_pass(whole).__enter__()),
+        "inner_module": _error(lambda: local_first_pass(make_model()).__enter__()),
+    }
+    return out
+
+
+def _error(build: Callable[[], Any]) -> str | None:
+    try:
+        build()
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    out_dir = sys.argv[1]
+    rank = int(os.environ["RANK"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    try:
+        results = {"ddp": run_ddp(rank), "fsdp": run_fsdp(rank)}
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
