@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.baseline import PerParamSAM
+from benchmarks.devices import pick_device
 from benchmarks.models import TransformerConfig, TransformerLM, resnet18_cifar
 from sam_fused import SAM
 
@@ -528,17 +529,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wall = time.perf_counter()
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = pick_device(args.device, args.threads)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
-        device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cudnn.benchmark = True  # fixed shapes: every row gets the tuned kernels
-    if args.threads is not None or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
     tiny = args.tiny or (args.quick and device.type == "cpu")
     wls = workloads(tiny)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]

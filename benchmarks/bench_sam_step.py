@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks.baseline import PerParamSAM
+from benchmarks.devices import pick_device
 from benchmarks.param_sets import ParamSet, cpu_sets, full_sets, select
 from sam_fused import SAM
 from sam_fused.backends import CppBackend, CudaBackend
@@ -523,17 +524,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wall = time.perf_counter()
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
+    device = pick_device(args.device, args.threads)
     on_cuda = device.type == "cuda"
-    if on_cuda:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if args.threads is not None or not on_cuda:
-        torch.set_num_threads(args.threads or 1)
     dtype = DTYPES[args.dtype]
     element_size = torch.empty((), dtype=dtype).element_size()
     size = args.size if args.size != "auto" else ("full" if on_cuda else "cpu")
