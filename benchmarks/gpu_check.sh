@@ -15,7 +15,7 @@
 # bench_e2e.txt/json (rows printed and saved as they finish), summary.txt.
 # Knobs: PYTHON, CHECK_BUDGET, EXT_TIMEOUT (default 120), TEST_TIMEOUT (default 75),
 # BENCH_TIMEOUT (default 60), VARIANT_TIMEOUT (default 30), E2E_RESERVE (default 65),
-# BENCH_ARGS (extra arguments for the step benchmark; default "--quick", which its 60 s now
+# GPU_TESTS (the test paths, in order), BENCH_ARGS (extra arguments for the step benchmark; default "--quick", which its 60 s now
 # need; BENCH_ARGS= for the full run), E2E_ARGS (extra arguments for bench_e2e).
 set -u -o pipefail
 
@@ -134,7 +134,12 @@ if timeout 30 "$PYTHON" -c "import pytest" 2>/dev/null; then
   else
     # --maxfail, not -x: the cuda backend's first run on a GPU (tests/test_cpp_backend.py with
     # COMPILED=cuda) must not hide the rest of the suite behind its first failure
-    timeout -k 10 "$t" "$PYTHON" -m pytest tests -q -rs --maxfail=20 -k "not slow" -p no:cacheprovider 2>&1 |
+    # what only a GPU can check runs first (CUDA graphs, the cuda backend, fp16 scaling on CUDA,
+    # Inductor), then the rest of the suite while time lasts (pytest drops repeated paths)
+    # shellcheck disable=SC2086  # GPU_TESTS is a list of paths on purpose
+    timeout -k 10 "$t" "$PYTHON" -m pytest ${GPU_TESTS:-tests/test_graph.py tests/test_cpp_backend.py \
+      tests/test_amp.py tests/test_compile.py tests/test_api.py tests} \
+      -q -rs --maxfail=20 -k "not slow" -p no:cacheprovider 2>&1 |
       tee "$OUT/tests.log"
     rc=$?
     [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s" | tee -a "$OUT/tests.log"
