@@ -135,3 +135,50 @@ void dispatch_bool(bool value, const F& f) {
 }
 
 }  // namespace sam_fused
+
+// ------------------------------------------------------------------ registration
+// Both libraries register the same operations under their own namespace
+// (torch.ops.sam_fused_cpu.* / torch.ops.sam_fused_cuda.*), from functions of the same names
+// defined in namespace sam_fused of the including file. The dispatcher is used instead of
+// pybind11, which keeps the first-use build short; alias annotations mark what each writes.
+#define SAM_FUSED_REGISTER_OPS(ns)                                                                        \
+  TORCH_LIBRARY(ns, m) {                                                                                  \
+    using namespace sam_fused;                                                                            \
+    m.def("constants() -> int[]", &constants);                                                            \
+    m.def(                                                                                                \
+        "stats(Tensor grad, Tensor param, Tensor runs, Tensor(a!)? sumsq, Tensor(b!) bad, bool adaptive, " \
+        "float eta) -> ()",                                                                               \
+        &stats);                                                                                          \
+    m.def(                                                                                                \
+        "perturb(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor status, Tensor runs, float rho, " \
+        "float eta, float norm_eps, bool adaptive, bool normalized, bool check) -> ()",                   \
+        &perturb);                                                                                        \
+    m.def("restore(Tensor(a!) param, Tensor backup, Tensor runs) -> ()", &restore);                       \
+    m.def(                                                                                                \
+        "sgd(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!)? buf, Tensor steps, Tensor status, "   \
+        "Tensor runs, float lr, float momentum, float one_minus_dampening, float weight_decay, "          \
+        "bool nesterov, bool maximize, bool check) -> ()",                                                \
+        &sgd);                                                                                            \
+    m.def(                                                                                                \
+        "adam(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "     \
+        "Tensor(d!)? max_exp_avg_sq, Tensor steps, Tensor status, Tensor runs, float lr, float beta1, "   \
+        "float beta2, float eps, float weight_decay, bool decoupled, bool maximize, bool check) -> ()",   \
+        &adam);                                                                                           \
+    m.def(                                                                                                \
+        "advance_steps(Tensor(a!) steps, Tensor mask, Tensor(b!) status, bool check, bool count_skip) -> ()", \
+        &advance_steps);                                                                                  \
+  }
+
+// An empty Python module named TORCH_EXTENSION_NAME, so that the library loads with a plain
+// import (setup.py builds it as sam_fused._C_cpu / _C_cuda) as well as through torch's JIT
+// loader; importing it registers the operations.
+#define SAM_FUSED_CONCAT_(a, b) a##b
+#define SAM_FUSED_CONCAT(a, b) SAM_FUSED_CONCAT_(a, b)
+#define SAM_FUSED_STR_(a) #a
+#define SAM_FUSED_STR(a) SAM_FUSED_STR_(a)
+#define SAM_FUSED_PYTHON_MODULE(doc)                                                                   \
+  static PyModuleDef sam_fused_module = {PyModuleDef_HEAD_INIT, SAM_FUSED_STR(TORCH_EXTENSION_NAME), \
+                                         doc, -1, nullptr, nullptr, nullptr, nullptr, nullptr};     \
+  PyMODINIT_FUNC SAM_FUSED_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {                            \
+    return PyModule_Create(&sam_fused_module);                                                      \
+  }

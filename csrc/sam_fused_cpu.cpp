@@ -530,48 +530,5 @@ std::vector<int64_t> constants() { return {kAbiVersion, kCpuStatsChunk, kCpuMaxS
 }  // namespace
 }  // namespace sam_fused
 
-// The operations are registered with the dispatcher (torch.ops.sam_fused_cpu.*): no
-// pybind11, which keeps the first-use build short. Alias annotations mark what each writes.
-TORCH_LIBRARY(sam_fused_cpu, m) {
-  using namespace sam_fused;
-  m.def("constants() -> int[]", &constants);
-  m.def(
-      "stats(Tensor grad, Tensor param, Tensor runs, Tensor(a!)? sumsq, Tensor(b!) bad, bool adaptive, "
-      "float eta) -> ()",
-      &stats);
-  m.def(
-      "perturb(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor status, Tensor runs, float rho, "
-      "float eta, float norm_eps, bool adaptive, bool normalized, bool check) -> ()",
-      &perturb);
-  m.def("restore(Tensor(a!) param, Tensor backup, Tensor runs) -> ()", &restore);
-  m.def(
-      "sgd(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!)? buf, Tensor steps, Tensor status, "
-      "Tensor runs, float lr, float momentum, float one_minus_dampening, float weight_decay, "
-      "bool nesterov, bool maximize, bool check) -> ()",
-      &sgd);
-  m.def(
-      "adam(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor(d!)? max_exp_avg_sq, Tensor steps, Tensor status, Tensor runs, float lr, float beta1, "
-      "float beta2, float eps, float weight_decay, bool decoupled, bool maximize, bool check) -> ()",
-      &adam);
-  m.def(
-      "advance_steps(Tensor(a!) steps, Tensor mask, Tensor(b!) status, bool check, bool count_skip) -> ()",
-      &advance_steps);
-}
-
-// An empty Python module, so that the library loads with a plain import (setup.py builds
-// it as sam_fused._C_cpu) as well as through torch's JIT loader; importing it registers
-// the operations above.
-#define SAM_FUSED_CONCAT_(a, b) a##b
-#define SAM_FUSED_CONCAT(a, b) SAM_FUSED_CONCAT_(a, b)
-#define SAM_FUSED_STR_(a) #a
-#define SAM_FUSED_STR(a) SAM_FUSED_STR_(a)
-
-static PyModuleDef sam_fused_module = {
-    PyModuleDef_HEAD_INIT, SAM_FUSED_STR(TORCH_EXTENSION_NAME),
-    "sam_fused C++ CPU backend (operations in torch.ops.sam_fused_cpu)",
-    -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-
-PyMODINIT_FUNC SAM_FUSED_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  return PyModule_Create(&sam_fused_module);
-}
+SAM_FUSED_REGISTER_OPS(sam_fused_cpu)
+SAM_FUSED_PYTHON_MODULE("sam_fused C++ CPU backend (operations in torch.ops.sam_fused_cpu)")
