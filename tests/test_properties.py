@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from _helpers import copy_run_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -157,12 +158,7 @@ def test_triton_agrees_with_reference(device, problem, base, variant):
     ]
     for step in range(2):
         if step:
-            with torch.no_grad():
-                for pr, pt in zip(*params, strict=True):
-                    pt.copy_(pr)
-                    for key, value in opts[0].state[pr].items():
-                        if key != "step":
-                            opts[1].state[pt][key].copy_(value)
+            copy_run_state((params[0], opts[0]), (params[1], opts[1]))
         grads = make_grads(problem, device, 2 * step), make_grads(problem, device, 2 * step + 1)
         start = [p.detach().to("cpu", F64).clone() for p in params[0]]
         perturbed = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import copy_run_state
 
 from sam_fused import SAM
 
@@ -259,12 +260,7 @@ def test_triton_matches_reference_low_precision(device, dtype, config):
     ]
     for step in range(3):
         if step:
-            with torch.no_grad():
-                for pr, pt in zip(*params, strict=True):
-                    pt.copy_(pr)
-                    for key, value in opts[0].state[pr].items():
-                        if key != "step":
-                            opts[1].state[pt][key].copy_(value)
+            copy_run_state((params[0], opts[0]), (params[1], opts[1]))
         grads = [
             [
                 torch.randn(s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
