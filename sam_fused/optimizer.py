@@ -513,16 +513,14 @@ class SAM(torch.optim.Optimizer):
                 return
         # the base optimizer reads p.grad itself: unscale and clip in place, as
         # scaler.unscale_() and clip_grad_norm_() would
-        factor = None
-        if ctx.unscale:
-            factor = self._status[S.INV_SCALE2]
-        if ctx.clip:
-            factor = self._status[S.CLIP] if factor is None else factor * self._status[S.CLIP]
-        if factor is not None:
-            grads = [
-                p.grad for b, plan in zip(self._buckets, plans) for i in plan.indices for p in [b.params[i]]
-            ]
-            if grads:
+        for bucket, plan in zip(self._buckets, plans):
+            factor = None
+            if ctx.unscale and not getattr(bucket.backend, "unscales_in_place", False):
+                factor = self._status[S.INV_SCALE2]
+            if ctx.clip:
+                factor = self._status[S.CLIP] if factor is None else factor * self._status[S.CLIP]
+            grads = [bucket.params[i].grad for i in plan.indices]
+            if factor is not None and grads:
                 torch._foreach_mul_(grads, factor)
         self.base_optimizer.step()
         for bucket, plan in zip(self._buckets, plans):

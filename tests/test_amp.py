@@ -27,6 +27,10 @@ from sam_fused import GSAM, SAM, IntervalSAM, LookSAM, VaSSO
 ALL_BACKENDS = BACKENDS + (["cpp"] if DEVICE == "cpu" else [])
 
 
+def _name(b) -> str:
+    return b.values[0] if hasattr(b, "values") else b
+
+
 @pytest.fixture(params=ALL_BACKENDS)
 def any_backend(request) -> str:
     return request.param
@@ -115,9 +119,16 @@ def build(cls, model, backend, base=torch.optim.SGD, **kw):
 
 # ---------------------------------------------------------------------- GradScaler
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW], ids=["sgd", "adamw"])
+@pytest.mark.parametrize(
+    "base", [torch.optim.SGD, torch.optim.AdamW, torch.optim.RMSprop], ids=["sgd", "adamw", "rmsprop"]
+)
 def test_scaled_run_equals_unscaled_run(any_backend, device, recipe, base):
-    kw = dict(momentum=0.9, weight_decay=1e-3) if base is torch.optim.SGD else dict(weight_decay=0.01)
+    """RMSprop is not fused: its own step reads p.grad, unscaled in place beforehand."""
+    kw = {
+        torch.optim.SGD: dict(momentum=0.9, weight_decay=1e-3),
+        torch.optim.AdamW: dict(weight_decay=0.01),
+        torch.optim.RMSprop: dict(momentum=0.5),
+    }[base]
     ref_model, model = make_model(0, device), make_model(0, device)
     ref_opt = build(SAM, ref_model, any_backend, base, **kw)
     opt = build(SAM, model, any_backend, base, **kw)
@@ -130,7 +141,16 @@ def test_scaled_run_equals_unscaled_run(any_backend, device, recipe, base):
     assert_bitwise(snapshot(model, opt), snapshot(ref_model, ref_opt), f"{recipe}/{any_backend}")
 
 
-@pytest.mark.parametrize("cls,kw", SCALED_CASES, ids=lambda c: getattr(c, "__name__", ""))
+# the compiled CPU backend takes SAM and interval SAM (whose one-pass steps it unscales too)
+VARIANT_CASES = [
+    pytest.param(_name(b), cls, kw, id=f"{_name(b)}-{cls.__name__}", marks=getattr(b, "marks", ()))
+    for b in ALL_BACKENDS
+    for cls, kw in SCALED_CASES
+    if _name(b) != "cpp" or cls in (SAM, IntervalSAM)
+]
+
+
+@pytest.mark.parametrize("backend,cls,kw", VARIANT_CASES)
 def test_scaled_variants_equal_unscaled(backend, device, cls, kw):
     """Unscaling reaches every use of a gradient: VaSSO's EMA, GSAM's stored first gradient,
     LookSAM's g_v and its one-pass steps, interval SAM's plain steps."""
@@ -144,11 +164,21 @@ def test_scaled_variants_equal_unscaled(backend, device, cls, kw):
     assert_bitwise(snapshot(model, opt), snapshot(ref_model, ref_opt), cls.__name__)
 
 
+def test_scaled_one_pass_steps_through_an_unfused_base(any_backend, device):
+    """Interval SAM's plain steps with RMSprop: the first-pass gradient reaches the base's
+    own step unscaled exactly once, whichever backend unscaled it."""
+    ref_model, model = make_model(13, device), make_model(13, device)
+    ref_opt = build(IntervalSAM, ref_model, any_backend, torch.optim.RMSprop, k=2)
+    opt = build(IntervalSAM, model, any_backend, torch.optim.RMSprop, k=2)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    for step in range(4):
+        x, y = batch(step, device)
+        plain_step(ref_model, ref_opt, x, y)
+        scaled_step(model, opt, scaler, x, y, "scaler.step")
+    assert_bitwise(snapshot(model, opt), snapshot(ref_model, ref_opt), "interval SAM + RMSprop")
+
+
 # the cpp backend runs SAM (VaSSO and GSAM have no compiled kernels: auto sends them elsewhere)
-def _name(b) -> str:
-    return b.values[0] if hasattr(b, "values") else b
-
-
 OVERFLOW_CASES = [
     pytest.param(_name(b), cls, kw, id=f"{_name(b)}-{cls.__name__}", marks=getattr(b, "marks", ()))
     for b in ALL_BACKENDS

@@ -41,6 +41,9 @@ class CppBackend:
 
     name = "cpp"
     device_type = "cpu"
+    # GradScaler's factor is applied to the gradient buffers themselves (the kernels take
+    # true gradients), so nothing downstream may apply it again
+    unscales_in_place = True
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
 
     def __init__(self) -> None:
