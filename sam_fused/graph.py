@@ -108,7 +108,9 @@ class GraphedSAMStep:
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # no cast cache under capture: a cached bf16 copy of a weight would be recorded once
+        # and then go stale as the optimizer updates the weight in place
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=not self.graphs)
 
     def _body(self, x: Tensor, y: Tensor) -> Tensor:
         opt = self.optimizer
