@@ -17,6 +17,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <utility>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -94,6 +96,33 @@ inline void check_status(const at::Tensor& status, const at::Device& device) {
                   status.is_contiguous() &&
                   (status.scalar_type() == at::kFloat || status.scalar_type() == at::kDouble),
               "sam_fused: status must be a contiguous float32/float64 vector of ", kStatusSize, " entries on ", device);
+}
+
+inline void check_steps(const at::Tensor& steps, const at::Device& device) {
+  TORCH_CHECK(steps.device() == device && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
+              "sam_fused: steps must be a contiguous float32 tensor on ", device);
+}
+
+// What every fused update (SGD, Adam) is given, checked alike on both devices: the step
+// counts, the run table, the weights (src, param), the gradient, the optional state buffers
+// (nullptr when absent) and the status vector. Returns the runs.
+inline std::vector<RunSpan> check_update_args(const at::Tensor& src, const at::Tensor& param,
+                                              const at::Tensor& grad, const at::Tensor& steps,
+                                              const at::Tensor& status, const at::Tensor& runs_t,
+                                              std::initializer_list<std::pair<const char*, const at::Tensor*>> state) {
+  const auto device = param.device();
+  const auto dtype = param.scalar_type();
+  const int64_t numel = param.numel();
+  check_steps(steps, device);
+  auto runs = read_runs(runs_t, numel, steps.numel());
+  check_flat(param, "param", dtype, numel, device);
+  check_flat(src, "src", dtype, numel, device);
+  check_flat(grad, "grad", dtype, numel, device);
+  for (const auto& [name, buffer] : state) {
+    if (buffer != nullptr) check_flat(*buffer, name, dtype, numel, device);
+  }
+  check_status(status, device);
+  return runs;
 }
 
 inline void check_partials(const at::Tensor& t, const char* name, int64_t slots, const at::Device& device) {

@@ -371,15 +371,8 @@ void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
   const auto device = param.device();
   TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
   const auto dtype = param.scalar_type();
-  const int64_t n = param.numel();
-  TORCH_CHECK(steps.device() == device && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
-              "sam_fused: steps must be a contiguous float32 CPU tensor");
-  const auto runs = read_runs(runs_t, n, steps.numel());
-  check_flat(param, "param", dtype, n, device);
-  check_flat(src, "src", dtype, n, device);
-  check_flat(grad, "grad", dtype, n, device);
-  if (buf.has_value()) check_flat(*buf, "momentum_buffer", dtype, n, device);
-  check_status(status, device);
+  const auto runs = check_update_args(src, param, grad, steps, status, runs_t,
+                                      {{"momentum_buffer", buf.has_value() ? &*buf : nullptr}});
   const bool skip = check && status_at(status, kStatusBad1) + status_at(status, kStatusBad2) > 0;
   const bool has_momentum = buf.has_value();
   const float* step_counts = steps.data_ptr<float>();
@@ -451,18 +444,10 @@ void adam(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad
   const auto device = param.device();
   TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
   const auto dtype = param.scalar_type();
-  const int64_t n = param.numel();
-  TORCH_CHECK(steps.device() == device && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
-              "sam_fused: steps must be a contiguous float32 CPU tensor");
-  const auto runs = read_runs(runs_t, n, steps.numel());
-  check_flat(param, "param", dtype, n, device);
-  check_flat(src, "src", dtype, n, device);
-  check_flat(grad, "grad", dtype, n, device);
-  check_flat(exp_avg, "exp_avg", dtype, n, device);
-  check_flat(exp_avg_sq, "exp_avg_sq", dtype, n, device);
   const bool amsgrad = max_exp_avg_sq.has_value();
-  if (amsgrad) check_flat(*max_exp_avg_sq, "max_exp_avg_sq", dtype, n, device);
-  check_status(status, device);
+  const auto runs = check_update_args(
+      src, param, grad, steps, status, runs_t,
+      {{"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", amsgrad ? &*max_exp_avg_sq : nullptr}});
   const bool skip = check && status_at(status, kStatusBad1) + status_at(status, kStatusBad2) > 0;
   // per-run bias corrections, in double from the step count as PyTorch does on the host
   const float* step_counts = steps.data_ptr<float>();

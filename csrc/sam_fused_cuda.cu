@@ -416,10 +416,6 @@ void restore(const at::Tensor& param, const at::Tensor& backup, const at::Tensor
   }
 }
 
-void check_steps(const at::Tensor& steps, const at::Device& device) {
-  TORCH_CHECK(steps.device() == device && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
-              "sam_fused: steps must be a contiguous float32 tensor on ", device);
-}
 
 void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
          const std::optional<at::Tensor>& buf, const at::Tensor& steps, const at::Tensor& status,
@@ -429,15 +425,9 @@ void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
   const auto device = param.device();
   const c10::cuda::CUDAGuard guard(device);
   const auto dtype = param.scalar_type();
-  const int64_t numel = param.numel();
-  check_steps(steps, device);
-  const auto runs = read_runs(runs_t, numel, steps.numel());
-  check_flat(param, "param", dtype, numel, device);
-  check_flat(src, "src", dtype, numel, device);
-  check_flat(grad, "grad", dtype, numel, device);
   const bool has_momentum = buf.has_value();
-  if (has_momentum) check_flat(*buf, "momentum_buffer", dtype, numel, device);
-  check_status(status, device);
+  const auto runs = check_update_args(src, param, grad, steps, status, runs_t,
+                                      {{"momentum_buffer", has_momentum ? &*buf : nullptr}});
   const bool status_double = status.scalar_type() == at::kDouble;
   auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   dispatch_dtype(dtype, [&](auto tag) {
@@ -470,17 +460,10 @@ void adam(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad
   const auto device = param.device();
   const c10::cuda::CUDAGuard guard(device);
   const auto dtype = param.scalar_type();
-  const int64_t numel = param.numel();
-  check_steps(steps, device);
-  const auto runs = read_runs(runs_t, numel, steps.numel());
-  check_flat(param, "param", dtype, numel, device);
-  check_flat(src, "src", dtype, numel, device);
-  check_flat(grad, "grad", dtype, numel, device);
-  check_flat(exp_avg, "exp_avg", dtype, numel, device);
-  check_flat(exp_avg_sq, "exp_avg_sq", dtype, numel, device);
   const bool amsgrad = max_exp_avg_sq.has_value();
-  if (amsgrad) check_flat(*max_exp_avg_sq, "max_exp_avg_sq", dtype, numel, device);
-  check_status(status, device);
+  const auto runs = check_update_args(
+      src, param, grad, steps, status, runs_t,
+      {{"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", amsgrad ? &*max_exp_avg_sq : nullptr}});
   const bool status_double = status.scalar_type() == at::kDouble;
   const float weight = static_cast<float>(1.0 - beta1);
   const int decay = weight_decay == 0 ? 0 : (decoupled ? 2 : 1);

@@ -515,7 +515,7 @@ class SAM(torch.optim.Optimizer):
         # scaler.unscale_() and clip_grad_norm_() would
         for bucket, plan in zip(self._buckets, plans):
             factor = None
-            if ctx.unscale and not getattr(bucket.backend, "unscales_in_place", False):
+            if ctx.unscale and not bucket.backend.unscales_in_place:
                 factor = self._status[S.INV_SCALE2]
             if ctx.clip:
                 factor = self._status[S.CLIP] if factor is None else factor * self._status[S.CLIP]

@@ -31,6 +31,7 @@ except ImportError as exc:  # e.g. triton missing, or numpy missing for the inte
         ) from exc
 
 TRITON_SKIP_REASON = f"triton cannot be imported here (environment limitation: {TRITON_ERROR})"
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason=TRITON_SKIP_REASON)
 
 BACKENDS = [
     "reference",

@@ -15,21 +15,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BACKENDS, HAS_TRITON, NEEDS_TRITON
 
 from sam_fused import SAM
 from sam_fused.layout import LayoutError
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-BACKENDS = [
-    "reference",
-    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")),
-]
 
 
 def make_model(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
@@ -354,7 +343,7 @@ def test_skip_nonfinite_false_lets_nan_through(device, backend):
 
 
 # ---------------------------------------------------------------------------- layout
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@NEEDS_TRITON
 def test_flat_layout_keeps_the_model_working(device, tmp_path):
     model = make_model(device)
     expected = copy.deepcopy(model)
@@ -379,7 +368,7 @@ def test_flat_layout_keeps_the_model_working(device, tmp_path):
     assert len(grads) == 1
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@NEEDS_TRITON
 def test_extra_memory_is_one_backup(device):
     model = make_model(device)
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="triton")
@@ -506,7 +495,7 @@ def test_package_works_without_triton():
     assert out.stdout.strip() == f"['{_cpu_auto_backend()}']"
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@NEEDS_TRITON
 def test_steady_state_reuses_the_plan(device, monkeypatch):
     """With SAM.zero_grad() the per-parameter walk runs only while the layout settles."""
     from sam_fused.layout import Bucket

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from _helpers import copy_run_state
+from conftest import NEEDS_TRITON
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,17 +22,6 @@ F64 = torch.float64
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 LOW = (torch.bfloat16, torch.float16)
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-NEEDS_TRITON = pytest.mark.skipif(
-    not HAS_TRITON, reason="triton is not installed in this environment (environment limitation)"
-)
 
 PROPERTY = settings(
     max_examples=20,

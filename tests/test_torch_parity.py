@@ -12,21 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import copy_run_state
+from conftest import NEEDS_TRITON
 
 from sam_fused import SAM
 
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-NEEDS_TRITON = pytest.mark.skipif(
-    not HAS_TRITON, reason="triton is not installed in this environment (environment limitation)"
-)
 
 CONFIGS = {  # name: (class, options of group 0, overrides for group 1)
     "sgd": (SGD, dict(lr=0.1), dict(lr=0.03)),

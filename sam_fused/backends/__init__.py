@@ -2,7 +2,9 @@
 
 Every backend provides the same operations (see :class:`ReferenceBackend`, the
 specification): ``partial_slots``, ``centralize``, ``noise``, ``ascent_stats``, ``perturb``,
-``descent_stats``, ``restore``, ``update``, ``state_sumsq`` and ``advance_steps``.
+``descent_stats``, ``restore``, ``update``, ``state_sumsq`` and ``advance_steps``, and the
+attribute ``unscales_in_place`` (whether GradScaler's factor is applied to the gradient
+buffers themselves, so that nothing downstream applies it again).
 
 * ``reference``: pure PyTorch, parameter by parameter; any device and dtype.
 * ``triton``: fused kernels over flat buffers; CUDA tensors (or CPU tensors when

@@ -187,6 +187,7 @@ class ReferenceBackend:
     """Per-parameter PyTorch implementation of every operation a backend provides."""
 
     name = "reference"
+    unscales_in_place = False  # GradScaler's factor is applied where gradients are read
 
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         return 1

@@ -164,6 +164,7 @@ class ShardedBackend:
     """The reference backend run on each rank's local shards of DTensor parameters."""
 
     name = "reference"  # not fused: parameters stay where FSDP2 put them
+    unscales_in_place = False
 
     def __init__(self) -> None:
         self._inner = ReferenceBackend()

@@ -50,6 +50,7 @@ class TritonBackend:
 
     name = "triton"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    unscales_in_place = False  # the kernels multiply by 1/scale as they read a gradient
 
     def __init__(self) -> None:
         from ..kernels import ascent, descent
