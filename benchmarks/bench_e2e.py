@@ -410,7 +410,7 @@ HEAD = ["workload", "step", "ms/step", "x SGD", "vs per-param", "loss", "note", 
 
 def table(rows: list[Row], wls: dict[str, Workload]) -> str:
     lines = [row_cells(r, wls) for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(HEAD)]
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(HEAD)]
     numeric = {2, 3, 4, 5}
 
     def render(cells: list[str]) -> str:

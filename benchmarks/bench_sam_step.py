@@ -417,7 +417,7 @@ def table(rows: list[Row], labels: dict[str, str]) -> str:
                 fmt(r.gbs, ".0f"),
             )
         )
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(head)]
     left = {0, 1, 2}
 
     def render(cells) -> str:

@@ -51,3 +51,24 @@ def device() -> str:
 def backend(request) -> str:
     """Each SAM backend; triton is skipped only when it cannot be imported."""
     return request.param
+
+
+# SAM_FUSED_RECORD_LAUNCHES=<file>: note every Triton kernel specialization the suite runs
+# through the interpreter, for tests/compile_kernels.py to compile for a real GPU target
+_RECORD_PATH = os.environ.get("SAM_FUSED_RECORD_LAUNCHES")
+_RECORDER = None
+
+
+def pytest_configure(config) -> None:
+    global _RECORDER
+    if _RECORD_PATH and HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+        from launch_recorder import LaunchRecorder
+
+        _RECORDER = LaunchRecorder()
+        _RECORDER.install()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _RECORDER is not None:
+        _RECORDER.uninstall()
+        _RECORDER.write(_RECORD_PATH)

@@ -1,0 +1,99 @@
+"""Record every Triton kernel specialization the test suite launches.
+
+The CPU runs every kernel through the Triton interpreter, which is lenient where the real
+compiler is not (types, constexpr branches, what a block may hold). So that a kernel that
+only the interpreter accepts cannot pass CI, the suite records each distinct launch here
+and ``tests/compile_kernels.py`` compiles every one of them for a GPU target afterwards.
+
+A launch is recorded as what Triton specialises on, not as its values: tensors by dtype
+and 16-byte alignment, integers by the classes the JIT tells apart (== 1, multiple of 16,
+other; 32 or 64 bits), floats and booleans by type, and keyword arguments (the constexprs
+and launch options) exactly. Enabled by ``SAM_FUSED_RECORD_LAUNCHES=<file>`` (see
+``tests/conftest.py``); the file is written when the session ends.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_INT32 = 2**31
+
+
+def describe(value: Any) -> Any:
+    """A JSON-able stand-in for ``value`` that Triton specialises exactly like ``value``."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).removeprefix("torch."), "aligned": value.data_ptr() % 16 == 0}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        base = 0 if -_INT32 <= value < _INT32 else 2**40
+        if value == 1:
+            return 1
+        return {"int": base + (16 if value % 16 == 0 else 7)}
+    if isinstance(value, float):
+        return {"float": 0.5}
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
+
+
+def _is_constexpr(param: inspect.Parameter, tl) -> bool:
+    return param.annotation is tl.constexpr or param.annotation in ("tl.constexpr", "constexpr")
+
+
+class LaunchRecorder:
+    """Wraps the interpreter's launch so each new specialization lands in ``self.launches``."""
+
+    def __init__(self) -> None:
+        self.launches: dict[str, dict] = {}
+        self._original = None
+
+    def install(self) -> None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        original = InterpretedFunction.run
+        recorder = self
+
+        def run(self, *args, grid, warmup, **kwargs):
+            recorder.record(self.fn, args, kwargs)
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        self._original = original
+        InterpretedFunction.run = run
+
+    def uninstall(self) -> None:
+        if self._original is not None:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            InterpretedFunction.run = self._original
+            self._original = None
+
+    def record(self, fn, args: tuple, kwargs: dict) -> None:
+        import triton.language as tl
+
+        params = list(inspect.signature(fn).parameters.values())
+        entry = {
+            "module": fn.__module__,
+            "kernel": fn.__name__,
+            # a constexpr passed by position is kept exactly, like one passed by keyword
+            "args": [a if _is_constexpr(p, tl) else describe(a) for p, a in zip(params, args)],
+            # keyword arguments are the constexprs and launch options: kept exactly
+            "kwargs": dict(sorted(kwargs.items())),
+        }
+        key = json.dumps(entry, sort_keys=True)
+        self.launches.setdefault(key, entry)
+
+    def write(self, path: str | Path) -> None:
+        """Merge into ``path`` (several pytest runs may share one file)."""
+        path = Path(path)
+        known = {}
+        if path.exists():
+            for entry in json.loads(path.read_text()):
+                known[json.dumps(entry, sort_keys=True)] = entry
+        known.update(self.launches)
+        path.write_text(json.dumps([known[k] for k in sorted(known)], indent=0))
