@@ -19,7 +19,8 @@
 #   progress.log     the benchmarks' progress (stderr) and the extension build logs
 #
 # Knobs: PYTHON, CHECK_BUDGET, EXT_TIMEOUT (default 150), TEST_TIMEOUT (default 75),
-# TEST_WORKERS (pytest-xdist processes where xdist is installed; default 8), BENCH_TIMEOUT
+# TEST_WORKERS (pytest-xdist processes where xdist is installed; default 8; pytest-timeout,
+# where installed, stops any one test after 60 s), BENCH_TIMEOUT
 # (default 60), VARIANT_TIMEOUT (default 30), E2E_RESERVE (default 65), GPU_TESTS (the test
 # paths), BENCH_ARGS (extra step-benchmark arguments; default "--quick"; BENCH_ARGS= for the
 # full run), E2E_ARGS, LAUNCHES (a launch record from `bash scripts/test.sh`, default
@@ -113,7 +114,12 @@ print('$kind:', 'available' if info else 'UNAVAILABLE', '(' + info.detail + ')',
   cat "$OUT/.build_cpu" "$OUT/.build_cuda" >>"$progress"
   grep -h -E "^(cpu|cuda):" "$OUT/.build_cpu" "$OUT/.build_cuda" | tee -a "$check"
   rm -f "$OUT/.build_cpu" "$OUT/.build_cuda"
-  if ! grep -q "^cuda: available" "$check"; then
+  if grep -q "^cuda: available" "$check"; then
+    summary+=("extensions: exit 0, cuda backend available")
+  elif grep -q "^cuda: UNAVAILABLE" "$check" && ! grep -q "^cuda: UNAVAILABLE.*build failed" "$check"; then
+    # no CUDA in this torch, no GPU, no nvcc...: an environment limitation, nothing to clean
+    summary+=("extensions: cuda backend NOT available here (see check.txt)")
+  else
     # a killed or failed build: drop torch's lock (a later process would wait on it for
     # good) and let the later parts run without compiled backends instead of rebuilding
     timeout 30 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$check"
@@ -127,9 +133,7 @@ for name in ("sam_fused_cpu", "sam_fused_cuda"):
 EOF
     export SAM_FUSED_NO_BUILD=1
     echo "later parts run with SAM_FUSED_NO_BUILD=1 (see progress.log for the build output)" | tee -a "$check"
-    summary+=("extensions: cuda backend NOT available (see check.txt / progress.log)")
-  else
-    summary+=("extensions: exit 0, cuda backend available")
+    summary+=("extensions: cuda build FAILED or timed out (see check.txt / progress.log)")
   fi
 fi
 
@@ -154,18 +158,23 @@ if timeout 30 "$PYTHON" -c "import pytest" 2>/dev/null; then
     echo "SKIPPED: only $(left) s left" | tee "$OUT/tests.log"
     summary+=("tests: skipped (no time left)")
   else
-    parallel=()
+    extra=()
     if timeout 30 "$PYTHON" -c "import xdist" 2>/dev/null; then
-      parallel=(-n "${TEST_WORKERS:-8}")
+      extra+=(-n "${TEST_WORKERS:-8}")
+    fi
+    if timeout 30 "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then
+      extra+=(--timeout 60)  # one hung test must not take the whole part's time
     fi
     # --maxfail, not -x: the cuda backend's first run on a GPU (tests/test_cpp_backend.py with
     # COMPILED=cuda) must not hide the rest of the suite behind its first failure. Without
     # xdist, what only a GPU can check runs first (CUDA graphs, the cuda backend, fp16
     # scaling on CUDA, Inductor), then the rest while time lasts (pytest drops repeated paths)
+    # -vv (pyproject adds -q): one line per test as it finishes, so a run killed at its limit
+    # still names what failed
     # shellcheck disable=SC2086  # GPU_TESTS is a list of paths on purpose
-    timeout -k 10 "$t" "$PYTHON" -m pytest "${parallel[@]}" ${GPU_TESTS:-tests/test_graph.py \
+    timeout -k 10 "$t" "$PYTHON" -m pytest "${extra[@]}" ${GPU_TESTS:-tests/test_graph.py \
       tests/test_cpp_backend.py tests/test_amp.py tests/test_compile.py tests/test_api.py tests} \
-      -q -rs --maxfail=20 -k "not slow" -p no:cacheprovider 2>&1 |
+      -vv -rs --maxfail=20 -k "not slow" -p no:cacheprovider 2>&1 |
       tee "$OUT/tests.log" | tail -n 25
     rc=$?
     [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s" | tee -a "$OUT/tests.log"
