@@ -16,6 +16,9 @@ from conftest import DEVICE
 from sam_fused import GSAM, SAM
 
 COMPILER = "inductor" if DEVICE == "cuda" else "aot_eager"
+# aot_eager runs the same ATen ops as eager mode; Inductor fuses and reorders float math
+# (its own Triton kernels), so three steps may drift by a few float32 roundings
+TOL = dict(rtol=1e-4, atol=1e-5) if COMPILER == "inductor" else dict(rtol=1e-5, atol=1e-6)
 
 
 def make_model(device: str) -> torch.nn.Module:
@@ -60,9 +63,9 @@ def test_compiled_model_trains_like_the_eager_one(backend, device, cls):
         opt = cls(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, backend=backend)
         losses = [sam_step(forward, opt, *batch(i, device)) for i in range(3)]
         runs.append(([p.detach().clone() for p in model.parameters()], torch.stack(losses)))
-    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[1][1], runs[0][1], **TOL)
     for a, b in zip(runs[1][0], runs[0][0]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def test_compiled_training_step_runs_the_optimizer_eagerly(backend, device):
@@ -79,6 +82,6 @@ def test_compiled_training_step_runs_the_optimizer_eagerly(backend, device):
         step_fn = torch.compile(step, backend=COMPILER) if compiled else step
         losses = [step_fn(*batch(i, device)) for i in range(3)]
         runs.append(([p.detach().clone() for p in model.parameters()], torch.stack(losses)))
-    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[1][1], runs[0][1], **TOL)
     for a, b in zip(runs[1][0], runs[0][0]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **TOL)
