@@ -10,12 +10,13 @@ optimizer's own cost: what ANCHORS.md compares. Implementations:
 * ``triton_noskip``: the same with ``skip_nonfinite=False``, which moves exactly the bytes
   ANCHORS.md counts for the floor;
 * ``cpp``: ``sam_fused.SAM(backend="cpp")``, the compiled C++/OpenMP kernels (CPU tensors);
-* ``cuda``: ``sam_fused.SAM(backend="cuda")``, the compiled CUDA C++ kernels (CUDA tensors).
+* ``cuda``: ``sam_fused.SAM(backend="cuda")``, the compiled CUDA C++ kernels (CUDA tensors);
+  ``cuda_noskip`` the same with ``skip_nonfinite=False`` (the ANCHORS bytes, as ``triton_noskip``).
 
 The compiled rows run only on their own device and only when ``available_backends()``
 reports the extension (built ahead of time or JIT-built on first use); otherwise they are
 skipped with the reason printed. The default list holds the rows that can run on the
-chosen device: ``cuda`` beside ``triton`` on a GPU, ``cpp`` on a CPU.
+chosen device: ``cuda`` and ``cuda_noskip`` beside ``triton`` on a GPU, ``cpp`` on a CPU.
 
 On CUDA every row is timed with ``triton.testing.do_bench`` (median) or, for steps slower
 than 20 ms, a few CUDA-event-timed calls; the floor is ANCHORS' byte count over the
@@ -66,9 +67,10 @@ BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 # perturb reads w, g, writes w, backup (4); restore + SGD reads backup, g, momentum and
 # writes w, momentum (5), restore + AdamW reads backup, g, m, v and writes w, m, v (7)
 FLOOR_ACCESSES = {"sgd": 10, "adamw": 12}
-IMPLS = ("baseline", "reference", "triton", "triton_noskip", "cpp", "cuda")
-COMPILED = ("cpp", "cuda")  # compiled backends: the row's name is the backend's name
-COMPILED_DEVICE = {"cpp": "cpu", "cuda": "cuda"}  # the device type each one runs on
+IMPLS = ("baseline", "reference", "triton", "triton_noskip", "cpp", "cuda", "cuda_noskip")
+# compiled backends: the row's name is the backend's name (a "_noskip" row: skip_nonfinite=False)
+COMPILED = ("cpp", "cuda", "cuda_noskip")
+COMPILED_DEVICE = {"cpp": "cpu", "cuda": "cuda", "cuda_noskip": "cuda"}  # the device type each one runs on
 # a variant row is "<backend>:<variant>", e.g. "triton:vasso" (default skip_nonfinite=True)
 VARIANT_NAMES = tuple(v for v in VARIANTS if v != "sam")
 LABELS = {
@@ -79,6 +81,7 @@ LABELS = {
     "triton_noskip": "sam_fused triton, no skip",
     "cpp": "sam_fused cpp (C++/OpenMP)",
     "cuda": "sam_fused cuda (CUDA C++)",
+    "cuda_noskip": "sam_fused cuda, no skip",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SLOW_MS = 20.0  # steps slower than this are timed with a few CUDA-event calls, not do_bench
@@ -140,7 +143,8 @@ def build(impl: str, params: list[torch.nn.Parameter], base: str) -> torch.optim
         backend, variant = impl.split(":", 1)
         return SAM(params, cls, rho=RHO, backend=backend, variant=variant, **kwargs)
     if impl in COMPILED:
-        return SAM(params, cls, rho=RHO, backend=impl, **kwargs)  # default skip_nonfinite=True
+        backend, skip = impl.removesuffix("_noskip"), not impl.endswith("_noskip")
+        return SAM(params, cls, rho=RHO, backend=backend, skip_nonfinite=skip, **kwargs)
     backend = "reference" if impl == "reference" else "triton"
     return SAM(params, cls, rho=RHO, backend=backend, skip_nonfinite=impl != "triton_noskip", **kwargs)
 
@@ -199,7 +203,7 @@ def impl_bytes(impl: str, base: str, element_size: int) -> float | None:
     """Bytes per element the fused designs move; None for the per-tensor implementations."""
     if impl.startswith("triton:"):
         return variant_accesses(impl.split(":", 1)[1], base) * element_size
-    if impl == "triton_noskip":
+    if impl.endswith("_noskip"):
         return FLOOR_ACCESSES[base] * element_size
     if impl in ("triton", *COMPILED):  # skip_nonfinite re-reads the second gradient once
         return (FLOOR_ACCESSES[base] + 1) * element_size

@@ -134,3 +134,28 @@ def test_tables_render_with_no_rows():
         "GB/s",
     ]
     assert bench_e2e.table([], {}).splitlines()[0].split()[:2] == ["workload", "step"]
+
+
+def test_step_benchmark_cpu_quick_run(tmp_path, capsys, restore_threads):
+    """The main job's benchmark on one small set: every CPU row times, agrees with the
+    per-parameter loop (the benchmark's own check, against an independent implementation),
+    and a row for the other device is skipped with its reason."""
+    from benchmarks import bench_sam_step
+
+    out = tmp_path / "step.json"
+    argv = ["--quick", "--sets", "resnet50", "--base", "sgd,adamw", "--device", "cpu"]
+    argv += ["--impls", "baseline,reference,cpp,cuda_noskip", "--json", str(out)]
+    assert bench_sam_step.main(argv) == 0
+    payload = json.loads(out.read_text())
+    rows = {(r["base"], r["impl"]): r for r in payload["rows"]}
+    for base in ("sgd", "adamw"):
+        for impl in ("baseline", "reference", "cpp"):
+            assert rows[(base, impl)]["ms"] > 0, rows[(base, impl)]
+    assert "cuda" in payload["skipped"]["cuda_noskip"]
+    agreement = payload["agreement"]
+    assert set(agreement) == {"sgd", "adamw"}, agreement
+    assert all(set(per_impl) == {"baseline", "reference", "cpp"} for per_impl in agreement.values())
+    for per_impl in agreement.values():
+        for impl, difference in per_impl.items():
+            assert difference < 1e-5, (impl, difference)
+    assert "skipped sam_fused cuda, no skip" in capsys.readouterr().out
