@@ -17,6 +17,7 @@
 #   bench.json       every step row, written after each row (a killed run keeps what finished)
 #   bench_variants.json, bench_e2e.txt, bench_e2e.json
 #   progress.log     the benchmarks' progress (stderr) and the extension build logs
+# `python -m benchmarks.report $OUT` turns the three JSON files into the README's tables.
 #
 # Knobs: PYTHON, CHECK_BUDGET, EXT_TIMEOUT (default 150), TEST_TIMEOUT (default 75),
 # TEST_WORKERS (pytest-xdist processes where xdist is installed; default 8; pytest-timeout,

@@ -76,6 +76,15 @@ def test_cpu_quick_tiny_run_produces_every_row(tmp_path, capsys, restore_threads
     printed = capsys.readouterr().out
     assert "vs per-param" in printed and "targets (graphed SAM, resnet18_b128)" in printed
 
+    from benchmarks import report  # the README's markdown of the same run
+
+    assert report.main(["--e2e", str(out)]) == 0
+    markdown = capsys.readouterr().out
+    for r in payload["rows"]:
+        cell = f"{r['ms']:.2f}" if r["ms"] is not None else "–"
+        assert f"| {r['workload']} | {r['impl']} | {cell} |" in markdown
+    assert "python -m benchmarks.bench_e2e --device cpu" in markdown
+
 
 def test_time_limit_reports_the_rest_as_not_run(restore_threads, capsys):
     rc = bench_e2e.main(
@@ -159,3 +168,12 @@ def test_step_benchmark_cpu_quick_run(tmp_path, capsys, restore_threads):
         for impl, difference in per_impl.items():
             assert difference < 1e-5, (impl, difference)
     assert "skipped sam_fused cuda, no skip" in capsys.readouterr().out
+
+    # the README's markdown table of the same run: one line per row, the measured times
+    from benchmarks import report
+
+    assert report.main(["--step", str(out)]) == 0
+    markdown = capsys.readouterr().out
+    for r in payload["rows"]:
+        assert f"| {r['set']} | {r['base']} | {r['impl']} | {r['ms']:.3f} |" in markdown
+    assert "--impls baseline,reference,cpp,cuda_noskip" in markdown
