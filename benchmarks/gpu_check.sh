@@ -11,7 +11,8 @@
 # end-to-end benchmark leave it E2E_RESERVE seconds (default 65); it gets what is left.
 #
 # Exactly eight files land in $OUT (the device tool brings back at most eight):
-#   check.txt        versions, toolchain, extension builds, Triton prewarm, and the summary
+#   check.txt        versions, toolchain, extension builds, Triton prewarm, the README's
+#                    markdown tables (benchmarks/report.py) and the summary
 #   tests.log        pytest on CUDA
 #   bench.txt        the step table, then the variant table
 #   bench.json       every step row, written after each row (a killed run keeps what finished)
@@ -232,6 +233,9 @@ else
   [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s (bench_e2e.json holds the rows that finished)" | tee -a "$OUT/bench_e2e.txt"
   summary+=("e2e: exit $rc")
 fi
+
+section "README tables (python -m benchmarks.report)" >>"$check"
+timeout 30 "$PYTHON" -m benchmarks.report "$OUT" >>"$check" 2>&1
 
 section "summary" | tee -a "$check"
 {
