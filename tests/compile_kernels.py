@@ -32,8 +32,6 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch
 
-_TARGET = ("cuda", 90, 32)
-
 
 class _CompileOnlyDriver:
     """Just enough of a Triton driver for ``warmup``: a device, a stream and a target."""
@@ -85,8 +83,8 @@ def _stand_in(desc):
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers and local memory (spills) per thread, read with the cuobjdump that ships
-    inside the triton wheel; empty when it is not there."""
+    """Registers and stack + local memory (spills) per thread, read with the cuobjdump that
+    ships inside the triton wheel; empty when it is not there."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -96,8 +94,8 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
         f.write(cubin)
         f.flush()
         out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
-    return {"regs": int(found[1]), "local": int(found[2])} if found else {}
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return {"regs": int(found[1]), "local": int(found[2]) + int(found[3])} if found else {}
 
 
 def _compile_one(entry: dict) -> tuple[str, float, str | None, dict[str, int]]:
