@@ -25,7 +25,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -189,6 +191,46 @@ def _clear_stale_lock(cpp_extension: Any, name: str) -> None:
         pass
 
 
+def _has_cudart(root: str | os.PathLike) -> bool:
+    return any((Path(root) / folder / "libcudart.so").exists() for folder in ("lib64", "lib"))
+
+
+def _cuda_toolkit_root() -> str | None:
+    """The CUDA toolkit torch will compile and link with, corrected when it is a wrapper's folder.
+
+    torch takes ``CUDA_HOME`` (or ``CUDA_PATH``), else the folder above ``which nvcc``. Where
+    ``nvcc`` on the PATH is a wrapper script (``/usr/local/bin/nvcc`` running the real one,
+    as on our CPU machines), that folder holds no CUDA runtime and the link fails with
+    "cannot find -lcudart". nvcc itself knows its toolkit (``TOP`` in ``nvcc --dryrun``);
+    when the user set neither variable, that folder is used instead.
+    """
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None or _has_cudart(home) or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return home
+    try:
+        probe = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return home
+    found = re.search(r"^#\$ TOP=(.+)$", probe.stdout + probe.stderr, flags=re.MULTILINE)
+    if found is None:
+        return home
+    top = os.path.realpath(found[1].strip())
+    if not _has_cudart(top):
+        return home
+    _log.info("sam_fused: nvcc's toolkit is %s (torch guessed %s from the PATH)", top, home)
+    os.environ["CUDA_HOME"] = top  # for the build's subprocesses
+    cpp_extension.CUDA_HOME = top  # torch's build reads the module global
+    return top
+
+
 def _toolchain_problem(kind: str) -> str | None:
     """What is missing to compile, or None. Puts a pip-installed ninja on PATH first."""
     if shutil.which("ninja") is None:
@@ -209,9 +251,7 @@ def _toolchain_problem(kind: str) -> str | None:
     if shutil.which(compiler) is None and shutil.which("g++") is None:
         return f"no C++ compiler was found ({compiler})"
     if kind == "cuda":
-        from torch.utils.cpp_extension import CUDA_HOME
-
-        if CUDA_HOME is None:
+        if _cuda_toolkit_root() is None:
             return "nvcc was not found (set CUDA_HOME)"
     return None
 

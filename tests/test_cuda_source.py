@@ -113,3 +113,22 @@ def test_every_cuda_kernel_is_there_and_spills_nothing(cuda_object):
     assert len(functions) >= 10, usage
     spilling = [(name, stack, local) for name, _, stack, local in functions if int(local) or int(stack)]
     assert not spilling, f"kernels using local memory or stack: {spilling}"
+
+
+def test_the_cuda_toolkit_is_found_behind_an_nvcc_wrapper(monkeypatch):
+    """torch guesses CUDA_HOME from the folder above ``which nvcc``; where that nvcc is a
+    wrapper script (as on the project's CPU machines) the guess holds no CUDA runtime and
+    the extension's link fails. The loader asks nvcc for its toolkit instead."""
+    from torch.utils import cpp_extension
+
+    from sam_fused import _extension
+
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", "")  # so that monkeypatch restores it after the loader sets it
+    monkeypatch.delenv("CUDA_HOME")
+    guess = str(Path(_nvcc()).resolve().parent.parent)  # what torch derives from the PATH
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", guess)
+    root = _extension._cuda_toolkit_root()
+    assert root is not None and _extension._has_cudart(root), (guess, root)
+    assert (Path(root) / "bin" / "nvcc").is_file(), root
+    assert root == cpp_extension.CUDA_HOME
