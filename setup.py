@@ -47,7 +47,7 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         _say(
             "torch is not importable here (pip's isolated build?): no compiled extensions now; "
@@ -68,7 +68,8 @@ def extensions() -> tuple[list, dict]:
             extra_link_args=flags.CPU_LDFLAGS,
         )
     ]
-    if torch.version.cuda is not None and CUDA_HOME is not None:
+    # the toolkit nvcc belongs to (torch's guess from the PATH can be a wrapper's folder)
+    if torch.version.cuda is not None and flags._cuda_toolkit_root() is not None:
         modules.append(
             CUDAExtension(
                 "sam_fused._C_cuda",
