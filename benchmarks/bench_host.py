@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sam_fused
 
-__all__ = ["CASES", "DeviceOps", "stub_triton_launches"]
+__all__ = ["CASES", "DeviceOps", "intercept_triton_launches", "stub_triton_launches"]
 
 # name -> (class, base optimizer, options)
 CASES: dict[str, tuple[type, type, dict]] = {
@@ -53,14 +53,21 @@ class DeviceOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def stub_triton_launches(launches: list[str]) -> Callable[[], None]:
-    """Replace the interpreter's launch by ``launches.append(kernel name)``; returns the undo."""
+def intercept_triton_launches(on_launch: Callable, run_kernels: bool) -> Callable[[], None]:
+    """Call ``on_launch(kernel_fn, args, kwargs)`` at each interpreted Triton launch, then run
+    the kernel (``run_kernels``) or skip it; returns the function that undoes the patch.
+
+    The one place that patches the interpreter's launch (a private triton API): the launch
+    counters here and ``tests/launch_recorder.py`` both go through it."""
     from triton.runtime.interpreter import InterpretedFunction
 
     original = InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        launches.append(self.fn.__name__)
+        on_launch(self.fn, args, kwargs)
+        if run_kernels:
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return None
 
     InterpretedFunction.run = run
 
@@ -68,6 +75,11 @@ def stub_triton_launches(launches: list[str]) -> Callable[[], None]:
         InterpretedFunction.run = original
 
     return undo
+
+
+def stub_triton_launches(launches: list[str]) -> Callable[[], None]:
+    """Replace the interpreter's launch by ``launches.append(kernel name)``; returns the undo."""
+    return intercept_triton_launches(lambda fn, args, kwargs: launches.append(fn.__name__), run_kernels=False)
 
 
 def build(case: str, n_tensors: int, seed: int = 0) -> sam_fused.SAM:

@@ -19,13 +19,10 @@ import argparse
 import importlib
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 # the real compiler, not the interpreter: decided when triton is first imported
 os.environ.pop("TRITON_INTERPRET", None)
@@ -83,19 +80,16 @@ def _stand_in(desc):
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers and stack + local memory (spills) per thread, read with the cuobjdump that
-    ships inside the triton wheel; empty when it is not there."""
-    import triton
+    """Registers and spilled bytes (stack + local) per thread of one Triton cubin."""
+    from cubin_usage import resource_usage
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.is_file():
-        return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
-    return {"regs": int(found[1]), "local": int(found[2]) + int(found[3])} if found else {}
+        kernels = resource_usage(f.name)
+    if not kernels:
+        return {}
+    return {"regs": kernels[0].regs, "local": kernels[0].spills}
 
 
 def _compile_one(entry: dict) -> tuple[str, float, str | None, dict[str, int]]:

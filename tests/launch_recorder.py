@@ -14,6 +14,7 @@ and launch options) exactly. Enabled by ``SAM_FUSED_RECORD_LAUNCHES=<file>`` (se
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from pathlib import Path
@@ -46,42 +47,37 @@ def _is_constexpr(param: inspect.Parameter, tl) -> bool:
     return param.annotation is tl.constexpr or param.annotation in ("tl.constexpr", "constexpr")
 
 
+@functools.cache
+def _constexpr_positions(fn) -> tuple[bool, ...]:
+    import triton.language as tl
+
+    return tuple(_is_constexpr(p, tl) for p in inspect.signature(fn).parameters.values())
+
+
 class LaunchRecorder:
-    """Wraps the interpreter's launch so each new specialization lands in ``self.launches``."""
+    """Hooks the interpreter's launch so each new specialization lands in ``self.launches``."""
 
     def __init__(self) -> None:
         self.launches: dict[str, dict] = {}
-        self._original = None
+        self._undo = None
 
     def install(self) -> None:
-        from triton.runtime.interpreter import InterpretedFunction
+        from benchmarks.bench_host import intercept_triton_launches
 
-        original = InterpretedFunction.run
-        recorder = self
-
-        def run(self, *args, grid, warmup, **kwargs):
-            recorder.record(self.fn, args, kwargs)
-            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-        self._original = original
-        InterpretedFunction.run = run
+        self._undo = intercept_triton_launches(self.record, run_kernels=True)
 
     def uninstall(self) -> None:
-        if self._original is not None:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            InterpretedFunction.run = self._original
-            self._original = None
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
 
     def record(self, fn, args: tuple, kwargs: dict) -> None:
-        import triton.language as tl
-
-        params = list(inspect.signature(fn).parameters.values())
+        constexpr = _constexpr_positions(fn)
         entry = {
             "module": fn.__module__,
             "kernel": fn.__name__,
             # a constexpr passed by position is kept exactly, like one passed by keyword
-            "args": [a if _is_constexpr(p, tl) else describe(a) for p, a in zip(params, args)],
+            "args": [a if is_const else describe(a) for is_const, a in zip(constexpr, args)],
             # keyword arguments are the constexprs and launch options: kept exactly
             "kwargs": dict(sorted(kwargs.items())),
         }

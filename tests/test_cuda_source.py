@@ -14,7 +14,6 @@ a bandwidth-bound kernel far from its floor).
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sysconfig
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEVICE
+from cubin_usage import cuobjdump, resource_usage
 
 from sam_fused._extension import NVCC_FLAGS
 
@@ -35,15 +35,6 @@ def _nvcc() -> str | None:
     if CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").is_file():
         return str(Path(CUDA_HOME) / "bin" / "nvcc")
     return shutil.which("nvcc")
-
-
-def _cuobjdump() -> Path | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return tool if tool.is_file() else shutil.which("cuobjdump")
 
 
 pytestmark = [
@@ -92,7 +83,7 @@ def cuda_object(tmp_path_factory) -> Path:
 
 
 def test_cuda_source_compiles_for_sm90(cuda_object):
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         assert cuda_object.stat().st_size > 0
         return
@@ -101,17 +92,15 @@ def test_cuda_source_compiles_for_sm90(cuda_object):
 
 
 def test_every_cuda_kernel_is_there_and_spills_nothing(cuda_object):
-    tool = _cuobjdump()
-    if tool is None:
+    functions = resource_usage(cuda_object)
+    if functions is None:
         pytest.skip("cuobjdump is not available here (environment limitation)")
-    usage = subprocess.run([str(tool), "-res-usage", str(cuda_object)], capture_output=True, text=True).stdout
-    functions = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    names = {name for name, *_ in functions}
+    names = {k.name for k in functions}
     # the fused operations of csrc/sam_fused_cuda.cu, each instantiated for its dtypes
     for kernel in ("stats_kernel", "perturb_kernel", "sgd_kernel", "adam_kernel", "advance_steps_kernel"):
         assert any(kernel in name for name in names), f"{kernel} missing from {sorted(names)}"
-    assert len(functions) >= 10, usage
-    spilling = [(name, stack, local) for name, _, stack, local in functions if int(local) or int(stack)]
+    assert len(functions) >= 10, functions
+    spilling = [(k.name, k.stack, k.local) for k in functions if k.local or k.stack]
     assert not spilling, f"kernels using local memory or stack: {spilling}"
 
 
