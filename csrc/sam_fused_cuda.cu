@@ -16,11 +16,25 @@
 
 #include <ATen/core/Tensor.h>
 #include <Python.h>
+#include <torch/library.h>
+
+#ifdef SAM_FUSED_CUDA_EMULATION
+// Tests only (tests/emulated_cuda/): this file compiled as host C++, the kernels run on the
+// CPU with one fiber per CUDA thread, so that CI checks their numbers without a GPU.
+#include "cuda_emulation.h"
+#define SAM_FUSED_LAUNCH(grid, block, stream, ...) ::sam_fused_emulation::launcher(grid, block, stream, __VA_ARGS__)
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
+// kernel<<<grid, block, 0, stream>>>(args), spelled as a macro so that the emulation can take it
+#define SAM_FUSED_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
+
+#ifndef SAM_FUSED_CUDA_OPS
+#define SAM_FUSED_CUDA_OPS sam_fused_cuda  // the torch.ops namespace
+#endif
 
 #include <atomic>
 #include <cmath>
@@ -312,7 +326,12 @@ void with_width(int64_t n, std::initializer_list<const void*> ptrs, const F& f) 
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "sam_fused cuda backend: ", name, " must be a CUDA tensor, got ", t.device());
+#ifdef SAM_FUSED_CUDA_EMULATION
+  const bool on_device = t.is_cpu();  // the emulated kernels read host memory
+#else
+  const bool on_device = t.is_cuda();
+#endif
+  TORCH_CHECK(on_device, "sam_fused cuda backend: ", name, " must be a CUDA tensor, got ", t.device());
 }
 
 template <typename T>
@@ -354,7 +373,7 @@ void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& ru
         dispatch_bool(want && adaptive, [&](auto A) {
           dispatch_bool(want, [&](auto W) {
             const unsigned grid = static_cast<unsigned>(slots);  // one block per partial
-            stats_kernel<T, N, decltype(A)::value, decltype(W)::value><<<grid, kThreads, 0, stream>>>(
+            SAM_FUSED_LAUNCH(grid, kThreads, stream, stats_kernel<T, N, decltype(A)::value, decltype(W)::value>)(
                 g, w, n, static_cast<float>(eta), s_out, b_out, out_double);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
@@ -390,7 +409,7 @@ void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
         constexpr int N = decltype(width)::value;
         const unsigned blocks = elementwise_blocks(n / N, device.index());
         dispatch_bool(adaptive, [&](auto A) {
-          perturb_kernel<T, N, decltype(A)::value><<<blocks, kThreads, 0, stream>>>(
+          SAM_FUSED_LAUNCH(blocks, kThreads, stream, perturb_kernel<T, N, decltype(A)::value>)(
               w, g, b, status.data_ptr(), status_double, n, static_cast<float>(rho), static_cast<float>(eta),
               static_cast<float>(norm_eps), normalized, check);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -440,7 +459,7 @@ void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
       T* b = has_momentum ? ptr_at<T>(*buf, r.start) : nullptr;
       with_width<T>(n, {s, w, g, b}, [&](auto width) {
         constexpr int N = decltype(width)::value;
-        sgd_kernel<T, N><<<elementwise_blocks(n / N, device.index()), kThreads, 0, stream>>>(
+        SAM_FUSED_LAUNCH(elementwise_blocks(n / N, device.index()), kThreads, stream, sgd_kernel<T, N>)(
             s, w, g, b, steps.data_ptr<float>() + r.first, status.data_ptr(), status_double, n,
             static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(one_minus_dampening),
             static_cast<float>(weight_decay), weight_decay != 0, has_momentum, nesterov && has_momentum,
@@ -480,7 +499,7 @@ void adam(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad
       T* vmax = amsgrad ? ptr_at<T>(*max_exp_avg_sq, r.start) : nullptr;
       with_width<T>(n, {s, w, g, m, v, vmax}, [&](auto width) {
         constexpr int N = decltype(width)::value;
-        adam_kernel<T, N><<<elementwise_blocks(n / N, device.index()), kThreads, 0, stream>>>(
+        SAM_FUSED_LAUNCH(elementwise_blocks(n / N, device.index()), kThreads, stream, adam_kernel<T, N>)(
             s, w, g, m, v, vmax, steps.data_ptr<float>() + r.first, status.data_ptr(), status_double, n, lr,
             beta1, beta2, weight, std::fabs(weight) < 0.5f, static_cast<float>(1.0 - beta2),
             static_cast<float>(eps), static_cast<float>(weight_decay),
@@ -505,10 +524,9 @@ void advance_steps(const at::Tensor& steps, const at::Tensor& mask, const at::Te
   if (n == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
-  advance_steps_kernel<<<blocks, kThreads, 0, stream>>>(steps.data_ptr<float>(), mask.data_ptr<float>(),
-                                                        status.data_ptr(),
-                                                        status.scalar_type() == at::kDouble, n, check,
-                                                        count_skip);
+  SAM_FUSED_LAUNCH(blocks, kThreads, stream, advance_steps_kernel)(
+      steps.data_ptr<float>(), mask.data_ptr<float>(), status.data_ptr(), status.scalar_type() == at::kDouble, n,
+      check, count_skip);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -518,5 +536,5 @@ std::vector<int64_t> constants() { return {kAbiVersion, kCudaStatsChunk, kCudaMa
 }  // namespace
 }  // namespace sam_fused
 
-SAM_FUSED_REGISTER_OPS(sam_fused_cuda)
+SAM_FUSED_REGISTER_OPS(SAM_FUSED_CUDA_OPS)
 SAM_FUSED_PYTHON_MODULE("sam_fused CUDA backend (operations in torch.ops.sam_fused_cuda)")

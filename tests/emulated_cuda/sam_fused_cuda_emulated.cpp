@@ -1,0 +1,6 @@
+// The CUDA backend's source, compiled as host C++ against tests/emulated_cuda/cuda_emulation.h:
+// the same host code and kernels, registered as torch.ops.sam_fused_cuda_emulated so that
+// it never collides with the real extension on a GPU machine.
+#define SAM_FUSED_CUDA_EMULATION 1
+#define SAM_FUSED_CUDA_OPS sam_fused_cuda_emulated
+#include "sam_fused_cuda.cu"
