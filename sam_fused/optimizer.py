@@ -161,6 +161,11 @@ class SAM(torch.optim.Optimizer):
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated first; a refused group changes nothing)."""
+        if getattr(self, "_perturbed", None) is not None or getattr(self, "_noised", False):
+            raise RuntimeError(
+                "add_param_group() between first_step() and second_step() is not allowed: the "
+                "weights are perturbed. Add the group after second_step()."
+            )
         params = param_group["params"]
         param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
         _check_params(param_group["params"])

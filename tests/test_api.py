@@ -203,6 +203,27 @@ def test_add_param_group_and_per_group_rho(device, backend):
     assert any(not torch.equal(p.detach(), b) for p, b in zip(layers[2].parameters(), moving, strict=True))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_param_group_mid_step_is_refused_and_changes_nothing(device, backend):
+    model = make_model(device)
+    layers = [model[0], model[2], model[4]]
+    opt = SAM([*layers[0].parameters(), *layers[1].parameters()], torch.optim.SGD, lr=0.1, backend=backend)
+    x, y = batch(device, 0)
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    groups = [dict(g) for g in opt.param_groups]
+    with pytest.raises(RuntimeError, match=r"add_param_group\(\) between first_step\(\) and second_step\(\)"):
+        opt.add_param_group({"params": layers[2].parameters()})
+    assert [dict(g) for g in opt.param_groups] == groups and len(opt.param_groups) == 1
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), perturbed, strict=True))
+    loss_of(model, x, y).backward()
+    opt.second_step(zero_grad=True)  # the step finishes as if nothing had been asked
+    opt.add_param_group({"params": layers[2].parameters()})  # and then the group is welcome
+    manual_step(model, opt, *batch(device, 1))
+    assert len(opt.param_groups) == 2
+
+
 def test_empty_param_group_is_accepted(device):
     model = make_model(device)
     opt = SAM([{"params": []}, {"params": model.parameters()}], lr=0.1)
