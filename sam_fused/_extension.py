@@ -69,12 +69,23 @@ class BackendInfo:
 class _Extension:
     """One compiled library: found, built or refused once per process, then cached."""
 
-    def __init__(self, kind: str, module: str, jit_name: str, namespace: str, sources: list[str]) -> None:
+    def __init__(
+        self,
+        kind: str,
+        module: str,
+        jit_name: str,
+        namespace: str,
+        sources: list[str],
+        source_dir: Path = CSRC,
+        cflags: list[str] | None = None,
+    ) -> None:
         self.kind = kind  # "cpp" or "cuda": the backend name users see
         self.module = module
         self.jit_name = jit_name
         self.namespace = namespace
         self.sources = sources
+        self.source_dir = source_dir  # csrc/, or tests/emulated_cuda/ for the emulated CUDA build
+        self.cflags = cflags if cflags is not None else (CPU_CFLAGS if kind == "cpp" else CUDA_CFLAGS)
         self._lock = threading.Lock()
         self._done = False
         self._ops: Any = None
@@ -137,9 +148,11 @@ class _Extension:
         return f"prebuilt extension {self.module}"
 
     def _build(self) -> str | None:
-        missing = [s for s in self.sources if not (CSRC / s).is_file()]
+        missing = [s for s in self.sources if not (self.source_dir / s).is_file()]
         if missing:
-            return self._fail(f"its sources are not in {CSRC} (installed without csrc/ and without a build)")
+            return self._fail(
+                f"its sources are not in {self.source_dir} (installed without csrc/ and without a build)"
+            )
         reason = _toolchain_problem(self.kind)
         if reason is not None:
             return self._fail(reason)
@@ -150,9 +163,9 @@ class _Extension:
         try:
             cpp_extension.load(
                 name=self.jit_name,
-                sources=[str(CSRC / s) for s in self.sources],
-                extra_include_paths=[str(CSRC)],
-                extra_cflags=CPU_CFLAGS if self.kind == "cpp" else CUDA_CFLAGS,
+                sources=[str(self.source_dir / s) for s in self.sources],
+                extra_include_paths=list(dict.fromkeys([str(CSRC), str(self.source_dir)])),
+                extra_cflags=self.cflags,
                 extra_ldflags=CPU_LDFLAGS if self.kind == "cpp" else [],
                 extra_cuda_cflags=NVCC_FLAGS,
                 is_python_module=True,

@@ -12,42 +12,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sam_fused._extension import CPU_CFLAGS, CSRC, _Extension, _toolchain_problem
+from sam_fused._extension import CPU_CFLAGS, _Extension
 from sam_fused.backends import CudaBackend
 
 HERE = Path(__file__).resolve().parent / "emulated_cuda"
 NAME = "sam_fused_cuda_emulated"
 
-
-class _EmulatedExtension(_Extension):
-    """Built from tests/ on first use; no prebuilt module and no CUDA needed."""
-
-    def _precondition(self) -> str | None:
-        return None
-
-    def _build(self) -> str | None:
-        reason = _toolchain_problem("cpp")
-        if reason is not None:
-            return self._fail(reason)
-        from torch.utils import cpp_extension
-
-        try:
-            cpp_extension.load(
-                name=NAME,
-                sources=[str(HERE / f"{NAME}.cpp")],
-                extra_include_paths=[str(CSRC), str(HERE)],
-                # the CPU extension's float flags (no FMA contraction), without OpenMP
-                extra_cflags=[f for f in CPU_CFLAGS if f != "-fopenmp"],
-                is_python_module=True,
-                verbose=False,
-            )
-        except Exception as exc:  # a compiler error: the emulated source does not build
-            detail = str(exc).strip().splitlines()
-            return self._fail(f"the build failed: {detail[0] if detail else type(exc).__name__}")
-        return f"JIT build {NAME} (torch extensions cache)"
-
-
-_EXTENSION = _EmulatedExtension("cuda-emulated", f"{NAME}_prebuilt_never", NAME, NAME, [])
+# Built from tests/ on first use (never prebuilt; no CUDA needed), with the CPU extension's
+# float flags (no FMA contraction) but without OpenMP: the emulation is single-threaded.
+_EXTENSION = _Extension(
+    "cuda-emulated",
+    f"{NAME}_prebuilt_never",
+    NAME,
+    NAME,
+    [f"{NAME}.cpp"],
+    source_dir=HERE,
+    cflags=[f for f in CPU_CFLAGS if f != "-fopenmp"],
+)
 
 
 class EmulatedCudaBackend(CudaBackend):
