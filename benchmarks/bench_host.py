@@ -48,7 +48,12 @@ class DeviceOps(TorchDispatchMode):
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.__name__ not in ("detach.default", "alias.default"):
+        # views and the profiler's range markers launch nothing
+        if (
+            not func.is_view
+            and func.__name__ not in ("detach.default", "alias.default")
+            and func.namespace != "profiler"
+        ):
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 

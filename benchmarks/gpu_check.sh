@@ -167,15 +167,15 @@ if timeout 30 "$PYTHON" -c "import pytest" 2>/dev/null; then
     if timeout 30 "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then
       extra+=(--timeout 60)  # one hung test must not take the whole part's time
     fi
-    # --maxfail, not -x: the cuda backend's first run on a GPU (tests/test_cpp_backend.py with
-    # COMPILED=cuda) must not hide the rest of the suite behind its first failure. Without
+    # --maxfail, not -x: the cuda backend's first run on a GPU (tests/test_backend_ops.py, which
+    # runs every fused backend there) must not hide the rest of the suite behind its first failure. Without
     # xdist, what only a GPU can check runs first (CUDA graphs, the cuda backend, fp16
     # scaling on CUDA, Inductor), then the rest while time lasts (pytest drops repeated paths)
     # -vv (pyproject adds -q): one line per test as it finishes, so a run killed at its limit
     # still names what failed
     # shellcheck disable=SC2086  # GPU_TESTS is a list of paths on purpose
     timeout -k 10 "$t" "$PYTHON" -m pytest "${extra[@]}" ${GPU_TESTS:-tests/test_graph.py \
-      tests/test_cpp_backend.py tests/test_amp.py tests/test_compile.py tests/test_api.py tests} \
+      tests/test_backend_ops.py tests/test_amp.py tests/test_compile.py tests/test_api.py tests} \
       -vv -rs --maxfail=20 -k "not slow" -p no:cacheprovider 2>&1 |
       tee "$OUT/tests.log" | tail -n 25
     rc=$?

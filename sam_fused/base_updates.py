@@ -1,10 +1,13 @@
-"""Which base-optimizer updates sam_fused fuses with the weight restore, and their settings.
+"""The base-optimizer updates sam_fused fuses with the weight restore: a registry.
 
 The fused backends do not call ``torch.optim.SGD.step`` or ``torch.optim.AdamW.step``:
-they apply the same update inside the kernel that restores the weights. This module reads
-a param group of the user's base optimizer and says whether that is possible and with
-which numbers; anything it does not recognise falls back to "restore, then the base
-optimizer's own ``step()``".
+they apply the same update inside the kernel that restores the weights. Each entry of the
+registry is a *spec* class: it reads a param group of the user's base optimizer
+(``from_group``), names the per-parameter state it keeps under torch.optim's key names
+(``state_names``) and holds the reference math of one parameter's update
+(``reference_update``), which the reference backend runs and every kernel is tested
+against. A base optimizer class that is not in :data:`REGISTRY` runs its own ``step()``
+after the restore (the generic path).
 
 The update rules (PyTorch's exact semantics, math in float32 or wider):
 
@@ -25,42 +28,25 @@ Adam / AdamW (``lr, betas, eps, weight_decay, amsgrad, maximize``), step count `
     v = beta2 * v + (1 - beta2) * g * g
     v_max = max(v_max, v) if amsgrad
     w = w - (lr / (1 - beta1^t)) * m / (sqrt(v or v_max) / sqrt(1 - beta2^t) + eps)
+
+A new fused base update is a spec class here (with its registry line), its kernel in
+``kernels/descent.py`` and its launcher in ``backends/triton.py``; backends that lack it
+say so through their capabilities, and groups using it run the generic path there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["AdamSpec", "BaseSpec", "SGDSpec", "base_spec_for", "state_names"]
+__all__ = ["REGISTRY", "AdamSpec", "BaseSpec", "SGDSpec", "spec_for"]
 
 
-@dataclass(frozen=True)
-class SGDSpec:
-    lr: float | Tensor  # a one-element tensor stays one (LR schedulers fill it in place)
-    momentum: float
-    dampening: float
-    weight_decay: float
-    nesterov: bool
-    maximize: bool
-
-
-@dataclass(frozen=True)
-class AdamSpec:
-    lr: float | Tensor
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    amsgrad: bool
-    maximize: bool
-    decoupled: bool  # True for AdamW: decay multiplies w instead of joining g
-
-
-BaseSpec = SGDSpec | AdamSpec | None  # None: restore, then the base optimizer's step()
+class _NotFusable(Exception):
+    pass
 
 
 def _scalar(value: Any, name: str) -> float:
@@ -87,46 +73,142 @@ def _lr(value: Any) -> float | Tensor:
     return float(value)
 
 
-class _NotFusable(Exception):
-    pass
+class BaseSpec:
+    """A fused base update read from one param group (one frozen dataclass per update)."""
+
+    name: ClassVar[str]
+    # True: the update count is exposed as torch.optim's state["step"] (Adam's bias correction)
+    counts_steps: ClassVar[bool] = False
+    lr: float | Tensor
+
+    def state_names(self) -> tuple[str, ...]:
+        """The per-parameter state tensors the update keeps, under torch.optim's names."""
+        return self.names_for_group(vars(self))
+
+    @classmethod
+    def names_for_group(cls, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state names for a param group (also where the group cannot be fused)."""
+        raise NotImplementedError
+
+    def reference_update(
+        self, w: Tensor, d: Tensor, state: dict[str, Tensor], step: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One parameter's update: new ``w`` and new state, from ``d`` at update count ``step``
+        (the number of earlier updates; the state holds zeros where it is fresh)."""
+        raise NotImplementedError
 
 
-def base_spec_for(base: torch.optim.Optimizer, group: dict[str, Any]) -> BaseSpec:
-    """The fused update for ``group`` of ``base``, or None when it must run ``base.step()``."""
-    kind = type(base)
+@dataclass(frozen=True)
+class SGDSpec(BaseSpec):
+    lr: float | Tensor  # a one-element tensor stays one (LR schedulers fill it in place)
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+    name: ClassVar[str] = "sgd"
+
+    @classmethod
+    def from_group(cls, base: type, group: dict[str, Any]) -> SGDSpec:
+        return cls(
+            lr=_lr(group["lr"]),
+            momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]),
+            weight_decay=float(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group.get("maximize", False)),
+        )
+
+    @classmethod
+    def names_for_group(cls, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def reference_update(self, w, d, state, step):
+        if self.maximize:
+            d = -d
+        if self.weight_decay != 0:
+            d = d + self.weight_decay * w
+        if self.momentum == 0:
+            return w - self.lr * d, {}
+        buf = torch.where(step == 0, d, self.momentum * state["momentum_buffer"] + (1 - self.dampening) * d)
+        d = d + self.momentum * buf if self.nesterov else buf
+        return w - self.lr * d, {"momentum_buffer": buf}
+
+
+@dataclass(frozen=True)
+class AdamSpec(BaseSpec):
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    decoupled: bool  # True for AdamW: decay multiplies w instead of joining g
+    name: ClassVar[str] = "adam"
+    counts_steps: ClassVar[bool] = True
+
+    @classmethod
+    def from_group(cls, base: type, group: dict[str, Any]) -> AdamSpec:
+        beta1, beta2 = group["betas"]
+        return cls(
+            lr=_lr(group["lr"]),
+            beta1=_scalar(beta1, "beta1"),
+            beta2=_scalar(beta2, "beta2"),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            amsgrad=bool(group.get("amsgrad", False)),
+            maximize=bool(group.get("maximize", False)),
+            decoupled=base is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False)),
+        )
+
+    @classmethod
+    def names_for_group(cls, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad", False) else ())
+
+    def reference_update(self, w, d, state, step):
+        if self.maximize:
+            d = -d
+        if self.weight_decay != 0:
+            if self.decoupled:
+                w = w * (1 - self.lr * self.weight_decay)
+            else:
+                d = d + self.weight_decay * w
+        m = torch.lerp(state["exp_avg"], d, 1 - self.beta1)
+        v = self.beta2 * state["exp_avg_sq"] + (1 - self.beta2) * d * d
+        t = (step + 1).to(torch.float64)
+        bias_correction1 = 1 - self.beta1**t
+        bias_correction2_sqrt = (1 - self.beta2**t).sqrt().to(w.dtype)
+        step_size = (self.lr / bias_correction1).to(w.dtype)
+        new = {"exp_avg": m, "exp_avg_sq": v}
+        if self.amsgrad:
+            v = new["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], v)
+        denom = v.sqrt() / bias_correction2_sqrt + self.eps
+        return w - step_size * (m / denom), new
+
+
+# torch.optim classes whose update sam_fused runs itself (exact classes: a subclass may
+# override step(), so it runs its own)
+REGISTRY: dict[type, type[BaseSpec]] = {
+    torch.optim.SGD: SGDSpec,
+    torch.optim.Adam: AdamSpec,
+    torch.optim.AdamW: AdamSpec,
+}
+
+
+def spec_for(base: type, group: dict[str, Any]) -> tuple[BaseSpec | None, str | None]:
+    """The fused update for ``group`` of an optimizer of class ``base``, and why not.
+
+    Returns ``(spec, None)`` when the update can be fused, ``(None, reason)`` when the
+    base optimizer's own ``step()`` must run (an unknown class, a differentiable group, a
+    hyperparameter that cannot be read without a device sync).
+    """
+    spec_class = REGISTRY.get(base)
+    if spec_class is None:
+        return None, f"{base.__name__} is not one of the updates sam_fused fuses (SGD, Adam, AdamW)"
     if group.get("differentiable", False):
-        return None
+        return None, "the group is differentiable"
     try:
-        if kind is torch.optim.SGD:
-            return SGDSpec(
-                lr=_lr(group["lr"]),
-                momentum=float(group["momentum"]),
-                dampening=float(group["dampening"]),
-                weight_decay=float(group["weight_decay"]),
-                nesterov=bool(group["nesterov"]),
-                maximize=bool(group.get("maximize", False)),
-            )
-        if kind is torch.optim.AdamW or kind is torch.optim.Adam:
-            beta1, beta2 = group["betas"]
-            return AdamSpec(
-                lr=_lr(group["lr"]),
-                beta1=_scalar(beta1, "beta1"),
-                beta2=_scalar(beta2, "beta2"),
-                eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
-                amsgrad=bool(group.get("amsgrad", False)),
-                maximize=bool(group.get("maximize", False)),
-                decoupled=kind is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False)),
-            )
-    except _NotFusable:
-        return None
-    return None
-
-
-def state_names(spec: BaseSpec) -> tuple[str, ...]:
-    """The per-parameter state tensors an update keeps, under torch.optim's key names."""
-    if isinstance(spec, SGDSpec):
-        return ("momentum_buffer",) if spec.momentum != 0 else ()
-    if isinstance(spec, AdamSpec):
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if spec.amsgrad else ())
-    return ()
+        return spec_class.from_group(base, group), None
+    except _NotFusable as exc:
+        return None, str(exc)

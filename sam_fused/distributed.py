@@ -14,7 +14,7 @@ gradient hooks when gradient sync is on); putting only ``backward()`` inside
 
 Nothing here needs an initialised process group to import. FSDP2 (``fully_shard``) needs
 nothing from this module either: the optimizer finds the DTensor parameters and sums the
-norm over their shards itself (see ``sam_fused/backends/sharded.py``).
+norm over their shards itself (see ``sam_fused/sharding.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import status as S
-from .backends.sharded import is_dtensor
+from .layout import is_dtensor
 
 if TYPE_CHECKING:
     from .optimizer import SAM
@@ -115,7 +115,7 @@ def agree_on_skip(optimizer: SAM, model: nn.Module) -> None:
     ddp = _ddp(model)
     if ddp is None or not optimizer.skip_nonfinite:
         return
-    torch.distributed.all_reduce(optimizer._status[S.BAD1 : S.BAD1 + 1], group=ddp.process_group)
+    torch.distributed.all_reduce(optimizer._engine.status[S.BAD1 : S.BAD1 + 1], group=ddp.process_group)
 
 
 def sam_step(

@@ -39,7 +39,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base_updates import base_spec_for
 from .batchnorm import frozen_bn_stats
 from .optimizer import SAM
 
@@ -93,7 +92,7 @@ class GraphedSAMStep:
         self.autocast_dtype = autocast_dtype
         self.freeze_bn_stats = bool(freeze_bn_stats)
         self.graphs = bool(graphs)
-        self.device = optimizer._device
+        self.device = optimizer._engine.device
         self._graph: Any = None
         self.static_loss: Tensor | None = None
         if not self.graphs:
@@ -149,18 +148,17 @@ class GraphedSAMStep:
             raise ValueError(
                 "RSAM draws its noise on the host each step and cannot be captured; graphs=False"
             )
-        if opt.variant.every_option:
+        if opt.variant.periodic:
             raise ValueError(
                 f"{opt.variant.name} decides on the host which kind of step runs (every "
-                f"{opt.variant.every_option} steps), so one graph cannot replay it; graphs=False"
+                "k steps), so one graph cannot replay it; graphs=False"
             )
-        for index, group in enumerate(opt.param_groups):
-            if base_spec_for(opt.base_optimizer, group) is None:
-                raise ValueError(
-                    f"param group {index}: {type(opt.base_optimizer).__name__} with these options is not "
-                    "fused by sam_fused, and its own step would synchronise with the host; use "
-                    "torch.optim.SGD, Adam or AdamW, or graphs=False"
-                )
+        if opt._engine.fused_specs() is None:
+            raise ValueError(
+                f"{type(opt.base_optimizer).__name__} with these options is not fused by sam_fused "
+                f"({opt._engine.step.extra['generic_reason']}), and its own step would synchronise "
+                "with the host; use torch.optim.SGD, Adam or AdamW, or graphs=False"
+            )
         bad = sorted({name for name in opt.backends if name not in CAPTURABLE_BACKENDS})
         if bad:
             raise ValueError(
@@ -200,7 +198,7 @@ class GraphedSAMStep:
 def _move_hyperparameters_to_device(opt: SAM, device: torch.device) -> None:
     """Make each group's lr and rho a one-element float32 tensor on ``device``."""
     for group in opt.param_groups:
-        for key in ("lr", "rho"):
+        for key in ("lr", opt._engine.keys["rho"]):
             value = group[key]
             if isinstance(value, Tensor) and value.device == device and value.numel() == 1:
                 continue
@@ -209,28 +207,34 @@ def _move_hyperparameters_to_device(opt: SAM, device: torch.device) -> None:
 
 def _snapshot(model: torch.nn.Module, opt: SAM) -> dict[str, Any]:
     """Copies of what warm-up steps may change besides the weights (kept by lr = 0). On the
-    Triton backend all optimizer state lives in the buckets' flat buffers."""
+    Triton backend all optimizer state lives in the buckets' flat buffers and counts."""
+    engine = opt._engine
     return {
         "buffers": [b.detach().clone() for b in model.buffers()],
-        "state": [{k: v.clone() for k, v in b.state_flat.items()} for b in opt._buckets],
-        "steps": [b.steps.clone() for b in opt._buckets],
-        "status": opt._status.clone(),
-        "step_index": opt._step_index,
+        "state": [{k: v.clone() for k, v in b.state_flat.items()} for b in engine.buckets],
+        "counts": [(b.steps.clone(), b.vsteps.clone()) for b in engine.buckets],
+        "status": engine.status.clone(),
+        "step_index": engine.step.step_index,
     }
 
 
 def _restore(model: torch.nn.Module, opt: SAM, saved: dict[str, Any]) -> None:
     """Put back, in place, what :func:`_snapshot` copied; state that the warm-up created
     (first momentum buffers, Adam moments) goes back to zero, as a fresh optimizer's."""
+    engine = opt._engine
     with torch.no_grad():
         for buf, value in zip(model.buffers(), saved["buffers"]):
             buf.copy_(value)
-        for bucket, state, steps in zip(opt._buckets, saved["state"], saved["steps"]):
+        for bucket, state, (steps, vsteps) in zip(engine.buckets, saved["state"], saved["counts"]):
             for name, buf in bucket.state_flat.items():
                 if name in state:
                     buf.copy_(state[name])
                 else:
                     buf.zero_()
             bucket.steps.copy_(steps)
-        opt._status.copy_(saved["status"])
-    opt._step_index = saved["step_index"]
+            bucket.vsteps.copy_(vsteps)
+            bucket.counts_moved()
+            # the update classes the warm-up split stay split: a finer split is still exact,
+            # and recomputing them would read the counts on the host (no sync before capture)
+        engine.status.copy_(saved["status"])
+    engine.step.step_index = saved["step_index"]

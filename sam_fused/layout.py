@@ -1,17 +1,26 @@
-"""Parameter buckets and the flat-buffer layout the fused kernels run over.
+"""Parameter buckets: the flat-buffer layout the fused kernels run over, and every bucket's storage.
 
-A *bucket* is the parameters of one param group with one dtype. A fused bucket moves its
-parameters into one contiguous buffer: each ``p.data`` becomes a view of it, so the model
-keeps working (``model.state_dict()``, ``load_state_dict``, ``torch.save``) and nothing is
-stored twice. Gradients are gathered once into a flat gradient buffer and ``p.grad`` is
-re-pointed to views of it, so the next backward pass accumulates straight into the buffer.
-Each parameter starts at a multiple of :data:`ALIGN` elements (zero padding between them),
-which keeps every kernel pointer 16-byte aligned.
+A *bucket* is the parameters of one param group with one (real) dtype. A **flat** bucket
+moves its parameters into one contiguous buffer: each ``p.data`` becomes a view of it, so
+the model keeps working (``model.state_dict()``, ``load_state_dict``, ``torch.save``) and
+nothing is stored twice. Gradients are gathered once into a flat gradient buffer and
+``p.grad`` is re-pointed to views of it, so the next backward pass accumulates straight
+into the buffer. Each parameter starts at a multiple of :data:`ALIGN` elements (zero padding
+between them), which keeps every kernel pointer 16-byte aligned. A parameter whose storage
+sam_fused must not move (a slice of a larger tensor, shared memory, a storage another tensor
+also uses, a DTensor shard) goes to a **per-parameter** bucket instead: nothing is re-pointed
+and the math runs tensor by tensor. A complex parameter is optimized as its real view
+(``torch.view_as_real``), as torch.optim does.
+
+A bucket owns its optimizer state (``opt.state`` only shows it, see ``state.py``): the flat
+state buffers (or per-parameter tensors), and two update counters per parameter on the
+device, ``steps`` (base-optimizer updates that kept state: Adam's ``t``, SGD's "first
+update") and ``vsteps`` (updates of the variant's running state). They live on the device
+so that a skipped step leaves them alone without a host sync.
 
 Every step builds (or reuses) a :class:`Plan`: which parameters take part (those with a
 gradient) cut into :class:`Run` objects, contiguous spans of the buffer that one kernel
-launch covers. A Python loop over thousands of parameters on every step would cost more
-than the kernels, so the plan is cached and a step checks in O(1) that nothing moved:
+launch covers. The plan is cached and a step checks in O(1) that nothing moved:
 
 * the reference counts of the parameter and gradient storages are unchanged (setting a
   ``p.grad`` to None or moving a parameter to another tensor drops a reference);
@@ -24,12 +33,14 @@ the buffer, and builds a new plan. See ``docs/design.md`` for what that check ca
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ALIGN", "Bucket", "LayoutError", "Plan", "Run"]
+__all__ = ["ALIGN", "Bucket", "LayoutError", "Plan", "Run", "flat_layout_refusal", "is_dtensor"]
 
 ALIGN = 16  # elements; 16 fp16 elements = 32 bytes, so every run start is 16-byte aligned
 
@@ -48,22 +59,52 @@ def _use_count(t: Tensor) -> int:
     return _STORAGE_USE_COUNT(t.untyped_storage()._cdata)
 
 
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (no import: none can exist before torch.distributed.tensor is)."""
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and isinstance(t, cls)
+
+
+def real(t: Tensor) -> Tensor:
+    """``t`` itself, or its real view ``(..., 2)`` when it is complex."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def _is_dense(p: Tensor) -> bool:
     """Whether ``p`` covers exactly ``numel`` consecutive elements (in some dim order)."""
     if p.is_contiguous():
         return True
-    dims = sorted((s, n) for s, n in zip(p.stride(), p.shape) if n != 1)
     expected = 1
-    for stride, size in dims:
+    for stride, size in sorted((s, n) for s, n in zip(p.stride(), p.shape) if n != 1):
         if stride != expected:
             return False
         expected *= size
     return True
 
 
+def flat_layout_refusal(p: Tensor) -> str | None:
+    """Why ``p`` cannot move into a flat buffer (re-pointing its storage), or None."""
+    if is_dtensor(p):
+        return "it is a DTensor (FSDP2), whose local shards FSDP2 owns"
+    # two references: the parameter's own and the temporary that asks; more means another
+    # tensor aliases this storage and would silently stop seeing the parameter's values
+    aliased = _use_count(p) > 2
+    view = real(p.detach())
+    whole = p.storage_offset() == 0 and p.untyped_storage().nbytes() == view.numel() * view.element_size()
+    if not (_is_dense(view) and whole):
+        return "it is a view of a larger tensor (a slice): re-pointing it would cut it off from that tensor"
+    if p.device.type == "cpu" and p.is_shared():
+        return "it is in shared memory (model.share_memory()), which must stay shared"
+    if aliased:
+        return "another tensor shares its storage and would stop seeing its values"
+    return None
+
+
 def _dense_view(flat: Tensor, start: int, like: Tensor) -> Tensor:
-    """A view of ``flat[start:start + like.numel()]`` with ``like``'s shape and strides."""
-    return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + start)
+    """A view of ``flat[start:start + n]`` shaped and strided like ``like`` (complex too)."""
+    shape = real(like)
+    view = flat.as_strided(shape.shape, shape.stride(), flat.storage_offset() + start)
+    return torch.view_as_complex(view) if like.is_complex() else view
 
 
 @dataclass
@@ -71,7 +112,7 @@ class Run:
     """A contiguous span of a bucket that one kernel launch covers.
 
     ``first`` is the index of the span's first parameter; every parameter in a run has the
-    same update count, so the kernels read it once, from ``steps[first]``.
+    same update counts, so the kernels read them once, from ``steps[first]``.
     """
 
     start: int
@@ -94,6 +135,7 @@ class Plan:
     mask: Tensor | None = None  # float 0/1 per parameter, on the device (built lazily)
     rows: tuple | None = None  # gradient-centralization row table (built lazily)
     complement: list[Run] | None = None  # runs over the parameters left out (built lazily)
+    cache: dict[str, Any] = field(default_factory=dict)  # what a backend derives from the plan
 
     @property
     def empty(self) -> bool:
@@ -106,145 +148,196 @@ class Bucket:
     Attributes:
         params: the parameters, in group order.
         group_index: which ``param_groups`` entry they belong to.
-        fused: whether they live in a flat buffer (the Triton backend needs that).
+        flat: whether they live in a flat buffer (the fused backends need that).
         backend: the backend object that runs this bucket's math.
-        steps: float32 per-parameter count of base-optimizer updates applied, on the
-            device (device-resident so that a skipped step can leave it unchanged without
-            a host sync). Adam's ``state['step']`` entries are 0-d views of it.
+        steps, vsteps: float32 per-parameter update counts on the device (see above).
+            Adam's ``state['step']`` entries are 0-d views of ``steps``.
     """
 
-    def __init__(self, params: list[Tensor], group_index: int, fused: bool, backend) -> None:
+    def __init__(self, params: list[Tensor], group_index: int, flat: bool, backend) -> None:
         self.params = params
         self.group_index = group_index
-        self.fused = fused
+        self.flat = flat
         self.backend = backend
-        self.device = params[0].device
-        self.dtype = params[0].dtype
+        self.sharded = is_dtensor(params[0])
+        local = [self._local(p) for p in params]
+        self.device = local[0].device
+        self.dtype = local[0].dtype  # the real dtype the math and the flat buffers use
+        self.param_dtypes = tuple(p.dtype for p in params)
+        self.numels = [v.numel() for v in local]
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
+        self.vsteps = torch.zeros_like(self.steps)
+        self.extra: list[dict[Any, Any]] = [{} for _ in params]  # state of a base sam_fused does not fuse
+        # entries written from outside a step (torch's own step, a checkpoint, opt.state): they
+        # exist even while their count is 0, as torch.optim's do right after initialization
+        self.written = [bytearray(len(params)), bytearray(len(params))]  # base, variant
+        self._tensors: dict[str, list[Tensor | None]] = {}  # per-parameter storage (state, scratch)
         self.state_flat: dict[str, Tensor] = {}
         self.backup_flat: Tensor | None = None
-        self.backups: list[Tensor | None] = [None] * len(params)  # reference buckets
-        self._scratch: dict[str, list[Tensor | None]] = {}  # reference buckets' per-step tensors
+        # update classes: parameters with equal update histories share an id, so their
+        # counts are equal and one run can cover them
+        self.update_class: list[int] = [0] * len(params)
+        self.last_update_key: bytes | None = None
+        self._reset_caches()
+        if flat:
+            self._flatten()
+
+    def _reset_caches(self) -> None:
         self._plan: Plan | None = None
         self._watch: list[Tensor] = []  # parameters the plan left out
         self._expected_counts: tuple[int, int] = (-1, -1)
-        # update classes: parameters with equal update histories share an id, so their
-        # step counts are equal and one run can cover them
-        self.update_class: list[int] = [0] * len(params)
-        self.last_update_key: bytes | None = None
-        if fused:
-            self._flatten()
+        self._valid_index: Tensor | None = None
+        self._host_counts: tuple[list[float], list[float]] | None = None
+        self._recount = False  # counts were set from outside: update classes are due
+        self.cache: dict[str, Any] = {}  # what a backend derives from the bucket (device scalars)
+
+    def _local(self, t: Tensor) -> Tensor:
+        """The tensor the math runs on: the local shard of a DTensor, the real view of a complex."""
+        return real(t.to_local() if self.sharded else t)
 
     # ------------------------------------------------------------------ flat layout
     def _flatten(self) -> None:
         offsets, total = [], 0
-        for p in self.params:
+        for n in self.numels:
             offsets.append(total)
-            total += -(-p.numel() // ALIGN) * ALIGN
+            total += -(-n // ALIGN) * ALIGN
         self.offsets = offsets
         self.total = max(total, ALIGN)
         flat = torch.zeros(self.total, dtype=self.dtype, device=self.device)
-        for p, off in zip(self.params, offsets):
-            view = _dense_view(flat, off, p)
-            view.copy_(p.detach())
-            p.data = view
+        for i, p in enumerate(self.params):
+            _dense_view(flat, offsets[i], p).copy_(p.detach())
         self.param_flat = flat
         self.grad_flat = torch.zeros_like(flat)
+        self._attach_params()
+
+    def _attach_params(self) -> None:
+        for i, p in enumerate(self.params):
+            p.data = _dense_view(self.param_flat, self.offsets[i], p)
+        size = self.param_flat.element_size()
         self.param_ptrs = [p.data_ptr() for p in self.params]
-        self.grad_ptrs = [self.grad_flat.data_ptr() + off * flat.element_size() for off in offsets]
+        self.grad_ptrs = [self.grad_flat.data_ptr() + off * size for off in self.offsets]
 
     def flat_buffer(self, name: str) -> Tensor:
-        """A zero-initialised flat state buffer (allocated on first use)."""
+        """A zero-initialised flat buffer (allocated on first use)."""
         buf = self.state_flat.get(name)
         if buf is None:
-            buf = torch.zeros_like(self.param_flat)
-            self.state_flat[name] = buf
+            buf = self.state_flat[name] = torch.zeros_like(self.param_flat)
         return buf
-
-    def state_view(self, name: str, index: int) -> Tensor:
-        """Parameter ``index``'s slice of flat state buffer ``name``, shaped like it."""
-        return _dense_view(self.flat_buffer(name), self.offsets[index], self.params[index])
-
-    def scratch(self, name: str) -> list[Tensor | None]:
-        """Per-parameter per-step tensors of a reference bucket (first grad, RSAM noise)."""
-        return self._scratch.setdefault(name, [None] * len(self.params))
-
-    def valid_index(self) -> Tensor:
-        """Flat indices of the real (non-padding) elements, in parameter order (cached)."""
-        index = getattr(self, "_valid_index", None)
-        if index is None:
-            parts = [
-                torch.arange(off, off + p.numel(), device=self.device)
-                for p, off in zip(self.params, self.offsets)
-            ]
-            index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=self.device)
-            self._valid_index = index
-        return index
-
-    def row_table(self, plan: Plan) -> tuple[Tensor, Tensor, list[int]]:
-        """Gradient centralization rows of the plan: (starts, lengths, loose params).
-
-        A contiguous parameter of two or more dimensions has ``shape[0]`` rows of
-        ``numel / shape[0]`` consecutive elements. Parameters of another memory layout
-        (``loose``) are centralized one by one.
-        """
-        table = getattr(plan, "rows", None)
-        if table is None:
-            starts: list[int] = []
-            lengths: list[int] = []
-            loose: list[int] = []
-            for i in plan.indices:
-                p = self.params[i]
-                if p.dim() <= 1 or p.numel() == 0:
-                    continue
-                if not p.is_contiguous():
-                    loose.append(i)
-                    continue
-                n_rows = p.shape[0]
-                row = p.numel() // n_rows
-                starts.extend(range(self.offsets[i], self.offsets[i] + n_rows * row, row))
-                lengths.extend([row] * n_rows)
-            table = (
-                torch.tensor(starts, dtype=torch.int64, device=self.device),
-                torch.tensor(lengths, dtype=torch.int32, device=self.device),
-                loose,
-            )
-            plan.rows = table
-        return table
-
-    def complement_runs(self, plan: Plan) -> list[Run]:
-        """Runs over the parameters the plan leaves out (RSAM restores their noise)."""
-        runs = getattr(plan, "complement", None)
-        if runs is None:
-            taking = set(plan.indices)
-            runs = []
-            for i, p in enumerate(self.params):
-                if i in taking:
-                    continue
-                start = self.offsets[i]
-                stop = start + -(-p.numel() // ALIGN) * ALIGN
-                if runs and runs[-1].stop == start:
-                    runs[-1].stop = stop
-                else:
-                    runs.append(Run(start, stop, i))
-            for run in runs:
-                run.views["param"] = self.param_flat[run.start : run.stop]
-            plan.complement = runs
-        return runs
 
     def backup_buffer(self) -> Tensor:
         if self.backup_flat is None:
             self.backup_flat = torch.empty_like(self.param_flat)
         return self.backup_flat
 
+    def valid_index(self) -> Tensor:
+        """Flat indices of the real (non-padding) elements, in parameter order (cached)."""
+        if self._valid_index is None:
+            parts = [torch.arange(o, o + n, device=self.device) for o, n in zip(self.offsets, self.numels)]
+            self._valid_index = (
+                torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=self.device)
+            )
+        return self._valid_index
+
+    def run_view(self, run: Run, name: str) -> Tensor:
+        """The slice of flat buffer ``name`` that ``run`` covers (cached on the run)."""
+        view = run.views.get(name)
+        if view is None:
+            source = self.backup_buffer() if name == "backup" else self.flat_buffer(name)
+            view = run.views[name] = source[run.start : run.stop]
+        return view
+
+    # ------------------------------------------------------------------ per-parameter access
+    def weight(self, i: int) -> Tensor:
+        """Parameter ``i`` as the math sees it (detached; local shard; real view)."""
+        return self._local(self.params[i].detach())
+
+    def grad(self, i: int) -> Tensor | None:
+        g = self.params[i].grad
+        return None if g is None else self._local(g)
+
+    def state_tensor(self, name: str, i: int) -> Tensor:
+        """Parameter ``i``'s slice of state ``name`` (zeros where it was never written)."""
+        if self.flat:
+            return _dense_view(self.flat_buffer(name), self.offsets[i], real(self.params[i].detach()))
+        held = self.tensors(name)[i]
+        if held is None:
+            held = self.tensors(name)[i] = torch.zeros_like(self.weight(i))
+        return held
+
+    def store_state(self, name: str, i: int, value: Tensor) -> None:
+        """Write ``value`` into state ``name`` of parameter ``i`` (in place where it exists)."""
+        held = self.state_tensor(name, i) if self.flat else self.tensors(name)[i]
+        if held is None:
+            self.tensors(name)[i] = value.to(self.dtype, copy=True)
+        else:
+            held.copy_(value)
+
+    def clear_state(self, name: str, i: int) -> None:
+        """State ``name`` of parameter ``i`` is fresh again: zeros."""
+        if self.flat:
+            if name in self.state_flat:
+                self.state_tensor(name, i).zero_()
+        elif name in self._tensors:
+            self._tensors[name][i] = None
+
+    def tensors(self, name: str) -> list[Tensor | None]:
+        """Per-parameter tensors ``name`` of a per-parameter bucket (state, backups, scratch)."""
+        return self._tensors.setdefault(name, [None] * len(self.params))
+
+    # ------------------------------------------------------------------ counts
+    def host_counts(self) -> tuple[list[float], list[float]]:
+        """``steps`` and ``vsteps`` on the host (one sync, cached until they change)."""
+        if self._host_counts is None:
+            self._host_counts = (self.steps.tolist(), self.vsteps.tolist())
+        return self._host_counts
+
+    def counts_moved(self) -> None:
+        """The device counts changed in a way that keeps the update classes exact."""
+        self._host_counts = None
+
+    def counts_set(self) -> None:
+        """The counts were set from outside a step (a checkpoint, ``opt.state`` edits, torch's
+        own step): before the next plan, equal counts form an update class again."""
+        self._host_counts = None
+        self._recount = True
+
+    def _classes_from_counts(self) -> None:
+        steps, vsteps = self.host_counts()
+        ids: dict[tuple[float, float], int] = {}
+        self.update_class = [ids.setdefault(c, len(ids)) for c in zip(steps, vsteps)]
+        self.last_update_key = None
+        self._plan = None
+        self._recount = False
+
+    def note_update(self, plan: Plan) -> None:
+        """Refine the update classes after an update with ``plan`` (host-side, cheap).
+
+        Parameters that took part and those that did not can no longer share a count, so
+        they stop sharing a class. Repeating the same plan changes nothing, so the steady
+        state does no work here.
+        """
+        self._host_counts = None
+        if plan.key == self.last_update_key:
+            return
+        classes_before = len(set(self.update_class))
+        relabel: dict[tuple[int, int], int] = {}
+        self.update_class = [
+            relabel.setdefault((cls, took), len(relabel)) for cls, took in zip(self.update_class, plan.key)
+        ]
+        self.last_update_key = plan.key
+        if len(relabel) != classes_before:
+            self._plan = None  # a class split: runs must be cut again
+
     # ------------------------------------------------------------------ plans
     def plan(self) -> Plan:
         """The plan for this pass; raises LayoutError/ValueError before changing anything."""
-        if self.fused:
+        if self._recount:
+            self._classes_from_counts()
+        if self.flat:
             if self._plan is not None and self._intact():
                 return self._plan
-            return self._rebuild_fused_plan()
-        return self._reference_plan()
+            return self._rebuild_flat_plan()
+        return self._per_parameter_plan()
 
     def _intact(self) -> bool:
         """The O(1) check that the cached plan still describes the parameters."""
@@ -256,20 +349,23 @@ class Bucket:
         for i in (plan.indices[0], plan.indices[-1]) if plan.indices else ():
             p = self.params[i]
             g = p.grad
-            if g is None or g.is_sparse or g.data_ptr() != self.grad_ptrs[i]:
-                return False
-            if p.data_ptr() != self.param_ptrs[i]:
+            if (
+                g is None
+                or g.is_sparse
+                or g.data_ptr() != self.grad_ptrs[i]
+                or p.data_ptr() != self.param_ptrs[i]
+            ):
                 return False
         return all(p.grad is None for p in self._watch)
 
     def _check_param(self, i: int, p: Tensor) -> None:
-        moved = p.device != self.device or p.dtype != self.dtype
-        if moved or (self.fused and p.data_ptr() != self.param_ptrs[i]):
+        moved = p.device != self.device or p.dtype != self.param_dtypes[i]
+        if moved or (self.flat and p.data_ptr() != self.param_ptrs[i]):
             raise LayoutError(
                 f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) is no "
                 f"longer the tensor the optimizer was built on: it is now {p.dtype} on "
-                f"{p.device}, was {self.dtype} on {self.device}. This happens when the model is "
-                "moved or cast (model.to(), .half(), .cuda()) or p.data is replaced after the "
+                f"{p.device}, was {self.param_dtypes[i]} on {self.device}. This happens when the model "
+                "is moved or cast (model.to(), .half(), .cuda()) or p.data is replaced after the "
                 "optimizer was created; create the SAM optimizer after moving the model."
             )
 
@@ -286,16 +382,20 @@ class Bucket:
                 f"{p.dtype}{list(p.shape)} on {p.device}"
             )
 
-    def _rebuild_fused_plan(self) -> Plan:
+    def _taking_part(self, check_all: bool) -> list[int]:
         # validate everything first: a refused step must change nothing
         taking_part = []
         for i, p in enumerate(self.params):
             self._check_param(i, p)
             g = p.grad
             if g is not None:
-                if g.is_sparse or g.data_ptr() != self.grad_ptrs[i]:
+                if check_all or g.is_sparse or g.data_ptr() != self.grad_ptrs[i]:
                     self._check_grad(i, p, g)
                 taking_part.append(i)
+        return taking_part
+
+    def _rebuild_flat_plan(self) -> Plan:
+        taking_part = self._taking_part(check_all=False)
         # gather foreign gradients into the flat buffer and attach views
         for i in taking_part:
             p = self.params[i]
@@ -303,13 +403,17 @@ class Bucket:
                 view = _dense_view(self.grad_flat, self.offsets[i], p)
                 view.copy_(p.grad)
                 p.grad = view
-        key = bytes(1 if p.grad is not None else 0 for p in self.params)
-        plan = Plan(key, tuple(taking_part), self._runs(taking_part))
-        self._make_run_views(plan)
+        plan = Plan(self._key(), tuple(taking_part), self._runs(taking_part))
+        for run in plan.runs:  # cached once per plan: per-step launches then create no tensors
+            run.views["param"] = self.param_flat[run.start : run.stop]
+            run.views["grad"] = self.grad_flat[run.start : run.stop]
         self._plan = plan
         self._watch = [p for p in self.params if p.grad is None]
         self._expected_counts = (_use_count(self.param_flat), _use_count(self.grad_flat))
         return plan
+
+    def _key(self) -> bytes:
+        return bytes(0 if p.grad is None else 1 for p in self.params)
 
     def _runs(self, taking_part: list[int]) -> list[Run]:
         """Cut the taking-part parameters into maximal spans of equal update class."""
@@ -317,7 +421,7 @@ class Bucket:
         prev = None
         for i in taking_part:
             start = self.offsets[i]
-            stop = start + -(-self.params[i].numel() // ALIGN) * ALIGN
+            stop = start + -(-self.numels[i] // ALIGN) * ALIGN
             cls = self.update_class[i]
             if runs and prev is not None and prev[0] == i - 1 and prev[1] == cls:
                 runs[-1].stop = stop
@@ -326,63 +430,60 @@ class Bucket:
             prev = (i, cls)
         return runs
 
-    def _make_run_views(self, plan: Plan) -> None:
-        # cached once per plan: per-step kernel launches then create no tensors
-        for run in plan.runs:
-            run.views["param"] = self.param_flat[run.start : run.stop]
-            run.views["grad"] = self.grad_flat[run.start : run.stop]
+    def _per_parameter_plan(self) -> Plan:
+        taking_part = self._taking_part(check_all=True)
+        return Plan(self._key(), tuple(taking_part), [])
 
-    def run_view(self, run: Run, name: str) -> Tensor:
-        """The slice of flat buffer ``name`` that ``run`` covers (cached on the run)."""
-        view = run.views.get(name)
-        if view is None:
-            source = self.backup_buffer() if name == "backup" else self.flat_buffer(name)
-            view = source[run.start : run.stop]
-            run.views[name] = view
-        return view
+    def complement_runs(self, plan: Plan) -> list[Run]:
+        """Runs over the parameters the plan leaves out (cached on the plan)."""
+        if plan.complement is None:
+            taking, runs = set(plan.indices), []
+            for i, n in enumerate(self.numels):
+                if i in taking:
+                    continue
+                start = self.offsets[i]
+                stop = start + -(-n // ALIGN) * ALIGN
+                if runs and runs[-1].stop == start:
+                    runs[-1].stop = stop
+                else:
+                    runs.append(Run(start, stop, i))
+            plan.complement = runs
+        return plan.complement
 
-    def _reference_plan(self) -> Plan:
-        taking_part = []
-        for i, p in enumerate(self.params):
-            self._check_param(i, p)
-            g = p.grad
-            if g is not None:
-                self._check_grad(i, p, g)
-                taking_part.append(i)
-        key = bytes(0 if p.grad is None else 1 for p in self.params)
-        return Plan(key, tuple(taking_part), [])
+    def row_table(self, plan: Plan) -> tuple[Tensor, Tensor, list[int]]:
+        """Gradient centralization rows of the plan: (starts, lengths, loose params).
+
+        A contiguous parameter of two or more dimensions has ``shape[0]`` rows of
+        ``numel / shape[0]`` consecutive elements. Parameters of another memory layout
+        (``loose``) are centralized one by one.
+        """
+        if plan.rows is None:
+            starts: list[int] = []
+            lengths: list[int] = []
+            loose: list[int] = []
+            for i in plan.indices:
+                w = real(self.params[i].detach())
+                if w.dim() <= 1 or w.numel() == 0:
+                    continue
+                if not w.is_contiguous():
+                    loose.append(i)
+                    continue
+                n_rows = w.shape[0]
+                row = w.numel() // n_rows
+                starts.extend(range(self.offsets[i], self.offsets[i] + n_rows * row, row))
+                lengths.extend([row] * n_rows)
+            plan.rows = (
+                torch.tensor(starts, dtype=torch.int64, device=self.device),
+                torch.tensor(lengths, dtype=torch.int32, device=self.device),
+                loose,
+            )
+        return plan.rows
 
     def mask_of(self, plan: Plan) -> Tensor:
         """The plan's participation as a float 0/1 tensor on the device (cached)."""
         if plan.mask is None:
             plan.mask = torch.tensor(list(plan.key), dtype=torch.float32, device=self.device)
         return plan.mask
-
-    def note_update(self, plan: Plan) -> None:
-        """Refine the update classes after an update with ``plan`` (host-side, cheap).
-
-        Parameters that took part and those that did not can no longer share a step
-        count, so they stop sharing a class. Repeating the same plan changes nothing, so
-        the steady state does no work here.
-        """
-        if plan.key == self.last_update_key:
-            return
-        classes_before = len(set(self.update_class))
-        relabel: dict[tuple[int, int], int] = {}
-        self.update_class = [
-            relabel.setdefault((cls, took), len(relabel)) for cls, took in zip(self.update_class, plan.key)
-        ]
-        self.last_update_key = plan.key
-        if len(relabel) != classes_before:
-            self._plan = None  # a class split: runs must be cut again
-
-    def reset_classes_from_steps(self) -> None:
-        """After loading a checkpoint: equal step counts form a class."""
-        values = self.steps.tolist()
-        ids: dict[float, int] = {}
-        self.update_class = [ids.setdefault(v, len(ids)) for v in values]
-        self.last_update_key = None
-        self._plan = None
 
     # ------------------------------------------------------------------ gradients
     def zero_grad(self, set_to_none: bool | None) -> None:
@@ -391,8 +492,7 @@ class Bucket:
             for p in self.params:
                 p.grad = None
             return
-        attached = self.fused and self._plan is not None and self._intact()
-        if attached:
+        if self.flat and self._plan is not None and self._intact():
             self.grad_flat.zero_()
             return
         for p in self.params:
@@ -403,3 +503,29 @@ class Bucket:
                 else:
                     g.requires_grad_(False)
                 g.zero_()
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        # addresses, plans and host caches are derived: a copy computes its own
+        state = self.__dict__.copy()
+        derived = (
+            "_plan",
+            "_watch",
+            "_expected_counts",
+            "_valid_index",
+            "_host_counts",
+            "cache",
+            "param_ptrs",
+            "grad_ptrs",
+        )
+        for name in derived:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
+        if self.flat:
+            # copy.deepcopy and pickle give the parameters storages of their own: point them
+            # into this bucket's flat buffer again (it holds the same values)
+            self._attach_params()

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from .options import rho_key
+
 __all__ = [
     "SEED_PAPER_SCHEDULES",
     "ConstantRho",
@@ -109,12 +111,15 @@ class RhoScheduler:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, exclude: tuple[int, ...] = ()) -> None:
+        self.key = rho_key(optimizer)  # "sam_rho" where the base optimizer has a rho of its own
         for i, group in enumerate(optimizer.param_groups):
-            if "rho" not in group:
-                raise ValueError(f"param group {i} has no 'rho': a radius schedule needs a SAM optimizer")
+            if self.key not in group:
+                raise ValueError(
+                    f"param group {i} has no {self.key!r}: a radius schedule needs a SAM optimizer"
+                )
         self.optimizer = optimizer
         self.exclude = tuple(exclude)
-        self.base_rhos = [float(group["rho"]) for group in optimizer.param_groups]  # read once
+        self.base_rhos = [float(group[self.key]) for group in optimizer.param_groups]  # read once
         self.last_step = 0
         self._apply()
 
@@ -125,19 +130,19 @@ class RhoScheduler:
         for i, (group, base) in enumerate(zip(self.optimizer.param_groups, self.base_rhos, strict=True)):
             if i not in self.exclude:
                 value = float(self.rho(i, base, group))
-                if not value >= 0:
+                if not 0 <= value < math.inf:
                     raise ValueError(f"{type(self).__name__} produced rho={value} for group {i}")
-                if isinstance(group["rho"], torch.Tensor):
-                    group["rho"].fill_(value)  # a device-resident rho (CUDA graphs) keeps its storage
+                if isinstance(group[self.key], torch.Tensor):
+                    group[self.key].fill_(value)  # a device-resident rho (CUDA graphs) keeps its storage
                 else:
-                    group["rho"] = value
+                    group[self.key] = value
 
     def step(self) -> None:
         self.last_step += 1
         self._apply()
 
     def get_last_rho(self) -> list[float]:
-        return [float(group["rho"]) for group in self.optimizer.param_groups]
+        return [float(group[self.key]) for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "optimizer"}

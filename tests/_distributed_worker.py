@@ -184,7 +184,7 @@ def run_fsdp(rank: int) -> dict[str, Any]:
         for x, y in data:
             loss_fn(model(x), y).backward()
             if opt.first_step(zero_grad=True):
-                norms.append(float(opt._status[S.SUMSQ].sqrt()))
+                norms.append(float(opt._engine.status[S.SUMSQ].sqrt()))
                 loss_fn(model(x), y).backward()
                 opt.second_step(zero_grad=True)
         key = f"fsdp/{variant}/{base}/{backend}"

@@ -1,8 +1,14 @@
-"""Shared fixtures: the test device and the backend parametrization.
+"""Shared fixtures: the test device and the backends each test runs on.
 
 ``SAM_FUSED_TEST_DEVICE`` picks the device (default ``cpu``; ``cuda`` on a GPU machine).
 On the CPU the Triton backend runs its kernels through the Triton interpreter, which must
-be switched on before triton is first imported, hence the environment line at the top.
+be switched on before triton is first imported, hence the environment line at the top;
+and the ``cuda`` backend runs its own source built as host C++ against an emulation of
+the CUDA runtime (``tests/emulated_cuda/``), installed for the tests that ask for it.
+
+``BACKENDS`` (reference, triton) parametrize the general suites. ``ALL_BACKENDS`` adds the
+compiled ones; :func:`backends_for` keeps those whose declared capabilities accept a
+variant and dtype, so a table of cases runs on every backend that says it can run it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ if DEVICE != "cuda":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import sam_fused.backends as backends_module  # noqa: E402
+from sam_fused._extension import NO_BUILD_ENV  # noqa: E402
+from sam_fused.variants import VARIANTS, Variant  # noqa: E402
 
 try:
     import triton  # noqa: F401
@@ -30,13 +40,108 @@ except ImportError as exc:  # e.g. triton missing, or numpy missing for the inte
             "the Triton kernels would go untested"
         ) from exc
 
+
+
+def _interpreter_rounds_bfloat16_to_nearest_even() -> None:
+    """The Triton interpreter converts float32 to bfloat16 by truncation (and its "rtne"
+    mode rounds half up without carrying into the exponent), and flushes bfloat16
+    subnormals to zero on the way back; GPUs round to nearest even and widen exactly, as
+    torch does. Tests compare kernels with torch bit for bit, so the interpreter gets the
+    hardware's conversions here. (float16 goes through numpy, which already does both.)"""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):
+        rtz = rounding_mode is not None and rounding_mode != interpreter._ir.ROUNDING_MODE.RTNE
+        if input_dtype.primitive_bitwidth == 32 and output_dtype.name == "bf16" and not rtz:
+            bits = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            nan = np.isnan(np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.float32))
+            rounded[nan] = 0x7FC0
+            return rounded.reshape(np.shape(data))
+        if input_dtype.name == "bf16" and output_dtype.primitive_bitwidth == 32:  # exact: the upper half
+            bits = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint16).astype(np.uint32)
+            return (bits << 16).reshape(np.shape(data))
+        return original(data, input_dtype, output_dtype, rounding_mode)
+
+    interpreter._convert_float = convert
+
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_rounds_bfloat16_to_nearest_even()
+
 TRITON_SKIP_REASON = f"triton cannot be imported here (environment limitation: {TRITON_ERROR})"
 NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason=TRITON_SKIP_REASON)
+BUILDS = os.environ.get(NO_BUILD_ENV, "0") in ("", "0")
 
 BACKENDS = [
     "reference",
     pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason=TRITON_SKIP_REASON)),
 ]
+
+
+def _compiled() -> dict[str, type]:
+    """The compiled backends this process runs: cpp on the CPU, cuda (emulated on the CPU)."""
+    found: dict[str, type] = {}
+    if DEVICE == "cuda":
+        if backends_module.CudaBackend.info():
+            found["cuda"] = backends_module.CudaBackend
+        return found
+    if backends_module.CppBackend.info():
+        found["cpp"] = backends_module.CppBackend
+    from emulated_cuda_backend import EmulatedCudaBackend
+
+    if EmulatedCudaBackend.info():
+        found["cuda"] = EmulatedCudaBackend
+    return found
+
+
+COMPILED = _compiled()  # builds the extensions on first use (cached across runs)
+FUSED_BACKENDS = (["triton"] if HAS_TRITON else []) + list(COMPILED)
+ALL_BACKENDS = ["reference", *FUSED_BACKENDS]
+_CLASSES = {
+    "reference": backends_module.ReferenceBackend,
+    "triton": backends_module.TritonBackend,
+    **COMPILED,
+}
+
+
+def supports(name: str, variant: str | Variant = "sam", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether backend ``name`` declares it runs ``variant`` with ``dtype`` on the test device."""
+    variant = VARIANTS[variant] if isinstance(variant, str) else variant
+    return _CLASSES[name].capabilities.refusal(torch.device(DEVICE), dtype, variant) is None
+
+
+def backends_for(
+    variant: str | Variant = "sam", dtype: torch.dtype = torch.float32, fused_only: bool = False
+):
+    """The backends (pytest params) that declare support for ``variant`` and ``dtype``."""
+    names = FUSED_BACKENDS if fused_only else ALL_BACKENDS
+    return [name for name in names if supports(name, variant, dtype)]
+
+
+def backend_instance(name: str):
+    """The backend object ``name`` as the optimizer gets it in a test (the emulated cuda one on the CPU)."""
+    cls = _CLASSES[name]
+    if name == "cuda" and DEVICE != "cuda":
+        instance = backends_module._INSTANCES.get("cuda")
+        return instance if isinstance(instance, cls) else cls()
+    return backends_module.get_backend(name)
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda(request, monkeypatch):
+    """A test parametrized with backend/fused "cuda" on the CPU gets the emulated library
+    wherever the optimizer asks for backend="cuda"."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if DEVICE != "cuda" and "cuda" in (params.get("backend"), params.get("fused")):
+        if "cuda" not in COMPILED:
+            if BUILDS:
+                pytest.fail("the emulated CUDA library did not build")
+            pytest.skip(f"{NO_BUILD_ENV} is set: nothing is compiled")
+        monkeypatch.setitem(backends_module._INSTANCES, "cuda", backend_instance("cuda"))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ backend's Python class pointed at them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from sam_fused._extension import CPU_CFLAGS, _Extension
@@ -36,6 +37,9 @@ class EmulatedCudaBackend(CudaBackend):
 
     name = "cuda"  # the cuda backend as users name it; only the library differs
     device_type = "cpu"
+    capabilities = replace(
+        CudaBackend.capabilities, device_types={"cpu"}
+    )  # the emulated kernels read host memory
 
     @classmethod
     def extension(cls) -> _Extension:

@@ -242,7 +242,7 @@ def test_scaler_misuse_is_refused_before_anything_changes(backend, device):
     with pytest.raises(RuntimeError, match="unscale_"):
         opt.first_step(grad_scaler=scaler)
     assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
-    assert opt._perturbed is None
+    assert not opt.perturbed
     # scaler.step() on an optimizer whose first step ignored the scaler
     opt2 = build(SAM, make_model(5, device), backend)
     scaler2 = torch.amp.GradScaler(device)

@@ -394,7 +394,7 @@ def test_extra_memory_is_one_backup(device):
     model = make_model(device)
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="triton")
     manual_step(model, opt, *batch(device, 0))
-    bucket = opt._buckets[0]
+    bucket = opt._engine.buckets[0]
     extra = {name: buf.numel() for name, buf in bucket.state_flat.items()}
     assert set(extra) == {"momentum_buffer"}  # what torch.optim.SGD keeps too
     assert bucket.backup_flat.numel() == bucket.param_flat.numel()
@@ -522,8 +522,8 @@ def test_steady_state_reuses_the_plan(device, monkeypatch):
     from sam_fused.layout import Bucket
 
     calls = []
-    original = Bucket._rebuild_fused_plan
-    monkeypatch.setattr(Bucket, "_rebuild_fused_plan", lambda self: calls.append(1) or original(self))
+    original = Bucket._rebuild_flat_plan
+    monkeypatch.setattr(Bucket, "_rebuild_flat_plan", lambda self: calls.append(1) or original(self))
     model = make_model(device)
     opt = SAM(model.parameters(), lr=0.1, momentum=0.9, backend="triton")
     for step in range(6):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sam_fused import status as S
-from sam_fused.backends import cpp_supports
+from sam_fused.backends import CppBackend
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _distributed_worker as W  # the problem both sides build
@@ -51,7 +51,7 @@ def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     """Run both ranks once; what each saved, in rank order."""
     out = tmp_path_factory.mktemp("dist")
     # load (or build) the C++ extension here first, so the two ranks do not both build it
-    cpp_supports(torch.device("cpu"), torch.float32)
+    CppBackend.info()
     env = dict(os.environ)
     env.update(
         MASTER_ADDR="127.0.0.1",
@@ -103,7 +103,7 @@ def _single_process_sam(base: str, backend: str, variant: str = "sam", options: 
     for x, y in W.batches():
         W.loss_fn(model(x), y).backward()
         if opt.first_step(zero_grad=True):
-            norms.append(float(opt._status[S.SUMSQ].sqrt()))
+            norms.append(float(opt._engine.status[S.SUMSQ].sqrt()))
             W.loss_fn(model(x), y).backward()
             opt.second_step(zero_grad=True)
     snap = W.snapshot(params, opt, base, lambda t: t)

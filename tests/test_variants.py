@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import backends_for
 
 from sam_fused import ASAM, FSAM, GCSAM, GSAM, RSAM, SAM, USAM, IntervalSAM, LookSAM, VaSSO
 
@@ -73,7 +74,13 @@ CASES = {
     "usam": Case(USAM, {}, (0.01, 0.03), "usam"),
     "asam": Case(ASAM, {"eta": 0.01}, (0.5, 1.5), "asam"),
     "vasso": Case(VaSSO, {"theta": 0.4}, (0.5, 1.5), "vasso"),
-    "fsam": Case(FSAM, {"sigma": 0.8, "lam": 0.6}, (0.5, 1.5), "fsam"),
+    "fsam": Case(
+        FSAM,
+        {"sigma": 0.8, "lam": 0.6},
+        (0.5, 1.5),
+        "fsam",
+        ("fsam", {"sigma": 0.8, "lam": 0.6}, "m_from_zero"),
+    ),
     "gcsam": Case(GCSAM, {}, (0.5, 1.5), "gcsam", ("gcsam", {}, "ascent_only_gc"), steps=3),
     "rsam": Case(RSAM, {"lam": 0.02, "seed": 7}, (0.5, 1.5), "rsam", ("rsam", {"lam": 0.02}, "from_noisy")),
     "gsam": Case(GSAM, {"alpha": 0.3}, (0.5, 1.5), "gsam"),
@@ -221,7 +228,8 @@ class Sim:
         self.base = BaseSim(base, [kw if gi == 0 else {**kw, **kw1} for gi in self.group], len(self.w))
         self.index = 0
         self.d = None  # VaSSO
-        self.m = [torch.zeros_like(w) for w in self.w]  # F-SAM
+        # F-SAM: the official code starts m at g; the mutant "m_from_zero" starts it at 0
+        self.m = [torch.zeros_like(w) for w in self.w] if quirk == "m_from_zero" else None
         self.gv = None  # LookSAM
 
     def grad(self, ws):
@@ -259,9 +267,12 @@ class Sim:
                 theta = o["theta"]
                 self.d = g if self.d is None else [(1 - theta) * d + theta * gi for d, gi in zip(self.d, g)]
                 v = self.d
-            elif name == "fsam":
-                v = [gi - o["sigma"] * mi for gi, mi in zip(g, self.m)]
-                self.m = [o["lam"] * mi + (1 - o["lam"]) * gi for mi, gi in zip(self.m, g)]
+            elif name == "fsam":  # v = g - sigma m with last step's m, then the EMA; v = m = g at first
+                if self.m is None:
+                    v, self.m = g, g
+                else:
+                    v = [gi - o["sigma"] * mi for gi, mi in zip(g, self.m)]
+                    self.m = [o["lam"] * mi + (1 - o["lam"]) * gi for mi, gi in zip(self.m, g)]
         if name == "asam":  # eps = rho T^2 g / ||T g||, T = |w| + eta
             t = [wi.abs() + o["eta"] for wi in w]
             norm = gnorm([ti * vi for ti, vi in zip(t, v)])
@@ -361,10 +372,19 @@ def test_simulated_base_update_is_torch_optim(base):
 
 
 # ---------------------------------------------------------------------------- 1. against float64
+# The table of (variant, base, options) cases, run on every backend that declares it runs the
+# variant: reference, Triton (interpreter), cpp and the CUDA source (emulated on the CPU).
 # float32 vs float64 over 7 steps: observed errors are 5e-7 to 1e-6 relative to max(1, |w|)
 # for every variant but LookSAM (see CASES); the bound is 1e-5.
-@pytest.mark.parametrize("base", sorted(BASES))
-@pytest.mark.parametrize("name", sorted(CASES))
+TABLE = [
+    pytest.param(name, base, backend, id=f"{backend}-{name}-{base}")
+    for name in sorted(CASES)
+    for base in sorted(BASES)
+    for backend in backends_for("sam" if name == "asam" else name)
+]
+
+
+@pytest.mark.parametrize("name,base,backend", TABLE)
 def test_variant_matches_float64_textbook(name, base, backend, device):
     case = CASES[name]
     seed = 100 + sorted(CASES).index(name) * 2 + sorted(BASES).index(base)
@@ -390,12 +410,12 @@ def test_variant_matches_float64_textbook(name, base, backend, device):
 
 
 def test_variant_perturbation_state_first_steps(backend, device):
-    """VaSSO's d and F-SAM's m after the first step: d = g, m = (1 - lam) g (m = 0 before)."""
+    """VaSSO's d and F-SAM's m after the first step: d = g, m = g (F-SAM's official code)."""
     problem = Problem(SMALL_SHAPES, 5)
     weights = init_weights(SMALL_SHAPES, 5)
     for cls, key, expect in (
         (VaSSO, "vasso_d", lambda g: g),
-        (FSAM, "fsam_m", lambda g: (1 - 0.6) * g),
+        (FSAM, "fsam_m", lambda g: g),
     ):
         case = Case(cls, {"theta": 0.4} if cls is VaSSO else {"sigma": 0.8, "lam": 0.6})
         params, opt = build(case, "sgd", backend, [[w.to(device) for w in g] for g in weights])
@@ -761,7 +781,7 @@ def snapshot(opt, params):
     from sam_fused import status as S
 
     state = [{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params]
-    return [p.detach().clone() for p in params], state, float(opt._status[S.GV2])
+    return [p.detach().clone() for p in params], state, float(opt._engine.status[S.GV2])
 
 
 def assert_same(opt, params, snap, what):
@@ -775,7 +795,7 @@ def assert_same(opt, params, snap, what):
         assert set(now) == set(st), f"{what}: the state keys changed"
         for k, v in st.items():
             assert torch.equal(now[k], v), f"{what}: a skipped step changed state {k}"
-    assert float(opt._status[S.GV2]) == gv2, f"{what}: ||g_v||^2 changed"
+    assert float(opt._engine.status[S.GV2]) == gv2, f"{what}: ||g_v||^2 changed"
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN in numpy
@@ -895,7 +915,7 @@ def test_published_defaults():
     assert FSAM(p).variant_options == {"sigma": 1.0, "lam": 0.9}
     assert GSAM(p).variant_options == {"alpha": 0.4}
     assert LookSAM(p).variant_options == {"k": 5, "alpha": 0.7}
-    assert IntervalSAM(p).variant_options == {"k": 10}
+    assert IntervalSAM(p).variant_options == {"k": 10, "offset": 0}
     assert RSAM(p).variant_options["lam"] == 1.0
     asam = ASAM(p)
     assert asam.defaults["rho"] == 0.5 and asam.defaults["eta"] == 0.01 and asam.defaults["adaptive"]

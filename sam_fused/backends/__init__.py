@@ -1,10 +1,9 @@
 """Backends: objects that run the SAM operations over one bucket of parameters.
 
-Every backend provides the same operations (see :class:`ReferenceBackend`, the
-specification): ``partial_slots``, ``centralize``, ``noise``, ``ascent_stats``, ``perturb``,
-``descent_stats``, ``restore``, ``update``, ``state_sumsq`` and ``advance_steps``, and the
-attribute ``unscales_in_place`` (whether GradScaler's factor is applied to the gradient
-buffers themselves, so that nothing downstream applies it again).
+Every backend implements the :class:`~sam_fused.backends.protocol.Backend` operations
+(``reference.py`` is their specification) and declares what it runs in its
+:class:`~sam_fused.backends.protocol.Capabilities`; :func:`choose_backend` is the one
+place that decides which backend a bucket gets.
 
 * ``reference``: pure PyTorch, parameter by parameter; any device and dtype.
 * ``triton``: fused kernels over flat buffers; CUDA tensors (or CPU tensors when
@@ -17,38 +16,36 @@ buffers themselves, so that nothing downstream applies it again).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._extension import BackendInfo
 from ..variants import Variant
 from .cpp import CppBackend, CudaBackend
+from .protocol import Backend, Capabilities
 from .reference import ReferenceBackend
 from .triton import TritonBackend, interpreting, triton_available
 
 __all__ = [
+    "BACKEND_ENV",
+    "BACKEND_NAMES",
+    "Backend",
     "BackendInfo",
+    "Capabilities",
     "CppBackend",
     "CudaBackend",
     "ReferenceBackend",
     "TritonBackend",
     "available_backends",
-    "cpp_supports",
-    "make_backend",
-    "triton_supports",
+    "choose_backend",
+    "get_backend",
 ]
 
-_INSTANCES: dict[str, object] = {}
-
-
-def triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the Triton backend can run a bucket on ``device`` with ``dtype``."""
-    on_device = device.type == "cuda" or (device.type == "cpu" and interpreting())
-    return on_device and dtype in TritonBackend.dtypes and triton_available()
-
-
-def cpp_supports(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the C++ CPU backend can run a bucket (builds the extension on first call)."""
-    return CppBackend.supports(device, dtype)
+BACKEND_ENV = "SAM_FUSED_BACKEND"
+BACKEND_NAMES = ("auto", "triton", "reference", "cpp", "cuda")
+_CLASSES = {"reference": ReferenceBackend, "triton": TritonBackend, "cpp": CppBackend, "cuda": CudaBackend}
+_INSTANCES: dict[str, Backend] = {}
 
 
 def available_backends() -> dict[str, BackendInfo]:
@@ -74,48 +71,71 @@ def available_backends() -> dict[str, BackendInfo]:
     }
 
 
-def _make_compiled(name: str, device: torch.device, dtype: torch.dtype, variant: Variant | None):
-    cls = CppBackend if name == "cpp" else CudaBackend
-    if variant is not None and not cls.supports_variant(variant):
-        raise ValueError(
-            f"the {name} backend has no kernels for variant {variant.name!r} (it runs SAM, ASAM, "
-            "USAM, GCSAM and interval SAM); use backend='auto', 'triton' or 'reference'"
-        )
-    if dtype not in cls.dtypes:
-        raise ValueError(
-            f"the {name} backend handles float32, bfloat16 and float16, not {dtype}; use "
-            "backend='auto' to run such parameters on the reference backend"
-        )
-    if device.type != cls.device_type:
-        raise ValueError(
-            f"the {name} backend needs {cls.device_type.upper()} tensors (parameters are on {device}); "
-            f"use backend={'cuda' if name == 'cpp' else 'cpp'!r} or 'auto'"
-        )
-    info = cls.info()
-    if not info:
-        raise RuntimeError(f"backend={name!r} was requested but it is unavailable: {info.detail}")
-    if name not in _INSTANCES:
-        _INSTANCES[name] = cls()
-    return _INSTANCES[name]
+def get_backend(name: str) -> Backend:
+    """The backend called ``name`` (one instance per process), or why it cannot run here."""
+    backend = _INSTANCES.get(name)
+    if backend is None:
+        if name == "reference":
+            backend = ReferenceBackend()
+        elif name == "triton":
+            if not triton_available():
+                raise RuntimeError("backend='triton' was requested but triton is not installed")
+            backend = TritonBackend()
+        elif name in ("cpp", "cuda"):
+            info = (CppBackend if name == "cpp" else CudaBackend).info()
+            if not info:
+                raise RuntimeError(f"backend={name!r} was requested but it is unavailable: {info.detail}")
+            backend = CppBackend() if name == "cpp" else CudaBackend()
+        else:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
+        _INSTANCES[name] = backend
+    return backend
 
 
-def make_backend(name: str, device: torch.device, dtype: torch.dtype, variant: Variant | None = None):
-    """The backend ``name`` for a bucket (of ``variant``), or a clear error if it cannot run it."""
-    if name in ("cpp", "cuda"):
-        return _make_compiled(name, device, dtype, variant)
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' was requested but triton is not installed")
-        if dtype not in TritonBackend.dtypes:
-            raise ValueError(
-                f"the triton backend handles float32, bfloat16 and float16, not {dtype}; "
-                "use backend='auto' to run such parameters on the reference backend"
-            )
-        if not triton_supports(device, dtype):
-            raise ValueError(
-                f"the triton backend needs CUDA tensors (parameters are on {device}); set "
-                "TRITON_INTERPRET=1 to run its kernels on the CPU through the interpreter"
-            )
-    if name not in _INSTANCES:
-        _INSTANCES[name] = TritonBackend() if name == "triton" else ReferenceBackend()
-    return _INSTANCES[name]
+def _auto(device: torch.device, dtype: torch.dtype, variant: Variant, flat_refusal: str | None) -> Backend:
+    """Triton for CUDA tensors, the C++ backend for CPU tensors, where they run the bucket;
+    the reference backend for everything else."""
+    if flat_refusal is None:
+        if device.type == "cuda":
+            fused, usable = "triton", triton_available
+        else:
+            fused, usable = "cpp", lambda: bool(CppBackend.info())
+        if device.type in ("cuda", "cpu") and usable():
+            backend = get_backend(fused)
+            if backend.capabilities.refusal(device, dtype, variant) is None:
+                return backend
+    return get_backend("reference")
+
+
+def choose_backend(
+    request: str, device: torch.device, dtype: torch.dtype, variant: Variant, flat_refusal: str | None = None
+) -> Backend:
+    """The backend for a bucket of ``dtype`` on ``device`` running ``variant``.
+
+    ``request`` is the optimizer's ``backend=`` argument; ``"auto"`` may be replaced by the
+    ``SAM_FUSED_BACKEND`` environment variable. ``flat_refusal`` says why some parameter
+    of the bucket cannot move into a flat buffer (None: they all can). An explicit request
+    that cannot run the bucket is a clear error, raised when the optimizer is built.
+    """
+    name = request
+    if name == "auto":
+        name = os.environ.get(BACKEND_ENV, "auto") or "auto"
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
+    if name == "auto":
+        return _auto(device, dtype, variant, flat_refusal)
+    # what the backend declares is checked before it is loaded (or built)
+    backend = _INSTANCES.get(name) or _CLASSES[name]
+    reason = backend.capabilities.refusal(device, dtype, variant)
+    if reason is not None and name == "triton" and device.type == "cpu":
+        reason += "; set TRITON_INTERPRET=1 to run its kernels on the CPU through the interpreter"
+    if reason is None and backend.capabilities.flat and flat_refusal is not None:
+        reason = f"it moves parameters into flat buffers, and a parameter cannot move: {flat_refusal}"
+    if reason is None:
+        return get_backend(name)
+    raise ValueError(
+        f"the {name} backend cannot run these parameters ({str(dtype).removeprefix('torch.')} on "
+        f"{device}, "
+        f"variant {variant.name!r}): {reason}. Use backend='auto' (it picks a backend per bucket) "
+        "or backend='reference'."
+    )

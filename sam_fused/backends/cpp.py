@@ -10,10 +10,10 @@ One call covers a whole bucket: the plan's runs go to the library as a small int
 (cached on the plan), so a bucket of 2000 tensors costs one Python call per operation.
 Scalars that change between steps (lr, rho) are plain arguments; nothing is recompiled.
 
-Only the variants whose ascent direction is the gradient and whose descent is plain (SAM,
-ASAM, USAM, GCSAM, interval SAM) are implemented here: ``backend="auto"`` sends the others
-to the reference (CPU) or Triton (CUDA), and asking for ``cpp``/``cuda`` with them is
-refused when the optimizer is built.
+Their capabilities: the variants whose ascent direction is the gradient and whose descent
+is plain (SAM, ASAM, USAM, GCSAM, interval SAM), with SGD and Adam/AdamW fused.
+``backend="auto"`` sends the other variants to the reference (CPU) or Triton (CUDA), and
+asking for ``cpp``/``cuda`` with them is refused when the optimizer is built.
 """
 
 from __future__ import annotations
@@ -25,15 +25,27 @@ from torch import Tensor
 
 from .. import status as S
 from .._extension import BackendInfo, _Extension, cpu_extension, cuda_extension
-from ..base_updates import AdamSpec, SGDSpec
+from ..base_updates import AdamSpec, BaseSpec, SGDSpec
+from ..context import StepContext
 from ..layout import Bucket, Plan
-from ..variants import ASCENT, DESCENT, Variant
-from .reference import ReferenceBackend, StepContext
+from ..variants import Ascent, Descent
+from .protocol import Capabilities
+from .reference import centralize_each
 
 __all__ = ["CppBackend", "CudaBackend"]
 
-_REFERENCE = ReferenceBackend()
-_TABLE = "_compiled_runs"  # attribute of a Plan: (run table, partial slots per run)
+_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+def _capabilities(device_type: str) -> Capabilities:
+    return Capabilities(
+        device_types={device_type},
+        dtypes=_DTYPES,
+        flat=True,
+        ascents={Ascent.GRAD},
+        descents={Descent.PLAIN},
+        updates={SGDSpec.name, AdamSpec.name},
+    )
 
 
 class CppBackend:
@@ -41,10 +53,11 @@ class CppBackend:
 
     name = "cpp"
     device_type = "cpu"
+    dtypes = _DTYPES
+    capabilities = _capabilities("cpu")
     # GradScaler's factor is applied to the gradient buffers themselves (the kernels take
     # true gradients), so nothing downstream may apply it again
     unscales_in_place = True
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
 
     def __init__(self) -> None:
         ops = self.extension().ops()
@@ -55,6 +68,9 @@ class CppBackend:
         self._chunk = chunk
         self._max_slots = max_slots
 
+    def __reduce__(self):
+        return (_instance, (self.name,))
+
     @classmethod
     def extension(cls) -> _Extension:
         return cpu_extension()
@@ -64,11 +80,6 @@ class CppBackend:
         """Whether the library is here (loading or building it on first call)."""
         return cls.extension().info()
 
-    @classmethod
-    def supports(cls, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether this backend can run a bucket of ``dtype`` on ``device``."""
-        return device.type == cls.device_type and dtype in cls.dtypes and bool(cls.info())
-
     # ------------------------------------------------------------------ plans
     def _slots(self, n: int) -> int:
         # the same pure function of the run length as stats_slots() in sam_fused_common.h
@@ -76,27 +87,12 @@ class CppBackend:
 
     def _table(self, plan: Plan) -> tuple[Tensor, int]:
         """The plan's runs as a CPU int64 (R, 3) table and its number of partial slots."""
-        cached = getattr(plan, _TABLE, None)
+        cached = plan.cache.get(self.name)
         if cached is None:
             rows = [[run.start, run.stop, run.first] for run in plan.runs]
             table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
-            cached = (table, sum(self._slots(run.numel) for run in plan.runs))
-            setattr(plan, _TABLE, cached)
+            cached = plan.cache[self.name] = (table, sum(self._slots(run.numel) for run in plan.runs))
         return cached
-
-    @staticmethod
-    def supports_variant(variant: Variant) -> bool:
-        """Whether the compiled kernels implement ``variant``'s ascent and descent.
-
-        They implement the gradient ascent direction and the plain descent: SAM, ASAM, USAM,
-        GCSAM (its centralization runs as PyTorch ops) and interval SAM. VaSSO, F-SAM, RSAM,
-        GSAM and LookSAM run on the Triton or reference backend.
-        """
-        return variant.ascent == ASCENT.GRAD and variant.descent == DESCENT.PLAIN and not variant.noise
-
-    def _check_variant(self, variant: Variant) -> None:
-        if not self.supports_variant(variant):  # the optimizer refuses this at construction
-            raise NotImplementedError(f"variant {variant.name!r} has no kernel in the {self.name} backend")
 
     # ------------------------------------------------------------------ operations
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
@@ -104,7 +100,10 @@ class CppBackend:
 
     def centralize(self, bucket: Bucket, plan: Plan) -> None:
         # GCSAM's row means: a per-parameter reduction that ATen already does well
-        _REFERENCE.centralize(bucket, plan)
+        centralize_each(bucket, plan.indices)
+
+    def noise(self, bucket: Bucket, ctx: StepContext, std: float, generator: torch.Generator) -> None:
+        raise NotImplementedError("RSAM is not among the compiled backends' capabilities")
 
     @staticmethod
     def _scale_grads(plan: Plan, factor: Tensor) -> None:
@@ -116,7 +115,6 @@ class CppBackend:
     def ascent_stats(
         self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
     ) -> None:
-        self._check_variant(ctx.variant)
         if ctx.unscale:  # perturb and (on one-pass steps) update read these unscaled values
             self._scale_grads(plan, ctx.status[S.INV_SCALE1])
         adaptive = bool(group["adaptive"])
@@ -130,18 +128,7 @@ class CppBackend:
             float(group["eta"]) if adaptive else 0.0,
         )
 
-    def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
-        # the non-finite count of g_p, and ||g_p||^2 for clipping; the inner products belong
-        # to GSAM / LookSAM
-        if ctx.unscale:
-            self._scale_grads(plan, ctx.status[S.INV_SCALE2])
-        partials[1:].zero_()
-        table = self._table(plan)[0]
-        sumsq = partials[2] if ctx.clip else None
-        self.ops.stats(bucket.grad_flat, bucket.param_flat, table, sumsq, partials[0], False, 0.0)
-
     def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
-        self._check_variant(ctx.variant)
         adaptive = bool(group["adaptive"])
         self.ops.perturb(
             bucket.param_flat,
@@ -157,8 +144,24 @@ class CppBackend:
             bool(ctx.check),
         )
 
-    def restore(self, bucket: Bucket, plan: Plan) -> None:
-        if plan.runs:
+    def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext, force: bool = False) -> None:
+        """Nothing to revert: the variants these backends run keep no running state."""
+
+    def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
+        # the non-finite count of g_p, and ||g_p||^2 for clipping; the inner products belong
+        # to GSAM / LookSAM, which are not among these backends' capabilities
+        if ctx.unscale:
+            self._scale_grads(plan, ctx.status[S.INV_SCALE2])
+        partials[1:].zero_()
+        sumsq = partials[2] if ctx.clip else None
+        self.ops.stats(
+            bucket.grad_flat, bucket.param_flat, self._table(plan)[0], sumsq, partials[0], False, 0.0
+        )
+
+    def restore(self, bucket: Bucket, plan: Plan | None) -> None:
+        if plan is None:
+            bucket.param_flat.copy_(bucket.backup_buffer())
+        elif plan.runs:
             self.ops.restore(bucket.param_flat, bucket.backup_buffer(), self._table(plan)[0])
 
     def update(
@@ -166,12 +169,10 @@ class CppBackend:
         bucket: Bucket,
         perturbed: Plan | None,
         plan: Plan,
-        spec: SGDSpec | AdamSpec,
+        spec: BaseSpec,
         ctx: StepContext,
-        descent: int,
+        descent: Descent,
     ) -> None:
-        if descent != DESCENT.PLAIN:
-            raise NotImplementedError(f"the {self.name} backend has no kernel for descent rule {descent}")
         if ctx.clip:
             self._scale_grads(plan, ctx.status[S.CLIP])
         if perturbed is plan:
@@ -182,9 +183,8 @@ class CppBackend:
             src = bucket.param_flat
         if not plan.runs:
             return
-        table = self._table(plan)[0]
-        common: tuple[Any, ...] = (bucket.steps, ctx.status, table)
-        check = bool(ctx.check)
+        common: tuple[Any, ...] = (bucket.steps, ctx.status, self._table(plan)[0])
+        lr = float(spec.lr)  # a CUDA tensor lr costs a sync here (the Triton backend reads it on the device)
         if isinstance(spec, SGDSpec):
             buf = bucket.flat_buffer("momentum_buffer") if spec.momentum != 0 else None
             self.ops.sgd(
@@ -193,15 +193,13 @@ class CppBackend:
                 bucket.grad_flat,
                 buf,
                 *common,
-                float(
-                    spec.lr
-                ),  # a CUDA tensor lr costs a sync here (the Triton backend reads it on the device)
+                lr,
                 spec.momentum,
                 1.0 - spec.dampening,
                 spec.weight_decay,
                 spec.nesterov,
                 spec.maximize,
-                check,
+                bool(ctx.check),
             )
         else:
             assert isinstance(spec, AdamSpec)
@@ -213,22 +211,29 @@ class CppBackend:
                 bucket.flat_buffer("exp_avg_sq"),
                 bucket.flat_buffer("max_exp_avg_sq") if spec.amsgrad else None,
                 *common,
-                float(
-                    spec.lr
-                ),  # a CUDA tensor lr costs a sync here (the Triton backend reads it on the device)
+                lr,
                 spec.beta1,
                 spec.beta2,
                 spec.eps,
                 spec.weight_decay,
                 spec.decoupled,
                 spec.maximize,
-                check,
+                bool(ctx.check),
             )
 
-    def advance_steps(self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool) -> None:
-        self.ops.advance_steps(
-            bucket.steps, bucket.mask_of(plan), ctx.status, bool(ctx.check), bool(count_skip)
+    def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
+        raise NotImplementedError("LookSAM is not among the compiled backends' capabilities")
+
+    def advance_steps(
+        self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool, base: bool, variant: bool
+    ) -> None:
+        # the variants run here keep no running state: vsteps never moves
+        mask = (
+            bucket.mask_of(plan)
+            if base
+            else bucket.cache.setdefault("no_count", torch.zeros_like(bucket.steps))
         )
+        self.ops.advance_steps(bucket.steps, mask, ctx.status, bool(ctx.check), bool(count_skip))
 
 
 class CudaBackend(CppBackend):
@@ -240,7 +245,14 @@ class CudaBackend(CppBackend):
 
     name = "cuda"
     device_type = "cuda"
+    capabilities = _capabilities("cuda")
 
     @classmethod
     def extension(cls) -> _Extension:
         return cuda_extension()
+
+
+def _instance(name: str):
+    from . import get_backend
+
+    return get_backend(name)

@@ -1,7 +1,8 @@
 """The reference backend: SAM in plain PyTorch, one parameter at a time.
 
 This file is the specification. Every fused kernel is tested against it, and it is the
-path CPU tensors take. It reads top to bottom as the math of ``docs/variants.md``:
+path of parameters no fused backend takes (float64, DTensor shards, storage sam_fused must
+not move). It reads top to bottom as the math of ``docs/variants.md``:
 
 1. ``centralize`` (GCSAM): subtract each row's mean from the gradient.
 2. ``ascent_stats``: the sum of squares of ``u = T * v`` over every parameter with a
@@ -13,7 +14,7 @@ path CPU tensors take. It reads top to bottom as the math of ``docs/variants.md`
    inner products GSAM and LookSAM need (``||g_p||^2`` also for clipping);
    ``revert_state`` undoes step 3's state update when the second pass was non-finite.
 5. ``update``: ``w <- backup`` (an exact copy, not ``w - eps``), then the base update
-   (SGD or Adam/AdamW) with the variant's descent gradient, times the clipping
+   (``base_updates.py``) with the variant's descent gradient, times the clipping
    coefficient when ``max_grad_norm`` is set.
 
 Mixed precision: with a GradScaler the gradients hold ``scale * g``. Every operation that
@@ -26,46 +27,30 @@ built with ``skip_nonfinite=True`` (the default), the step is skipped *on the de
 perturbation is zero, the weights are restored bit for bit and no optimizer state moves.
 The kernels do the same with ``tl.where``; here ``torch.where`` keeps the logic visible and
 free of host synchronisation.
+
+Sums of squares are taken in rows of :data:`ROW` elements, then over the rows: the result
+does not depend on the number of torch threads (a plain ``sum`` splits its work, and so its
+rounding, by thread count).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import status as S
-from ..base_updates import AdamSpec, SGDSpec
+from ..base_updates import BaseSpec
+from ..context import StepContext
 from ..layout import Bucket, Plan
-from ..variants import ASCENT, DESCENT, Variant
+from ..variants import Ascent, Descent, Variant
+from .protocol import Capabilities
 
-__all__ = ["ReferenceBackend", "StepContext", "math_dtype"]
+__all__ = ["ReferenceBackend", "centralize_each", "math_dtype", "sum_of_squares"]
 
-
-@dataclass
-class StepContext:
-    """What every backend operation of one step needs besides the bucket."""
-
-    variant: Variant
-    options: dict[str, Any]
-    norm_eps: float
-    check: bool  # skip the step on non-finite gradients
-    status: Tensor
-    state: dict  # the optimizer's per-parameter state (persistent variant state lives here)
-    unscale: bool = False  # gradients hold loss_scale * g: multiply by status[INV_SCALE1/2]
-    clip: bool = False  # max_grad_norm: multiply the descent gradient by status[CLIP]
-
-    def unscaled(self, g: Tensor, index: int) -> Tensor:
-        """``g`` (already in the math dtype) divided by its pass's loss scale."""
-        return g * self.status[index].to(g.dtype) if self.unscale else g
-
-    def skip(self, device: torch.device) -> Tensor:
-        """Whether this step is skipped, as a 0-d bool tensor (no host sync)."""
-        if not self.check:
-            return torch.zeros((), dtype=torch.bool, device=device)
-        return (self.status[S.BAD1] + self.status[S.BAD2] > 0).to(device)
+ROW = 4096
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,37 +58,46 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def sum_of_squares(u: Tensor) -> Tensor:
+    """``sum(u^2)`` in an order fixed by ``u.numel()`` alone (any thread count)."""
+    flat = u.reshape(-1)
+    rows = flat.numel() // ROW
+    head = flat[: rows * ROW].view(rows, ROW).square().sum(dim=1).sum()
+    return head + flat[rows * ROW :].square().sum()
+
+
 def ascent_scale(weight: Tensor, adaptive: bool, eta: float) -> Tensor | float:
     """ASAM's ``T = |w| + eta`` (elementwise), or 1 for a non-adaptive group."""
-    if adaptive:
-        return weight.abs() + eta
-    return 1.0
+    return weight.abs() + eta if adaptive else 1.0
 
 
 def ascent_direction(
-    variant: Variant, options: dict[str, Any], g: Tensor, aux: Tensor | None, first: Tensor
+    variant: Variant, options: Mapping[str, Any], g: Tensor, aux: Tensor | None, first: Tensor
 ) -> tuple[Tensor, Tensor | None]:
     """The variant's ascent direction ``v`` and its new running state (or None).
 
     ``aux`` is the variant's state before this step (VaSSO's ``d``, F-SAM's ``m``) or RSAM's
-    noise ``delta``; ``first`` is True while the parameter has never been updated.
+    noise ``delta``; ``first`` is True while that running state has never been updated.
     """
     rule = variant.ascent
-    if rule == ASCENT.GRAD:
+    if rule == Ascent.GRAD:
         return g, None
-    if rule == ASCENT.VASSO:  # d <- (1 - theta) d + theta g, with d = g on the first step
+    if rule == Ascent.VASSO:  # d <- (1 - theta) d + theta g, with d = g on the first update
         theta = options["theta"]
         d = torch.where(first, g, (1 - theta) * aux + theta * g)
         return d, d
-    if rule == ASCENT.FSAM:  # v = g - sigma m (previous EMA), then m <- lam m + (1 - lam) g
-        lam = options["lam"]
-        return g - options["sigma"] * aux, lam * aux + (1 - lam) * g
-    if rule == ASCENT.RSAM:  # v = delta + lam g_hat, g_hat taken at w + delta
+    if rule == Ascent.FSAM:  # v = g - sigma m (previous m), then m <- lam m + (1 - lam) g;
+        lam = options["lam"]  # the first update takes v = g and m = g (the official code)
+        v = torch.where(first, g, g - options["sigma"] * aux)
+        return v, torch.where(first, g, lam * aux + (1 - lam) * g)
+    if rule == Ascent.RSAM:  # v = delta + lam g_hat, g_hat taken at w + delta
         return aux + options["lam"] * g, None
     raise NotImplementedError(f"ascent rule {rule}")
 
 
-def perturbation(u: Tensor, t: Tensor | float, rho: float, norm: Tensor, variant: Variant, eps: float):
+def perturbation(
+    u: Tensor, t: Tensor | float, rho: Any, norm: Tensor, variant: Variant, eps: float
+) -> Tensor:
     """``eps = rho T u / (||u|| + norm_eps)``, or ``rho T u`` for unnormalized variants."""
     if variant.normalized:
         return rho * t * u / (norm + eps)
@@ -117,70 +111,33 @@ def centralized(g: Tensor) -> Tensor:
     return g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
 
 
+def centralize_each(bucket: Bucket, indices) -> None:
+    """Centralize the gradients of parameters ``indices`` in place, one by one."""
+    for i in indices:
+        g = bucket.grad(i)
+        g.copy_(centralized(g.to(math_dtype(bucket.dtype))))
+
+
 def descent_gradient(
-    variant_rule: int, options: dict[str, Any], gp: Tensor, aux: Tensor | None, status: Tensor
+    rule: Descent, options: Mapping[str, Any], gp: Tensor, aux: Tensor | None, status: Tensor
 ) -> Tensor:
     """The gradient the base update receives.
 
     GSAM: ``g_p - alpha g_perp`` with ``g_perp = g - (<g, g_p> / ||g_p||^2) g_p`` (aux = g).
     LookSAM reuse steps: ``g + alpha (||g|| / ||g_v||) g_v`` (aux = g_v, gp = this pass's g).
     """
-    if variant_rule in (DESCENT.PLAIN, DESCENT.LOOKSAM_FULL):
+    if rule in (Descent.PLAIN, Descent.LOOKSAM_FULL):
         return gp
     dt = gp.dtype
-    if variant_rule == DESCENT.GSAM:
+    if rule == Descent.GSAM:
         gp2 = status[S.GP2].to(dt)
         coef = torch.where(gp2 > 0, status[S.DOT].to(dt) / gp2, 0)
         return gp - options["alpha"] * (aux - coef * gp)
-    if variant_rule == DESCENT.LOOKSAM_REUSE:
+    if rule == Descent.LOOKSAM_REUSE:
         gv_norm = status[S.GV2].to(dt).sqrt()
         scale = torch.where(gv_norm > 0, status[S.SUMSQ].to(dt).sqrt() / gv_norm, 0)
         return gp + options["alpha"] * scale * aux
-    raise NotImplementedError(f"descent rule {variant_rule}")
-
-
-def sgd_update(
-    w: Tensor, g: Tensor, buf: Tensor | None, first: Tensor, spec: SGDSpec
-) -> tuple[Tensor, Tensor | None]:
-    """``torch.optim.SGD``'s update of one parameter: returns the new ``w`` and buffer."""
-    if spec.maximize:
-        g = -g
-    d = g + spec.weight_decay * w if spec.weight_decay != 0 else g
-    if spec.momentum != 0:
-        buf = torch.where(first, d, spec.momentum * buf + (1 - spec.dampening) * d)
-        d = d + spec.momentum * buf if spec.nesterov else buf
-    return w - spec.lr * d, buf
-
-
-def adam_update(
-    w: Tensor,
-    g: Tensor,
-    m: Tensor,
-    v: Tensor,
-    v_max: Tensor | None,
-    step: Tensor,
-    spec: AdamSpec,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``torch.optim.Adam``/``AdamW``'s update of one parameter at step count ``step``."""
-    if spec.maximize:
-        g = -g
-    if spec.weight_decay != 0:
-        if spec.decoupled:
-            w = w * (1 - spec.lr * spec.weight_decay)
-        else:
-            g = g + spec.weight_decay * w
-    m = torch.lerp(m, g, 1 - spec.beta1)
-    v = spec.beta2 * v + (1 - spec.beta2) * g * g
-    t = step.to(torch.float64)
-    bias_correction1 = 1 - spec.beta1**t
-    bias_correction2_sqrt = (1 - spec.beta2**t).sqrt()
-    step_size = (spec.lr / bias_correction1).to(w.dtype)
-    if spec.amsgrad:
-        v_max = torch.maximum(v_max, v)
-        denom = v_max.sqrt() / bias_correction2_sqrt.to(w.dtype) + spec.eps
-    else:
-        denom = v.sqrt() / bias_correction2_sqrt.to(w.dtype) + spec.eps
-    return w - step_size * (m / denom), m, v, v_max
+    raise NotImplementedError(f"descent rule {rule}")
 
 
 class ReferenceBackend:
@@ -188,6 +145,17 @@ class ReferenceBackend:
 
     name = "reference"
     unscales_in_place = False  # GradScaler's factor is applied where gradients are read
+    capabilities = Capabilities(
+        device_types=None,
+        dtypes=None,
+        flat=False,
+        ascents=frozenset(Ascent),
+        descents=frozenset(Descent),
+        updates=None,
+    )
+
+    def __reduce__(self):
+        return (_instance, ())
 
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         return 1
@@ -195,10 +163,7 @@ class ReferenceBackend:
     # ------------------------------------------------------------------ ascent
     def centralize(self, bucket: Bucket, plan: Plan) -> None:
         """GCSAM: centralize every taking-part gradient in place."""
-        compute = math_dtype(bucket.dtype)
-        for i in plan.indices:
-            g = bucket.params[i].grad
-            g.copy_(centralized(g.to(compute)))
+        centralize_each(bucket, plan.indices)
 
     def noise(self, bucket: Bucket, ctx: StepContext, std: float, generator: torch.Generator) -> None:
         """RSAM: back every parameter up and move it to ``w + delta``, delta ~ N(0, std^2).
@@ -206,26 +171,22 @@ class ReferenceBackend:
         One draw of ``sum(numel)`` values for the whole bucket, split in parameter order,
         so that every backend sees the same delta from the same generator state.
         """
-        total = sum(p.numel() for p in bucket.params)
-        draw = torch.randn(total, generator=generator, device=bucket.device, dtype=torch.float32) * std
+        draw = torch.randn(sum(bucket.numels), generator=generator, device=bucket.device, dtype=torch.float32)
         offset = 0
-        for i, p in enumerate(bucket.params):
-            w = p.detach()
-            bucket.backups[i] = w.clone()
-            delta = draw[offset : offset + w.numel()].view(w.shape).to(w.dtype)
+        for i in range(len(bucket.params)):
+            w = bucket.weight(i)
+            bucket.tensors("backup")[i] = w.clone()
+            delta = draw[offset : offset + w.numel()].view(w.shape).mul(std).to(w.dtype)
             offset += w.numel()
-            bucket.scratch("rsam_delta")[i] = delta
+            bucket.tensors("rsam_delta")[i] = delta
             compute = math_dtype(w.dtype)
             w.copy_((w.to(compute) + delta.to(compute)).to(w.dtype))
 
-    def _aux(self, bucket: Bucket, i: int, state: dict, ctx: StepContext, compute) -> Tensor | None:
-        name = ctx.variant.state[0] if ctx.variant.state else None
-        p = bucket.params[i]
-        if ctx.variant.ascent == ASCENT.RSAM:
-            return bucket.scratch("rsam_delta")[i].to(compute)
-        if ctx.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM):
-            held = state[p].get(name)
-            return torch.zeros_like(p, dtype=compute) if held is None else held.to(compute)
+    def _aux(self, bucket: Bucket, i: int, ctx: StepContext, compute: torch.dtype) -> Tensor | None:
+        if ctx.variant.ascent == Ascent.RSAM:
+            return bucket.tensors("rsam_delta")[i].to(compute)
+        if ctx.variant.ascent_updates_state:
+            return bucket.state_tensor(ctx.variant.running_state, i).to(compute)
         return None
 
     def ascent_stats(
@@ -235,173 +196,156 @@ class ReferenceBackend:
         acc = partials.dtype
         sumsq = torch.zeros((), dtype=acc, device=bucket.device)
         bad = torch.zeros((), dtype=acc, device=bucket.device)
-        state = ctx.state
         for i in plan.indices:
-            p = bucket.params[i]
-            g_raw = p.grad.to(acc)
+            g_raw = bucket.grad(i).to(acc)
             g = ctx.unscaled(g_raw, S.INV_SCALE1)
-            first = bucket.steps[i] == 0
-            v, _ = ascent_direction(ctx.variant, ctx.options, g, self._aux(bucket, i, state, ctx, acc), first)
-            u = ascent_scale(p.detach().to(acc), group["adaptive"], group["eta"]) * v
-            sumsq += u.square().sum()
+            first = bucket.vsteps[i] == 0
+            v, _ = ascent_direction(ctx.variant, ctx.options, g, self._aux(bucket, i, ctx, acc), first)
+            u = ascent_scale(bucket.weight(i).to(acc), group["adaptive"], group["eta"]) * v
+            sumsq += sum_of_squares(u)
             bad += (~torch.isfinite(g_raw)).sum()
         partials[0, 0] = sumsq
         partials[1, 0] = bad
 
     def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
         """Back every taking-part parameter up and move it to ``w + eps``."""
+        variant = ctx.variant
         compute = math_dtype(bucket.dtype)
         norm = ctx.status[S.SUMSQ].to(compute).sqrt()
         skip = ctx.skip(bucket.device)
-        state = ctx.state
-        noise = ctx.variant.noise
+        backups, first_grads = bucket.tensors("backup"), bucket.tensors("first_grad")
+        for i in range(len(bucket.params)):
+            first_grads[i] = None  # a parameter without a first gradient has g = 0 (GSAM, LookSAM)
         for i in plan.indices:
-            p = bucket.params[i]
-            w = p.detach()
-            if noise:  # the backup was taken before the noise; perturb from there
-                src = bucket.backups[i]
+            w = bucket.weight(i)
+            if variant.noise:  # the backup was taken before the noise; perturb from there
+                src = backups[i]
             else:
-                src = w.clone()
-                bucket.backups[i] = src
-            g = ctx.unscaled(p.grad.to(compute), S.INV_SCALE1)
-            if ctx.variant.keeps_first_grad:
-                # a copy: without a scale, g may be p.grad itself, which the next pass rewrites
-                bucket.scratch("first_grad")[i] = g.to(p.grad.dtype, copy=True)
-            first = bucket.steps[i] == 0
-            aux = self._aux(bucket, i, state, ctx, compute)
-            v, new_state = ascent_direction(ctx.variant, ctx.options, g, aux, first)
+                src = backups[i] = w.clone()
+            g = ctx.unscaled(bucket.grad(i).to(compute), S.INV_SCALE1)
+            if variant.keeps_first_grad:  # a copy: the next pass rewrites the gradient
+                first_grads[i] = g.to(bucket.dtype, copy=True)
+            aux = self._aux(bucket, i, ctx, compute)
+            v, new_state = ascent_direction(variant, ctx.options, g, aux, bucket.vsteps[i] == 0)
             t = ascent_scale(src.to(compute), group["adaptive"], group["eta"])
-            eps = perturbation(t * v, t, group["rho"], norm, ctx.variant, ctx.norm_eps)
-            perturbed = (src.to(compute) + eps).to(w.dtype)
-            w.copy_(torch.where(skip, src, perturbed))
+            eps = perturbation(t * v, t, group["rho"], norm, variant, ctx.norm_eps)
+            w.copy_(torch.where(skip, src, (src.to(compute) + eps).to(w.dtype)))
             if new_state is not None:
-                name = ctx.variant.state[0]
-                old = state[p].get(name, torch.zeros_like(w))
-                state[p][name] = torch.where(skip, old, new_state.to(w.dtype))
-                bucket.scratch("state_prev")[i] = old  # for revert_state
-        if noise:  # parameters that took no part go back to w (their noise is undone)
+                old = bucket.state_tensor(variant.running_state, i)
+                bucket.tensors("state_prev")[i] = old.clone()  # for revert_state
+                bucket.store_state(variant.running_state, i, torch.where(skip, old, new_state.to(old.dtype)))
+        if variant.noise:  # parameters that took no part go back to w (their noise is undone)
             for i in set(range(len(bucket.params))) - set(plan.indices):
                 self._restore_one(bucket, i)
 
     # ------------------------------------------------------------------ descent
-    def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext) -> None:
-        """VaSSO / F-SAM: undo this step's update of the running state if the step is skipped.
+    def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext, force: bool = False) -> None:
+        """VaSSO / F-SAM: undo this step's update of the running state when the step is
+        skipped (``force``: always, when the step is abandoned).
 
         ``perturb`` updates the state as soon as the first pass is known good; a non-finite
         second pass, found later, must still leave it as it was.
         """
-        skip = ctx.skip(bucket.device)
-        name = ctx.variant.state[0]
-        prev = bucket.scratch("state_prev")
+        skip = torch.ones((), dtype=torch.bool, device=bucket.device) if force else ctx.skip(bucket.device)
+        name, prev = ctx.variant.running_state, bucket.tensors("state_prev")
         for i in plan.indices:
-            p = bucket.params[i]
             if prev[i] is not None:
-                ctx.state[p][name] = torch.where(skip, prev[i], ctx.state[p][name])
+                bucket.store_state(name, i, torch.where(skip, prev[i], bucket.state_tensor(name, i)))
                 prev[i] = None
 
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
         """``[non-finite count of g_p, <g, g_p>, ||g_p||^2, ||g||^2]`` into ``partials[:, 0]``."""
         acc = partials.dtype
         sums = torch.zeros(4, dtype=acc, device=bucket.device)
+        inner = ctx.variant.keeps_first_grad
         for i in plan.indices:
-            gp_raw = bucket.params[i].grad.to(acc)
+            gp_raw = bucket.grad(i).to(acc)
             sums[0] += (~torch.isfinite(gp_raw)).sum()
             gp = ctx.unscaled(gp_raw, S.INV_SCALE2)
-            if ctx.variant.keeps_first_grad or ctx.clip:
-                sums[2] += gp.square().sum()
-            if ctx.variant.keeps_first_grad:
-                g = bucket.scratch("first_grad")[i].to(acc)
+            if inner or ctx.clip:
+                sums[2] += sum_of_squares(gp)
+            held = bucket.tensors("first_grad")[i] if inner else None
+            if held is not None:
+                g = held.to(acc)
                 sums[1] += (g * gp).sum()
-                sums[3] += g.square().sum()
+                sums[3] += sum_of_squares(g)
         partials[:, 0] = sums
 
-    def restore(self, bucket: Bucket, plan: Plan) -> None:
-        """``w <- backup``: an exact copy, not ``w - eps``."""
-        for i in plan.indices:
+    def restore(self, bucket: Bucket, plan: Plan | None) -> None:
+        """``w <- backup``: an exact copy, not ``w - eps`` (every parameter when ``plan`` is None)."""
+        for i in range(len(bucket.params)) if plan is None else plan.indices:
             self._restore_one(bucket, i)
 
     def _restore_one(self, bucket: Bucket, i: int) -> None:
-        backup = bucket.backups[i]
-        if backup is not None:
-            bucket.params[i].detach().copy_(backup)
-            bucket.backups[i] = None
+        backups = bucket.tensors("backup")
+        if backups[i] is not None:
+            bucket.weight(i).copy_(backups[i])
+            backups[i] = None
 
     def update(
         self,
         bucket: Bucket,
         perturbed: Plan | None,
         plan: Plan,
-        spec: SGDSpec | AdamSpec,
+        spec: BaseSpec,
         ctx: StepContext,
-        descent: int,
+        descent: Descent,
     ) -> None:
         """Restore the perturbed parameters, then apply the base update to ``plan``'s."""
         if perturbed is not None:
             self.restore(bucket, perturbed)
         skip = ctx.skip(bucket.device)
         compute = math_dtype(bucket.dtype)
-        state = ctx.state
+        names = spec.state_names()
         for i in plan.indices:
-            p = bucket.params[i]
-            w_old = p.detach()
-            w, gp = w_old.to(compute), ctx.unscaled(p.grad.to(compute), S.INV_SCALE2)
-            st = state[p]
+            w_old = bucket.weight(i)
+            w, gp = w_old.to(compute), ctx.unscaled(bucket.grad(i).to(compute), S.INV_SCALE2)
+            held = bucket.tensors("first_grad")[i]
+            first_grad = torch.zeros_like(w) if held is None else held.to(compute)
             aux = None
-            if descent == DESCENT.GSAM:
-                aux = bucket.scratch("first_grad")[i].to(compute)
-            elif descent == DESCENT.LOOKSAM_REUSE:
-                aux = st.get("looksam_gv", torch.zeros_like(w_old)).to(compute)
-            elif descent == DESCENT.LOOKSAM_FULL:  # store g_v = g_p - (<g_p, g> / ||g||^2) g
-                g = bucket.scratch("first_grad")[i].to(compute)
+            if descent == Descent.GSAM:
+                aux = first_grad
+            elif descent == Descent.LOOKSAM_REUSE:
+                aux = bucket.state_tensor("looksam_gv", i).to(compute)
+            elif descent == Descent.LOOKSAM_FULL:  # store g_v = g_p - (<g_p, g> / ||g||^2) g
                 g2 = ctx.status[S.G2].to(compute)
-                gv = gp - torch.where(g2 > 0, ctx.status[S.DOT].to(compute) / g2, 0) * g
-                old = st.get("looksam_gv", torch.zeros_like(w_old))
-                st["looksam_gv"] = torch.where(skip, old, gv.to(w_old.dtype))
+                gv = gp - torch.where(g2 > 0, ctx.status[S.DOT].to(compute) / g2, 0) * first_grad
+                old = bucket.state_tensor("looksam_gv", i)
+                bucket.store_state("looksam_gv", i, torch.where(skip, old, gv.to(old.dtype)))
             d = descent_gradient(descent, ctx.options, gp, aux, ctx.status)
             if ctx.clip:  # max_grad_norm: the coefficient of the whole descent gradient
                 d = d * ctx.status[S.CLIP].to(compute)
-            step = bucket.steps[i]
-            if isinstance(spec, SGDSpec):
-                buf_old = st.get("momentum_buffer")
-                if spec.momentum != 0 and buf_old is None:
-                    buf_old = torch.zeros_like(w_old)
-                buf = None if buf_old is None else buf_old.to(compute)
-                w_new, buf = sgd_update(w, d, buf, step == 0, spec)
-                if buf is not None:
-                    st["momentum_buffer"] = torch.where(skip, buf_old, buf.to(w_old.dtype))
-            else:
-                zeros = torch.zeros_like(w_old)
-                m_old = st.get("exp_avg", zeros)
-                v_old = st.get("exp_avg_sq", zeros)
-                vmax_old = st.get("max_exp_avg_sq", zeros) if spec.amsgrad else None
-                w_new, m, v, v_max = adam_update(
-                    w,
-                    d,
-                    m_old.to(compute),
-                    v_old.to(compute),
-                    None if vmax_old is None else vmax_old.to(compute),
-                    step + 1,
-                    spec,
-                )
-                st["exp_avg"] = torch.where(skip, m_old, m.to(w_old.dtype))
-                st["exp_avg_sq"] = torch.where(skip, v_old, v.to(w_old.dtype))
-                if spec.amsgrad:
-                    st["max_exp_avg_sq"] = torch.where(skip, vmax_old, v_max.to(w_old.dtype))
-                st["step"] = bucket.steps[i]
+            olds = {name: bucket.state_tensor(name, i) for name in names}
+            w_new, new = spec.reference_update(
+                w, d, {name: old.to(compute) for name, old in olds.items()}, bucket.steps[i]
+            )
+            for name, old in olds.items():
+                bucket.store_state(name, i, torch.where(skip, old, new[name].to(old.dtype)))
             w_old.copy_(torch.where(skip, w_old, w_new.to(w_old.dtype)))
 
-    def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, state: dict, partials: Tensor) -> None:
+    def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
         """The sum of squares of a state tensor over the plan (LookSAM's ``||g_v||^2``)."""
         total = torch.zeros((), dtype=partials.dtype, device=bucket.device)
         for i in plan.indices:
-            held = state[bucket.params[i]].get(name)
-            if held is not None:
-                total += held.to(partials.dtype).square().sum()
+            total += sum_of_squares(bucket.state_tensor(name, i).to(partials.dtype))
         partials[0, 0] = total
 
-    def advance_steps(self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool) -> None:
-        """Count one update for every taking-part parameter, unless the step was skipped."""
+    def advance_steps(
+        self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool, base: bool, variant: bool
+    ) -> None:
+        """Count one update for every taking-part parameter, unless the step was skipped:
+        of the base state (``base``), of the variant's running state (``variant``)."""
         skip = ctx.skip(bucket.device)
-        bucket.steps.add_(bucket.mask_of(plan) * (~skip))
+        inc = bucket.mask_of(plan) * (~skip)
+        if base:
+            bucket.steps.add_(inc)
+        if variant:
+            bucket.vsteps.add_(inc)
         if count_skip:
             ctx.status[S.SKIPPED] += skip
+
+
+def _instance() -> ReferenceBackend:
+    from . import get_backend
+
+    return get_backend("reference")

@@ -13,10 +13,12 @@ import os
 import torch
 from torch import Tensor
 
-from ..base_updates import AdamSpec, SGDSpec
-from ..layout import Bucket, Plan
-from ..variants import ASCENT, DESCENT
-from .reference import StepContext, centralized
+from ..base_updates import AdamSpec, BaseSpec, SGDSpec
+from ..context import StepContext
+from ..layout import Bucket, Plan, Run
+from ..variants import Ascent, Descent
+from .protocol import Capabilities
+from .reference import centralize_each
 
 __all__ = ["TritonBackend", "interpreting", "triton_available"]
 
@@ -33,45 +35,48 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _variant_scalars(ctx: StepContext) -> tuple[float, float]:
-    """The two per-variant scalars the ascent kernels take (``c1, c2``)."""
-    o, rule = ctx.options, ctx.variant.ascent
-    if rule == ASCENT.VASSO:
-        return float(o["theta"]), 0.0
-    if rule == ASCENT.FSAM:
-        return float(o["sigma"]), float(o["lam"])
-    if rule == ASCENT.RSAM:
-        return float(o["lam"]), 0.0
-    return 0.0, 0.0
-
-
 class TritonBackend:
     """Fused flat-buffer kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
 
     name = "triton"
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
     unscales_in_place = False  # the kernels multiply by 1/scale as they read a gradient
+    # CPU tensors only through the interpreter, which must be on before triton is imported
+    capabilities = Capabilities(
+        device_types={"cuda", "cpu"} if interpreting() else {"cuda"},
+        dtypes={torch.float32, torch.bfloat16, torch.float16},
+        flat=True,
+        ascents=frozenset(Ascent),
+        descents=frozenset(Descent),
+        updates={SGDSpec.name, AdamSpec.name},
+    )
 
     def __init__(self) -> None:
         from ..kernels import ascent, descent
 
         self.ascent = ascent
         self.descent = descent
-        self._betas: dict[tuple[torch.device, float, float], Tensor] = {}
+        # the fused base updates: a new one is a spec, a kernel and a launcher here
+        self._updates = {SGDSpec: self._sgd, AdamSpec: self._adam}
+
+    def __reduce__(self):
+        return (_instance, ())
 
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         return sum(self.ascent.stats_programs(run.numel) for run in plan.runs)
 
-    def _aux_name(self, ctx: StepContext) -> str | None:
-        if ctx.variant.ascent == ASCENT.RSAM:
-            return "rsam_delta"
-        return ctx.variant.state[0] if ctx.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM) else None
+    @staticmethod
+    def _count(bucket: Bucket, run: Run, name: str) -> Tensor:
+        """The run's update count (``steps`` or ``vsteps``) as a pointer to its first entry."""
+        view = run.views.get(name)
+        if view is None:
+            view = run.views[name] = getattr(bucket, name)[run.first :]
+        return view
 
-    def _steps(self, bucket: Bucket, run) -> Tensor:
-        steps = run.views.get("steps")
-        if steps is None:
-            steps = run.views["steps"] = bucket.steps[run.first :]
-        return steps
+    @staticmethod
+    def _aux_name(ctx: StepContext) -> str | None:
+        if ctx.variant.ascent == Ascent.RSAM:
+            return "rsam_delta"
+        return ctx.variant.running_state if ctx.variant.ascent_updates_state else None
 
     # ------------------------------------------------------------------ ascent
     def centralize(self, bucket: Bucket, plan: Plan) -> None:
@@ -80,9 +85,7 @@ class TritonBackend:
             self.ascent.centralize_kernel[(starts.numel(),)](
                 bucket.grad_flat, starts, lengths, BLOCK=1024, num_warps=4
             )
-        for i in loose:  # parameters in another memory layout: one by one
-            g = bucket.params[i].grad
-            g.copy_(centralized(g.float()))
+        centralize_each(bucket, loose)  # parameters in another memory layout: one by one
 
     def noise(self, bucket: Bucket, ctx: StepContext, std: float, generator: torch.Generator) -> None:
         """RSAM: backup, then ``w <- w + delta`` with the same draw as the reference."""
@@ -98,7 +101,7 @@ class TritonBackend:
     ) -> None:
         adaptive = bool(group["adaptive"])
         aux_name = self._aux_name(ctx)
-        c1, _ = _variant_scalars(ctx)
+        c1, c2 = ctx.variant.kernel_scalars(ctx.options)
         offset = 0
         for run in plan.runs:
             programs = self.ascent.stats_programs(run.numel)
@@ -107,14 +110,15 @@ class TritonBackend:
                 grad,
                 run.views["param"],
                 bucket.run_view(run, aux_name) if aux_name else grad,
-                self._steps(bucket, run),
+                self._count(bucket, run, "vsteps"),
                 ctx.status,
                 partials[0, offset:],
                 partials[1, offset:],
                 run.numel,
                 float(group["eta"]) if adaptive else 0.0,
                 c1,
-                RULE=ctx.variant.ascent,
+                c2,
+                RULE=int(ctx.variant.ascent),
                 ADAPTIVE=adaptive,
                 WANT_SUMSQ=True,
                 UNSCALE=ctx.unscale,
@@ -124,25 +128,24 @@ class TritonBackend:
             offset += programs
 
     def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
+        variant = ctx.variant
         adaptive = bool(group["adaptive"])
         aux_name = self._aux_name(ctx)
-        noise = ctx.variant.noise
-        keep = ctx.variant.keeps_first_grad
-        keeps_prev = ctx.check and ctx.variant.ascent in (ASCENT.VASSO, ASCENT.FSAM)
-        c1, c2 = _variant_scalars(ctx)
+        has_state = variant.ascent_updates_state
+        c1, c2 = variant.kernel_scalars(ctx.options)
         rho, rho_on_device = _scalar_arg(group["rho"], bucket.device)
         for run in plan.runs:
             param, grad = run.views["param"], run.views["grad"]
             backup = bucket.run_view(run, "backup")
             self.ascent.perturb_kernel[(_grid(run.numel, self.ascent.BLOCK),)](
                 param,
-                backup if noise else param,
+                backup if variant.noise else param,
                 grad,
                 backup,
                 bucket.run_view(run, aux_name) if aux_name else grad,
-                bucket.run_view(run, "first_grad") if keep else grad,
-                bucket.run_view(run, "state_prev") if keeps_prev else grad,
-                self._steps(bucket, run),
+                bucket.run_view(run, "first_grad") if variant.keeps_first_grad else grad,
+                bucket.run_view(run, "state_prev") if has_state else grad,
+                self._count(bucket, run, "vsteps"),
                 ctx.status,
                 run.numel,
                 rho,
@@ -150,30 +153,35 @@ class TritonBackend:
                 float(ctx.norm_eps),
                 c1,
                 c2,
-                RULE=ctx.variant.ascent,
+                RULE=int(variant.ascent),
+                HAS_STATE=has_state,
                 ADAPTIVE=adaptive,
-                NORMALIZED=ctx.variant.normalized,
+                NORMALIZED=variant.normalized,
                 RHO_ON_DEVICE=rho_on_device,
                 CHECK=ctx.check,
-                WRITE_BACKUP=not noise,
-                KEEP_GRAD=keep,
+                WRITE_BACKUP=not variant.noise,
+                KEEP_GRAD=variant.keeps_first_grad,
                 UNSCALE=ctx.unscale,
                 BLOCK=self.ascent.BLOCK,
                 num_warps=8,
             )
-        if noise:  # parameters that took no part lose their noise
-            for run in bucket.complement_runs(plan):
+        left_out = bucket.complement_runs(plan)
+        for run in left_out:
+            if variant.noise:  # parameters that took no part lose their noise
                 self._restore_run(bucket, run)
+            if variant.keeps_first_grad:  # and have g = 0, not last step's
+                bucket.run_view(run, "first_grad").zero_()
 
     # ------------------------------------------------------------------ descent
-    def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext) -> None:
-        name = ctx.variant.state[0]
+    def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext, force: bool = False) -> None:
+        name = ctx.variant.running_state
         for run in plan.runs:
             self.ascent.revert_state_kernel[(_grid(run.numel, self.ascent.BLOCK),)](
                 bucket.run_view(run, name),
                 bucket.run_view(run, "state_prev"),
                 ctx.status,
                 run.numel,
+                FORCE=force,
                 BLOCK=self.ascent.BLOCK,
                 num_warps=8,
             )
@@ -201,13 +209,19 @@ class TritonBackend:
             )
             offset += programs
 
-    def restore(self, bucket: Bucket, plan: Plan) -> None:
+    def restore(self, bucket: Bucket, plan: Plan | None) -> None:
+        if plan is None:  # every parameter (RSAM's noise moved them all)
+            bucket.param_flat.copy_(bucket.backup_buffer())
+            return
         for run in plan.runs:
             self._restore_run(bucket, run)
 
-    def _restore_run(self, bucket: Bucket, run) -> None:
+    def _restore_run(self, bucket: Bucket, run: Run) -> None:
         self.descent.restore_kernel[(_grid(run.numel, self.descent.BLOCK),)](
-            run.views["param"], bucket.run_view(run, "backup"), run.numel, BLOCK=self.descent.BLOCK
+            bucket.param_flat[run.start : run.stop],
+            bucket.run_view(run, "backup"),
+            run.numel,
+            BLOCK=self.descent.BLOCK,
         )
 
     def update(
@@ -215,9 +229,9 @@ class TritonBackend:
         bucket: Bucket,
         perturbed: Plan | None,
         plan: Plan,
-        spec: SGDSpec | AdamSpec,
+        spec: BaseSpec,
         ctx: StepContext,
-        descent: int,
+        descent: Descent,
     ) -> None:
         if perturbed is plan:
             source = "backup"  # the restore is fused into the update
@@ -225,86 +239,83 @@ class TritonBackend:
             if perturbed is not None:
                 self.restore(bucket, perturbed)
             source = "param"
+        launch = self._updates[type(spec)]
         alpha = float(ctx.options.get("alpha", 0.0))
-        lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
         for run in plan.runs:
-            src = bucket.run_view(run, source)
             grad = run.views["grad"]
-            if descent in (DESCENT.GSAM, DESCENT.LOOKSAM_FULL):
+            if descent in (Descent.GSAM, Descent.LOOKSAM_FULL):
                 aux = bucket.run_view(run, "first_grad")
-            elif descent == DESCENT.LOOKSAM_REUSE:
+            elif descent == Descent.LOOKSAM_REUSE:
                 aux = bucket.run_view(run, "looksam_gv")
             else:
                 aux = grad
-            gv = bucket.run_view(run, "looksam_gv") if descent == DESCENT.LOOKSAM_FULL else grad
-            grid = (_grid(run.numel, self.descent.BLOCK),)
-            if isinstance(spec, SGDSpec):
-                has_momentum = spec.momentum != 0
-                self.descent.sgd_kernel[grid](
-                    src,
-                    run.views["param"],
-                    grad,
-                    bucket.run_view(run, "momentum_buffer") if has_momentum else src,
-                    aux,
-                    gv,
-                    self._steps(bucket, run),
-                    ctx.status,
-                    run.numel,
-                    lr,
-                    spec.momentum,
-                    1.0 - spec.dampening,
-                    spec.weight_decay,
-                    alpha,
-                    DESCENT=descent,
-                    UNSCALE=ctx.unscale,
-                    CLIP_GRAD=ctx.clip,
-                    HAS_WEIGHT_DECAY=spec.weight_decay != 0,
-                    HAS_MOMENTUM=has_momentum,
-                    NESTEROV=spec.nesterov,
-                    MAXIMIZE=spec.maximize,
-                    CHECK=ctx.check,
-                    LR_ON_DEVICE=lr_on_device,
-                    BLOCK=self.descent.BLOCK,
-                    num_warps=8,
-                )
-            else:
-                m = bucket.run_view(run, "exp_avg")
-                v = bucket.run_view(run, "exp_avg_sq")
-                self.descent.adam_kernel[grid](
-                    src,
-                    run.views["param"],
-                    grad,
-                    m,
-                    v,
-                    bucket.run_view(run, "max_exp_avg_sq") if spec.amsgrad else v,
-                    aux,
-                    gv,
-                    self._steps(bucket, run),
-                    self._betas_tensor(bucket.device, spec),
-                    ctx.status,
-                    run.numel,
-                    lr,
-                    spec.beta2,
-                    1.0 - spec.beta1,
-                    1.0 - spec.beta2,
-                    spec.eps,
-                    spec.weight_decay,
-                    0.0 if lr_on_device else 1.0 - lr * spec.weight_decay,
-                    alpha,
-                    DESCENT=descent,
-                    UNSCALE=ctx.unscale,
-                    CLIP_GRAD=ctx.clip,
-                    HAS_WEIGHT_DECAY=spec.weight_decay != 0,
-                    DECOUPLED=spec.decoupled,
-                    AMSGRAD=spec.amsgrad,
-                    MAXIMIZE=spec.maximize,
-                    CHECK=ctx.check,
-                    LR_ON_DEVICE=lr_on_device,
-                    BLOCK=self.descent.BLOCK,
-                    num_warps=8,
-                )
+            gv = bucket.run_view(run, "looksam_gv") if descent == Descent.LOOKSAM_FULL else grad
+            common = dict(DESCENT=int(descent), UNSCALE=ctx.unscale, CLIP_GRAD=ctx.clip, CHECK=ctx.check)
+            launch(bucket, run, bucket.run_view(run, source), aux, gv, spec, ctx, alpha, common)
 
-    def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, state: dict, partials: Tensor) -> None:
+    def _sgd(self, bucket, run, src, aux, gv, spec: SGDSpec, ctx, alpha, common) -> None:
+        lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
+        has_momentum = spec.momentum != 0
+        self.descent.sgd_kernel[(_grid(run.numel, self.descent.BLOCK),)](
+            src,
+            run.views["param"],
+            run.views["grad"],
+            bucket.run_view(run, "momentum_buffer") if has_momentum else src,
+            aux,
+            gv,
+            self._count(bucket, run, "steps"),
+            ctx.status,
+            run.numel,
+            lr,
+            spec.momentum,
+            1.0 - spec.dampening,
+            spec.weight_decay,
+            alpha,
+            HAS_WEIGHT_DECAY=spec.weight_decay != 0,
+            HAS_MOMENTUM=has_momentum,
+            NESTEROV=spec.nesterov,
+            MAXIMIZE=spec.maximize,
+            LR_ON_DEVICE=lr_on_device,
+            BLOCK=self.descent.BLOCK,
+            num_warps=8,
+            **common,
+        )
+
+    def _adam(self, bucket, run, src, aux, gv, spec: AdamSpec, ctx, alpha, common) -> None:
+        lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
+        v = bucket.run_view(run, "exp_avg_sq")
+        self.descent.adam_kernel[(_grid(run.numel, self.descent.BLOCK),)](
+            src,
+            run.views["param"],
+            run.views["grad"],
+            bucket.run_view(run, "exp_avg"),
+            v,
+            bucket.run_view(run, "max_exp_avg_sq") if spec.amsgrad else v,
+            aux,
+            gv,
+            self._count(bucket, run, "steps"),
+            _betas(bucket, spec),
+            ctx.status,
+            run.numel,
+            lr,
+            spec.beta2,
+            1.0 - spec.beta1,
+            1.0 - spec.beta2,
+            spec.eps,
+            spec.weight_decay,
+            0.0 if lr_on_device else 1.0 - lr * spec.weight_decay,
+            alpha,
+            HAS_WEIGHT_DECAY=spec.weight_decay != 0,
+            DECOUPLED=spec.decoupled,
+            AMSGRAD=spec.amsgrad,
+            MAXIMIZE=spec.maximize,
+            LR_ON_DEVICE=lr_on_device,
+            BLOCK=self.descent.BLOCK,
+            num_warps=8,
+            **common,
+        )
+
+    def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
         """Sum of squares of flat state buffer ``name`` over the plan, into ``partials[0]``."""
         offset = 0
         for run in plan.runs:
@@ -314,14 +325,15 @@ class TritonBackend:
                 view,
                 view,
                 view,
-                self._steps(bucket, run),
+                self._count(bucket, run, "vsteps"),
                 partials,  # status: not read without UNSCALE
                 partials[0, offset:],
                 partials[1, offset:],  # non-finite count of the state: not needed
                 run.numel,
                 0.0,
                 0.0,
-                RULE=0,
+                0.0,
+                RULE=int(Ascent.GRAD),
                 ADAPTIVE=False,
                 WANT_SUMSQ=True,
                 UNSCALE=False,
@@ -330,26 +342,36 @@ class TritonBackend:
             )
             offset += programs
 
-    def advance_steps(self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool) -> None:
+    def advance_steps(
+        self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool, base: bool, variant: bool
+    ) -> None:
         n = len(bucket.params)
         self.descent.advance_steps_kernel[(_grid(n, 1024),)](
             bucket.steps,
+            bucket.vsteps,
             bucket.mask_of(plan),
             ctx.status,
             n,
+            BASE=base,
+            VARIANT=variant,
             CHECK=ctx.check,
             COUNT_SKIP=count_skip,
             BLOCK=1024,
         )
 
-    def _betas_tensor(self, device: torch.device, spec: AdamSpec) -> Tensor:
-        """The betas in float64 on the device, cached so a step uploads nothing."""
-        key = (device, spec.beta1, spec.beta2)
-        betas = self._betas.get(key)
-        if betas is None:
-            betas = torch.tensor([spec.beta1, spec.beta2], dtype=torch.float64, device=device)
-            self._betas[key] = betas
-        return betas
+
+def _betas(bucket: Bucket, spec: AdamSpec) -> Tensor:
+    """Adam's betas in float64 on the device, for the bias corrections: one small tensor per
+    bucket, rewritten in place only when the values change (a schedule that cycles the
+    betas, such as OneCycleLR, costs one tiny copy per change, and nothing accumulates)."""
+    held = bucket.cache.get("betas")
+    values = (spec.beta1, spec.beta2)
+    if held is None:
+        held = bucket.cache["betas"] = [None, torch.empty(2, dtype=torch.float64, device=bucket.device)]
+    if held[0] != values:
+        held[1].copy_(torch.tensor(values, dtype=torch.float64))
+        held[0] = values
+    return held[1]
 
 
 def _scalar_arg(value: float | Tensor, device: torch.device) -> tuple[float | Tensor, bool]:
@@ -357,15 +379,17 @@ def _scalar_arg(value: float | Tensor, device: torch.device) -> tuple[float | Te
     kernel loads it, so in-place schedule updates reach CUDA graph replays); a Python
     float or a CPU tensor (read without a sync) by value."""
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"a tensor hyperparameter must hold one value, got shape {tuple(value.shape)}")
         if value.device == device:
             return value, True
-        if value.device.type == "cpu":
-            return float(value), False
-        raise ValueError(f"a hyperparameter tensor on {value.device} cannot drive parameters on {device}")
+        return float(value), False
     return float(value), False
 
 
 def _grid(n: int, block: int) -> int:
     return max(1, -(-n // block))
+
+
+def _instance() -> TritonBackend:
+    from . import get_backend
+
+    return get_backend("triton")

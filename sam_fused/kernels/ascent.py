@@ -9,14 +9,25 @@ same gradients give bitwise the same norm on every run.
 ``perturb_kernel`` reads the global sum of squares from the status tensor (no host sync)
 and writes the backup, ``w + eps`` and the variant's new running state in one pass.
 
-The variant's ascent direction is one ``constexpr`` branch of ``direction`` (rule numbers
-from ``sam_fused.variants.ASCENT``); its two scalars ``c1, c2`` are the variant's options.
+The variant's ascent direction is one ``constexpr`` branch of ``direction`` (rule names
+from ``sam_fused.variants.Ascent``, see ``common.py``); its two scalars ``c1, c2`` are the
+variant's ``kernel_scalars``. ``first`` (the variant's running state was never updated)
+comes from the bucket's ``vsteps`` count of the run.
 """
 
 import triton
 import triton.language as tl
 
-from .common import INV_SCALE1, SUMSQ, skip_step, status_f32
+from .common import (
+    ASCENT_FSAM,
+    ASCENT_GRAD,
+    ASCENT_RSAM,
+    ASCENT_VASSO,
+    INV_SCALE1,
+    SUMSQ,
+    skip_step,
+    status_f32,
+)
 
 BLOCK = 4096
 MAX_PROGRAMS = 1024
@@ -29,17 +40,21 @@ def stats_programs(n: int) -> int:
 
 
 @triton.jit
-def direction(g, aux, first, c1, RULE: tl.constexpr):
-    """The ascent direction v (docs/variants.md) from the gradient and the variant's aux."""
-    if RULE == 1:  # VaSSO: d <- (1 - theta) d + theta g, d = g on the first step (c1 = theta)
+def direction(g, aux, first, c1, c2, RULE: tl.constexpr):
+    """The ascent direction v (docs/variants.md) and the variant's new running state."""
+    if RULE == ASCENT_VASSO:  # d <- (1 - theta) d + theta g, d = g on the first update (c1 = theta)
         v = tl.where(first, g, (1.0 - c1) * aux + c1 * g)
-    elif RULE == 2:  # F-SAM: v = g - sigma m with the previous EMA m (c1 = sigma)
-        v = g - c1 * aux
-    elif RULE == 3:  # RSAM: v = delta + lam g_hat (c1 = lam)
+        new_state = v
+    elif RULE == ASCENT_FSAM:  # v = g - sigma m (previous m), m <- lam m + (1 - lam) g; both g at first
+        v = tl.where(first, g, g - c1 * aux)
+        new_state = tl.where(first, g, c2 * aux + (1.0 - c2) * g)
+    elif RULE == ASCENT_RSAM:  # v = delta + lam g_hat (c1 = lam)
         v = aux + c1 * g
+        new_state = v
     else:  # SAM, ASAM, USAM, GSAM, LookSAM, GCSAM (after centralization)
         v = g
-    return v
+        new_state = v
+    return v, new_state
 
 
 @triton.jit
@@ -47,13 +62,14 @@ def ascent_stats_kernel(
     grad_ptr,
     param_ptr,
     aux_ptr,
-    steps_ptr,
+    first_ptr,
     status_ptr,
     sumsq_ptr,
     bad_ptr,
     n,
     eta,
     c1,
+    c2,
     RULE: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     WANT_SUMSQ: tl.constexpr,
@@ -62,7 +78,7 @@ def ascent_stats_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     stride = tl.num_programs(0).to(tl.int64) * BLOCK
-    first = tl.load(steps_ptr) == 0
+    first = tl.load(first_ptr) == 0
     inv_scale = 1.0
     if UNSCALE:  # GradScaler: the gradients hold scale * g
         inv_scale = status_f32(status_ptr, INV_SCALE1)
@@ -77,9 +93,9 @@ def ascent_stats_kernel(
             g = g * inv_scale
         if WANT_SUMSQ:
             aux = g
-            if RULE != 0:
+            if RULE != ASCENT_GRAD:
                 aux = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            u = direction(g, aux, first, c1, RULE)
+            u, _ = direction(g, aux, first, c1, c2, RULE)
             if ADAPTIVE:
                 w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 u = (tl.abs(w) + eta) * u
@@ -98,7 +114,7 @@ def perturb_kernel(
     aux_ptr,
     keep_ptr,
     prev_ptr,
-    steps_ptr,
+    first_ptr,
     status_ptr,
     n,
     rho_arg,
@@ -107,6 +123,7 @@ def perturb_kernel(
     c1,
     c2,
     RULE: tl.constexpr,
+    HAS_STATE: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     NORMALIZED: tl.constexpr,
     CHECK: tl.constexpr,
@@ -130,12 +147,12 @@ def perturb_kernel(
     g = g_raw.to(tl.float32)
     if UNSCALE:
         g = g * status_f32(status_ptr, INV_SCALE1)
-    first = tl.load(steps_ptr) == 0
+    first = tl.load(first_ptr) == 0
     aux = g
-    if RULE != 0:
+    if RULE != ASCENT_GRAD:
         aux_raw = tl.load(aux_ptr + offs, mask=mask, other=0.0)
         aux = aux_raw.to(tl.float32)
-    v = direction(g, aux, first, c1, RULE)
+    v, new_state = direction(g, aux, first, c1, c2, RULE)
     scale = rho
     if NORMALIZED:
         scale = rho / (tl.sqrt(tl.load(status_ptr + SUMSQ).to(tl.float32)) + norm_eps)
@@ -152,27 +169,30 @@ def perturb_kernel(
         tl.store(backup_ptr + offs, w_raw, mask=mask)
     if KEEP_GRAD:  # GSAM and LookSAM need g again in the second step (unscaled)
         tl.store(keep_ptr + offs, g.to(g_raw.dtype), mask=mask)
-    if RULE == 1 or RULE == 2:  # the variant's running state: VaSSO's d, F-SAM's m
-        if RULE == 1:
-            new_state = v.to(aux_raw.dtype)
-        else:
-            new_state = (c2 * aux + (1.0 - c2) * g).to(aux_raw.dtype)
+    if HAS_STATE:  # the variant's running state (VaSSO's d, F-SAM's m)
+        state_out = new_state.to(aux_raw.dtype)
         if CHECK:
-            # keep the old value: a non-finite second pass must undo this update
-            # (revert_state_kernel), since the skip is not known before then
-            new_state = tl.where(skip, aux_raw, new_state)
-            tl.store(prev_ptr + offs, aux_raw, mask=mask)
-        tl.store(aux_ptr + offs, new_state, mask=mask)
+            state_out = tl.where(skip, aux_raw, state_out)
+        # the old value too: a non-finite second pass or an abandoned step undoes this
+        # update (revert_state_kernel), and neither is known yet
+        tl.store(prev_ptr + offs, aux_raw, mask=mask)
+        tl.store(aux_ptr + offs, state_out, mask=mask)
     tl.store(param_ptr + offs, new_w, mask=mask)
 
 
 @triton.jit
-def revert_state_kernel(state_ptr, prev_ptr, status_ptr, n, BLOCK: tl.constexpr):
-    """``state <- prev`` when the step is skipped; reads nothing else when it is not."""
-    if skip_step(status_ptr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        tl.store(state_ptr + offs, tl.load(prev_ptr + offs, mask=mask), mask=mask)
+def _copy_block(dst_ptr, src_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def revert_state_kernel(state_ptr, prev_ptr, status_ptr, n, FORCE: tl.constexpr, BLOCK: tl.constexpr):
+    """``state <- prev`` when the step is skipped (always with FORCE: an abandoned step);
+    reads nothing else when it is not."""
+    if FORCE or skip_step(status_ptr):
+        _copy_block(state_ptr, prev_ptr, n, BLOCK)
 
 
 @triton.jit

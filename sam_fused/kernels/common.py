@@ -1,11 +1,17 @@
-"""Pieces every kernel family shares: the status layout and the skip predicate."""
+"""Pieces every kernel family shares: the status layout, the rule names, the skip predicate.
+
+The status entries (``sam_fused/status.py``) and the variants' rule numbers
+(``sam_fused/variants.py``) are imported from their one definition and become
+compile-time constants here, so a kernel branch reads ``RULE == ASCENT_VASSO``.
+"""
 
 import triton
 import triton.language as tl
 
 from .. import status as S
+from ..variants import Ascent, Descent
 
-# the status tensor's entries (sam_fused/status.py), as compile-time constants
+# the status tensor's entries, as compile-time constants
 SUMSQ = tl.constexpr(S.SUMSQ)
 BAD1 = tl.constexpr(S.BAD1)
 SKIPPED = tl.constexpr(S.SKIPPED)
@@ -17,6 +23,16 @@ G2 = tl.constexpr(S.G2)
 INV_SCALE1 = tl.constexpr(S.INV_SCALE1)
 INV_SCALE2 = tl.constexpr(S.INV_SCALE2)
 CLIP = tl.constexpr(S.CLIP)
+
+# the variants' rules (kernels take the rule of a launch as a constexpr argument)
+ASCENT_GRAD = tl.constexpr(int(Ascent.GRAD))
+ASCENT_VASSO = tl.constexpr(int(Ascent.VASSO))
+ASCENT_FSAM = tl.constexpr(int(Ascent.FSAM))
+ASCENT_RSAM = tl.constexpr(int(Ascent.RSAM))
+DESCENT_PLAIN = tl.constexpr(int(Descent.PLAIN))
+DESCENT_GSAM = tl.constexpr(int(Descent.GSAM))
+DESCENT_LOOKSAM_FULL = tl.constexpr(int(Descent.LOOKSAM_FULL))
+DESCENT_LOOKSAM_REUSE = tl.constexpr(int(Descent.LOOKSAM_REUSE))
 
 
 @triton.jit

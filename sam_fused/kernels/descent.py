@@ -14,7 +14,21 @@ advanced afterwards by ``advance_steps_kernel``, so that a skipped step leaves i
 import triton
 import triton.language as tl
 
-from .common import CLIP, DOT, G2, GP2, GV2, INV_SCALE2, SKIPPED, SUMSQ, skip_step, status_f32
+from .common import (
+    CLIP,
+    DESCENT_GSAM,
+    DESCENT_LOOKSAM_FULL,
+    DESCENT_LOOKSAM_REUSE,
+    DOT,
+    G2,
+    GP2,
+    GV2,
+    INV_SCALE2,
+    SKIPPED,
+    SUMSQ,
+    skip_step,
+    status_f32,
+)
 
 BLOCK = 4096
 MAX_PROGRAMS = 1024
@@ -71,13 +85,15 @@ def descent_stats_kernel(
 def descent_gradient(
     gp, aux_ptr, gv_ptr, offs, mask, status_ptr, alpha, RULE: tl.constexpr, CHECK: tl.constexpr
 ):
-    """The gradient the base update receives (rule numbers: sam_fused.variants.DESCENT)."""
-    if RULE == 1:  # GSAM: g_p - alpha (g - (<g, g_p> / ||g_p||^2) g_p), aux = g
+    """The gradient the base update receives (rules: sam_fused.variants.Descent)."""
+    if RULE == DESCENT_GSAM:  # GSAM: g_p - alpha (g - (<g, g_p> / ||g_p||^2) g_p), aux = g
         g = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         gp2 = status_f32(status_ptr, GP2)
         coef = tl.where(gp2 > 0, status_f32(status_ptr, DOT) / gp2, 0.0)
         d = gp - alpha * (g - coef * gp)
-    elif RULE == 2:  # LookSAM full step: descend along g_p, store g_v = g_p - (<g_p,g>/||g||^2) g
+    elif (
+        RULE == DESCENT_LOOKSAM_FULL
+    ):  # LookSAM full step: descend along g_p, store g_v = g_p - (<g_p,g>/||g||^2) g
         g = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g2 = status_f32(status_ptr, G2)
         coef = tl.where(g2 > 0, status_f32(status_ptr, DOT) / g2, 0.0)
@@ -87,7 +103,7 @@ def descent_gradient(
             gv = tl.where(skip_step(status_ptr), gv_raw, gv)
         tl.store(gv_ptr + offs, gv, mask=mask)
         d = gp
-    elif RULE == 3:  # LookSAM reuse step: g + alpha (||g|| / ||g_v||) g_v, aux = g_v
+    elif RULE == DESCENT_LOOKSAM_REUSE:  # LookSAM reuse step: g + alpha (||g|| / ||g_v||) g_v, aux = g_v
         gv = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         gv2 = status_f32(status_ptr, GV2)
         scale = tl.where(gv2 > 0, tl.sqrt(status_f32(status_ptr, SUMSQ)) / tl.sqrt(gv2), 0.0)
@@ -251,7 +267,8 @@ def adam_kernel(
     m_raw = tl.load(exp_avg_ptr + offs, mask=mask)
     v_raw = tl.load(exp_avg_sq_ptr + offs, mask=mask)
     m = m_raw.to(tl.float32)
-    m = m + one_minus_beta1 * (g - m)  # torch.lerp(m, g, 1 - beta1)
+    # torch.lerp(m, g, weight) with weight = 1 - beta1, in its two branches as torch rounds them
+    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
     v = beta2 * v_raw.to(tl.float32) + one_minus_beta2 * (g * g)
     if CHECK:
         skip = skip_step(status_ptr)
@@ -279,9 +296,19 @@ def adam_kernel(
 
 @triton.jit
 def advance_steps_kernel(
-    steps_ptr, mask_ptr, status_ptr, n, CHECK: tl.constexpr, COUNT_SKIP: tl.constexpr, BLOCK: tl.constexpr
+    steps_ptr,
+    vsteps_ptr,
+    mask_ptr,
+    status_ptr,
+    n,
+    BASE: tl.constexpr,
+    VARIANT: tl.constexpr,
+    CHECK: tl.constexpr,
+    COUNT_SKIP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """steps += taking_part * (step not skipped); one bucket also counts skipped steps."""
+    """steps (BASE) and vsteps (VARIANT) += taking_part * (step not skipped); one bucket
+    also counts skipped steps."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     inc = tl.load(mask_ptr + offs, mask=mask, other=0.0)
@@ -291,4 +318,7 @@ def advance_steps_kernel(
         if COUNT_SKIP:
             if tl.program_id(0) == 0:
                 tl.store(status_ptr + SKIPPED, tl.load(status_ptr + SKIPPED) + tl.where(skip, 1.0, 0.0))
-    tl.store(steps_ptr + offs, tl.load(steps_ptr + offs, mask=mask) + inc, mask=mask)
+    if BASE:
+        tl.store(steps_ptr + offs, tl.load(steps_ptr + offs, mask=mask) + inc, mask=mask)
+    if VARIANT:
+        tl.store(vsteps_ptr + offs, tl.load(vsteps_ptr + offs, mask=mask) + inc, mask=mask)

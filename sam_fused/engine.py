@@ -1,0 +1,506 @@
+"""The step engine: buckets, the device status vector, the reductions, and one step's flow.
+
+``SAM`` (``optimizer.py``) is the front end; everything a step does happens here, in two
+halves that never mix:
+
+1. **Validate**: the call order, the param groups (unchanged since they were laid out,
+   hyperparameters in range), the GradScaler, every bucket's plan (layout, gradients) and
+   the base update. A refusal raises here, and nothing has changed.
+2. **Apply**: the backends' operations, bucket by bucket, then the new host state is
+   committed to :class:`StepState`. An unexpected failure in this half abandons the step
+   (:meth:`StepEngine.abort`), so no exception leaves the weights perturbed.
+
+Per-step host state lives in one :class:`StepState` object that is only ever mutated, never
+rebound: framework wrappers that copy the optimizer's ``__dict__`` (Lightning's
+``LightningOptimizer``) share it, and see the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import amp, options
+from . import status as S
+from .backends import choose_backend
+from .base_updates import REGISTRY, BaseSpec, spec_for
+from .context import StepContext
+from .layout import Bucket, Plan, flat_layout_refusal
+from .sharding import shard_group
+from .variants import VARIANTS, Descent, Variant
+
+__all__ = ["Phase", "StepEngine", "StepState"]
+
+
+class Phase(Enum):
+    IDLE = "idle"  # between steps
+    NOISED = "noised"  # RSAM: at w + delta, before the first pass's first_step()
+    PERTURBED = "perturbed"  # at w + eps, before second_step()
+
+
+@dataclass
+class StepState:
+    """The host side of the step in flight (mutated in place, never replaced)."""
+
+    phase: Phase = Phase.IDLE
+    plans: list[Plan] | None = None  # the perturbed plans
+    backed_up: int = 0  # buckets (in order) that hold this step's backup
+    step_index: int = 0  # steps taken; periodic variants perturb by it
+    index_before: int = 0
+    scaler: Any = None
+    scaler_key: int = 0
+    generator: torch.Generator | None = None  # RSAM's noise
+    generator_before: Tensor | None = None
+    hooks_open: bool = False  # the step's pre-hooks fired, its post-hooks are due
+    in_closure_step: bool = False
+    closure_checked: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StepEngine:
+    """Everything a SAM step needs besides the front end's validation of its arguments."""
+
+    def __init__(
+        self,
+        owner: torch.optim.Optimizer,
+        variant: Variant,
+        variant_options: Mapping[str, Any],
+        keys: Mapping[str, str],
+        norm_eps: float,
+        skip_nonfinite: bool,
+        max_grad_norm: float | None,
+        backend: str,
+    ) -> None:
+        self.owner = owner  # the SAM object (framework wrappers of it share this engine)
+        self.variant = variant
+        self.variant_options = variant_options
+        self.keys = keys  # SAM's param-group keys: rho/adaptive/eta, or sam_<name> on a clash
+        self.norm_eps = norm_eps
+        self.skip_nonfinite = skip_nonfinite
+        self.max_grad_norm = max_grad_norm
+        self.backend = backend
+        self.buckets: list[Bucket] = []
+        self.device = torch.device("cpu")
+        self.status = torch.zeros(S.SIZE, dtype=torch.float32)
+        self.process_group: Any = None
+        self.step = StepState()
+        self._laid_out: list[dict] = []  # the groups as laid out (their params: ParamLists)
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        self._where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        self._partials: dict[int, Tensor] = {}
+        self._contexts: dict[bool, StepContext] = {}
+
+    # ------------------------------------------------------------------ layout
+    def lay_out(self, groups: list[dict], start: int) -> list[Bucket]:
+        """Buckets for ``groups`` (numbered from ``start``); validates, moves nothing."""
+        laid_out = []
+        known = [p for b in self.buckets for p in b.params]
+        new = [p for g in groups for p in g["params"]]
+        devices = {p.device for p in known + new}
+        if len(devices) > 1:
+            raise ValueError(options.several_devices(devices))
+        shard_group(known + new)  # refuses a mix of DTensors and plain tensors
+        for index, group in enumerate(groups, start):
+            options.check_params(group["params"], index)
+            by_kind: dict[tuple, list[Tensor]] = {}
+            for p in group["params"]:
+                refusal = flat_layout_refusal(p)
+                dtype = p.real.dtype if p.is_complex() else p.dtype
+                by_kind.setdefault((dtype, refusal is None), []).append((p, refusal))
+            for (dtype, _), members in by_kind.items():
+                refusal = next((r for _, r in members if r is not None), None)
+                device = members[0][0].device
+                backend = choose_backend(self.backend, device, dtype, self.variant, refusal)
+                if self.variant.descent != Descent.PLAIN:  # refused now, not halfway through a step
+                    spec, why = spec_for(type(self.owner.base_optimizer), group)
+                    if spec is None or not backend.capabilities.fuses(spec):
+                        raise ValueError(
+                            f"{self.variant.name} changes the descent gradient, which sam_fused fuses into "
+                            f"torch.optim.SGD, Adam and AdamW only; param group {index} cannot take it "
+                            f"({why or f'the {backend.name} backend does not fuse it'})"
+                        )
+                laid_out.append(([p for p, _ in members], index, backend))
+        return laid_out
+
+    def add(self, groups: list[dict], laid_out: list) -> None:
+        """Commit what :meth:`lay_out` validated: move the parameters into their buckets."""
+        buckets = [
+            Bucket(params, index, backend.capabilities.flat, backend) for params, index, backend in laid_out
+        ]
+        self.buckets.extend(buckets)
+        for group in groups:
+            group["params"] = options.ParamList(group["params"])
+        self._laid_out.extend(groups)
+        if buckets:
+            self.device = buckets[0].device
+        acc = torch.float64 if any(b.dtype == torch.float64 for b in self.buckets) else torch.float32
+        self.status = self.status.to(device=self.device, dtype=acc)
+        self.process_group = shard_group(p for b in self.buckets for p in b.params)
+        self._reset_caches()
+
+    def locate(self, param: Any) -> tuple[Bucket, int] | None:
+        found = self._where.get(id(param))
+        return found if found is not None and found[0].params[found[1]] is param else None
+
+    def base_names(self, bucket: Bucket) -> tuple[tuple[str, ...], bool]:
+        """The base optimizer's state names for the bucket's group, and whether it counts steps."""
+        spec = REGISTRY.get(type(self.owner.base_optimizer))
+        if spec is None:
+            return (), False
+        return spec.names_for_group(self.owner.param_groups[bucket.group_index]), spec.counts_steps
+
+    # ------------------------------------------------------------------ validation
+    def check_groups(self) -> None:
+        """The param groups are the ones laid out, with valid SAM hyperparameters (cheap)."""
+        groups = self.owner.param_groups
+        if len(groups) != len(self._laid_out):
+            raise RuntimeError(options.groups_changed("param_groups gained or lost a group"))
+        for index, (group, laid) in enumerate(zip(groups, self._laid_out)):
+            params = group["params"]
+            if group is not laid or not isinstance(params, options.ParamList) or params.edited:
+                raise RuntimeError(options.groups_changed(f"param_groups[{index}]['params'] changed"))
+            options.check_group(group, self.keys, index, self.device)
+
+    def fused_specs(self) -> list[BaseSpec] | None:
+        """Every bucket's fused base update, or None when the base optimizer's own step runs."""
+        specs = []
+        base = type(self.owner.base_optimizer)
+        for bucket in self.buckets:
+            group = self.owner.param_groups[bucket.group_index]
+            spec, reason = spec_for(base, group)
+            if spec is None or not bucket.backend.capabilities.fuses(spec):
+                self.step.extra["generic_reason"] = (
+                    reason or f"the {bucket.backend.name} backend does not fuse it"
+                )
+                return None
+            options.check_tensor_scalar(spec.lr, "lr", bucket.group_index, self.device)
+            specs.append(spec)
+        return specs
+
+    def descent_specs(self) -> list[BaseSpec] | None:
+        """:meth:`fused_specs`, which a variant that changes the descent gradient requires."""
+        specs = self.fused_specs()
+        if specs is None and self.variant.descent != Descent.PLAIN:
+            raise ValueError(
+                f"{self.variant.name} changes the descent gradient, which sam_fused fuses into "
+                f"torch.optim.SGD, Adam and AdamW only, and here the base update cannot be fused: "
+                f"{self.step.extra['generic_reason']}"
+            )
+        return specs
+
+    def plans(self) -> list[Plan]:
+        return [bucket.plan() for bucket in self.buckets]
+
+    # ------------------------------------------------------------------ reductions
+    def context(self, scaled: bool) -> StepContext:
+        ctx = self._contexts.get(scaled)
+        if ctx is None:
+            check = self.skip_nonfinite or scaled  # an overflow under a GradScaler must never land
+            ctx = StepContext(
+                self.variant,
+                self.variant_options,
+                self.norm_eps,
+                check,
+                self.status,
+                scaled,
+                self.max_grad_norm is not None,
+            )
+            self._contexts[scaled] = ctx
+        return ctx
+
+    def reduce(self, plans: list[Plan], fill: Callable[[Bucket, Plan, Tensor], None], entries: slice) -> None:
+        """Each bucket writes its partial sums (``fill``); their sums land in ``status[entries]``,
+        added up over the ranks' shards under FSDP2. A fixed order: bitwise reproducible."""
+        slots = sum(b.backend.partial_slots(b, p) for b, p in zip(self.buckets, plans) if not p.empty)
+        partials = self._partials.get(slots)
+        if partials is None:
+            if len(self._partials) > 8:
+                self._partials.clear()
+            partials = self._partials[slots] = torch.zeros(
+                4, slots, dtype=self.status.dtype, device=self.device
+            )
+        offset = 0
+        for bucket, plan in zip(self.buckets, plans):
+            if not plan.empty:
+                n = bucket.backend.partial_slots(bucket, plan)
+                fill(bucket, plan, partials[:, offset : offset + n])
+                offset += n
+        rows = entries.stop - entries.start
+        torch.sum(partials[:rows], dim=1, out=self.status[entries])
+        if self.process_group is not None:
+            torch.distributed.all_reduce(self.status[entries], group=self.process_group)
+
+    # ------------------------------------------------------------------ the step
+    def noise(self) -> None:
+        """RSAM: ``w <- w + delta`` for the first pass (backups taken)."""
+        st = self.step
+        if st.phase is not Phase.IDLE:
+            raise RuntimeError("noise_step() was called again before first_step()/second_step() finished")
+        self.check_groups()
+        generator = st.generator
+        if generator is None:  # seeded before it is kept: a seed that fails leaves none behind
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(self.variant_options["seed"]))
+        st.generator, st.generator_before, st.index_before = generator, generator.get_state(), st.step_index
+        st.phase, st.plans, st.backed_up = Phase.NOISED, None, 0
+        total = max(1, sum(p.numel() for b in self.buckets for p in b.params))
+        with self._abandon_on_error():
+            for i, bucket in enumerate(self.buckets):
+                rho = self.owner.param_groups[bucket.group_index][self.keys["rho"]]
+                std = self.variant_options["noise_std"]
+                std = float(rho) / math.sqrt(total) if std is None else float(std)
+                bucket.backend.noise(bucket, self.context(False), std, generator)
+                st.backed_up = i + 1
+
+    def first_step(self, scaler: Any, key: int) -> bool:
+        st = self.step
+        if st.phase is Phase.PERTURBED:
+            raise RuntimeError(
+                "first_step() was called twice without second_step(): the weights are "
+                "already perturbed; call second_step() to restore and update them (or abort_step())"
+            )
+        if self.variant.noise and st.phase is not Phase.NOISED:
+            raise RuntimeError("RSAM takes its first pass at w + delta: call noise_step() before it")
+        self.check_groups()
+        scaler = amp.active_scaler(scaler, key, self.device, first_pass=True)
+        plans = self.plans()
+        perturbs = self.variant.perturbs(st.step_index, self.variant_options)
+        specs = self.descent_specs() if not perturbs or self.variant.descent != Descent.PLAIN else None
+        # ---- everything is validated: from here on the step changes things
+        if scaler is not None:  # both passes of a step share the scale (it moves in update())
+            amp.write_inverse_scale(
+                self.status, amp.scaler_scale(scaler), slice(S.INV_SCALE1, S.INV_SCALE2 + 1)
+            )
+        ctx = self.context(scaler is not None)
+        if not perturbs:
+            self._one_pass_step(plans, specs, ctx)
+            if scaler is not None:
+                amp.report_overflow(scaler, key, self.status, mark_stepped=True)
+            st.step_index += 1
+            return False
+        if st.phase is Phase.IDLE:
+            st.index_before = st.step_index
+        st.phase, st.plans, st.backed_up = (
+            Phase.PERTURBED,
+            plans,
+            len(self.buckets) if self.variant.noise else 0,
+        )
+        with self._abandon_on_error():
+            if self.variant.centralize:
+                for bucket, plan in zip(self.buckets, plans):
+                    if not plan.empty:
+                        bucket.backend.centralize(bucket, plan)
+            self.status[S.SECOND_PASS].zero_()  # this step's, not the last one's (a skip reads them)
+            if self.variant.normalized or ctx.check:
+                groups = self.owner.param_groups
+                self.reduce(
+                    plans,
+                    lambda b, p, out: b.backend.ascent_stats(b, p, self._group(groups, b), ctx, out),
+                    S.FIRST_PASS,
+                )
+            for i, (bucket, plan) in enumerate(zip(self.buckets, plans)):
+                if not plan.empty:
+                    bucket.backend.perturb(bucket, plan, self._group(self.owner.param_groups, bucket), ctx)
+                st.backed_up = max(st.backed_up, i + 1)
+        st.scaler, st.scaler_key = scaler, key
+        st.step_index += 1
+        return True
+
+    def _group(self, groups: list[dict], bucket: Bucket) -> dict:
+        """The bucket's group as the backends read it: SAM's keys under their plain names."""
+        group = groups[bucket.group_index]
+        if self.keys["rho"] == "rho" and self.keys["adaptive"] == "adaptive" and self.keys["eta"] == "eta":
+            return group
+        return {name: group[key] for name, key in self.keys.items()}
+
+    def _one_pass_step(self, plans: list[Plan], specs: list[BaseSpec] | None, ctx: StepContext) -> None:
+        """LookSAM / interval SAM between perturbed steps: one pass, one update."""
+        with self._abandon_on_error():
+            # ||g|| and the non-finite count, as plain SAM's first pass takes them
+            plain = {"adaptive": False, "eta": 0.0}
+            sam = replace(ctx, variant=VARIANTS["sam"], options={})
+            self.reduce(plans, lambda b, p, out: b.backend.ascent_stats(b, p, plain, sam, out), S.FIRST_PASS)
+            self.status[S.SECOND_PASS].zero_()
+            if ctx.clip:  # the descent gradient is this pass's g: its norm is the ascent's
+                self.status[S.GP2].copy_(self.status[S.SUMSQ])
+            descent = Descent.LOOKSAM_REUSE if self.variant.descent == Descent.LOOKSAM_FULL else Descent.PLAIN
+            self._descend(None, plans, specs, ctx, descent)
+
+    def second_step(self, scaler_arg: Any, key: int, step_scale: tuple | None) -> None:
+        st = self.step
+        if st.phase is not Phase.PERTURBED:
+            raise RuntimeError(
+                "second_step() was called without first_step(): there is no perturbation to "
+                "undo. Call first_step() after the first backward pass."
+            )
+        with _noted(
+            "sam_fused: nothing changed, the weights are still at w + eps: call second_step() again "
+            "once this is fixed, or abort_step() to abandon the step"
+        ):
+            scaler = self._second_scaler(scaler_arg, key)
+            self.check_groups()
+            plans = self.plans()
+            specs = self.descent_specs()
+        if scaler is not None:
+            if step_scale is not None:  # scaler.step(): its scale, or None once unscale_()d
+                scale = step_scale[0]
+            else:
+                scale = None if amp.unscaled_by_user(scaler, key) else amp.scaler_scale(scaler)
+            amp.write_inverse_scale(self.status, scale, slice(S.INV_SCALE2, S.INV_SCALE2 + 1))
+        ctx = self.context(scaler is not None)
+        variant = self.variant
+        with self._abandon_on_error():
+            if variant.centralize:  # GCSAM descends along GC(g_p) too
+                for bucket, plan in zip(self.buckets, plans):
+                    if not plan.empty:
+                        bucket.backend.centralize(bucket, plan)
+            if ctx.check or ctx.clip or variant.keeps_first_grad:
+                self.reduce(plans, lambda b, p, out: b.backend.descent_stats(b, p, ctx, out), S.SECOND_PASS)
+            if ctx.check and variant.ascent_updates_state:
+                for bucket, plan in zip(self.buckets, st.plans):
+                    if not plan.empty:
+                        bucket.backend.revert_state(bucket, plan, ctx)
+            self._descend(st.plans, plans, specs, ctx, variant.descent)
+            if variant.descent == Descent.LOOKSAM_FULL:
+                fill = lambda b, p, out: b.backend.state_sumsq(b, p, "looksam_gv", out)
+                self.reduce(plans, fill, slice(S.GV2, S.GV2 + 1))
+        if scaler is not None:
+            amp.report_overflow(scaler, key, self.status, mark_stepped=step_scale is None)
+        st.phase, st.plans, st.scaler, st.backed_up = Phase.IDLE, None, None, 0
+
+    def _second_scaler(self, scaler_arg: Any, key: int) -> Any:
+        st = self.step
+        if scaler_arg is None:
+            return st.scaler
+        scaler = amp.active_scaler(scaler_arg, key, self.device, first_pass=False)
+        if scaler is not None and st.scaler is None:
+            raise RuntimeError(
+                "second_step(grad_scaler=...) needs first_step(grad_scaler=...) with the same "
+                "scaler: the first pass's gradients were taken as unscaled"
+            )
+        if scaler is not st.scaler:
+            raise RuntimeError("second_step() got another GradScaler than first_step()")
+        return scaler
+
+    def _descend(
+        self,
+        perturbed: list[Plan] | None,
+        plans: list[Plan],
+        specs: list[BaseSpec] | None,
+        ctx: StepContext,
+        descent: Descent,
+    ) -> None:
+        """Restore (when ``perturbed``) and apply the base update with the descent gradient."""
+        if ctx.clip:  # min(1, max_norm / (||d|| + 1e-6)), as torch.nn.utils.clip_grad_norm_
+            norm2 = self.variant.descent_norm2(self.status, self.variant_options)
+            torch.clamp(self.max_grad_norm / (norm2.sqrt() + 1e-6), max=1.0, out=self.status[S.CLIP])
+        if specs is None:
+            self._generic_descend(perturbed, plans, ctx)
+            return
+        counted = False
+        state_on_ascent = perturbed is not None and self.variant.ascent_updates_state
+        for i, (bucket, plan, spec) in enumerate(zip(self.buckets, plans, specs)):
+            done = None if perturbed is None else perturbed[i]
+            bucket.backend.update(bucket, done, plan, spec, ctx, descent)
+            variant_counts = descent == Descent.LOOKSAM_FULL or (state_on_ascent and done.key == plan.key)
+            if not plan.empty:
+                bucket.backend.advance_steps(
+                    bucket, plan, ctx, not counted, bool(spec.state_names()), variant_counts
+                )
+                counted = True
+                bucket.note_update(plan)
+            if state_on_ascent and done.key != plan.key and not done.empty:  # the ascent's own participants
+                bucket.backend.advance_steps(bucket, done, ctx, False, False, True)
+                bucket.note_update(done)
+
+    def _generic_descend(self, perturbed: list[Plan] | None, plans: list[Plan], ctx: StepContext) -> None:
+        """Restore, then the base optimizer's own step (a host sync decides a skip)."""
+        if perturbed is not None:
+            for bucket, plan in zip(self.buckets, perturbed):
+                bucket.backend.restore(bucket, plan)
+        if ctx.check:
+            skip = self.status[S.BAD1] + self.status[S.BAD2] > 0
+            self.status[S.SKIPPED] += skip
+            if bool(skip):  # the base optimizer's step cannot be skipped on the device
+                return
+        # the base optimizer reads p.grad itself: unscale and clip in place, as
+        # scaler.unscale_() and clip_grad_norm_() would
+        for bucket, plan in zip(self.buckets, plans):
+            factor = None
+            if ctx.unscale and not bucket.backend.unscales_in_place:
+                factor = self.status[S.INV_SCALE2]
+            if ctx.clip:
+                factor = self.status[S.CLIP] if factor is None else factor * self.status[S.CLIP]
+            grads = [bucket.params[i].grad for i in plan.indices]
+            if factor is not None and grads:
+                torch._foreach_mul_(grads, factor)
+        base = self.owner.base_optimizer
+        step = type(base).step
+        # torch wraps step() with the step hooks and a profiler range: those belong to the SAM step
+        (step.__wrapped__ if getattr(step, "hooked", False) else step)(base)
+        for bucket, plan in zip(self.buckets, plans):
+            if self.variant.ascent_updates_state and perturbed is not None:
+                bucket.vsteps.add_(bucket.mask_of(plan))
+            bucket.counts_set()  # torch's step moved Adam's counts through opt.state
+
+    # ------------------------------------------------------------------ abandoning a step
+    @contextlib.contextmanager
+    def _abandon_on_error(self) -> Iterator[None]:
+        """An unexpected failure while the step changes things abandons it (:meth:`abort`)."""
+        try:
+            yield
+        except BaseException as exc:
+            if self.abort() and hasattr(exc, "add_note"):
+                exc.add_note(
+                    "sam_fused: the step failed and was abandoned: the weights are back at w and the "
+                    "optimizer state is as it was before the step"
+                )
+            raise
+
+    def abort(self) -> bool:
+        """Abandon the step in flight: weights and state as they were before it began."""
+        st = self.step
+        if st.phase is Phase.IDLE:
+            return False
+        ctx = self.context(False)
+        for i, bucket in enumerate(self.buckets[: st.backed_up]):
+            plan = None if self.variant.noise or st.plans is None else st.plans[i]
+            if plan is None or not plan.empty:
+                bucket.backend.restore(bucket, plan)
+            if st.phase is Phase.PERTURBED and self.variant.ascent_updates_state and not st.plans[i].empty:
+                bucket.backend.revert_state(bucket, st.plans[i], ctx, force=True)
+        if st.generator is not None and st.generator_before is not None:
+            st.generator.set_state(st.generator_before)
+        st.step_index = st.index_before
+        st.phase, st.plans, st.scaler, st.backed_up, st.hooks_open = Phase.IDLE, None, None, 0, False
+        return True
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_where", "_partials", "_contexts"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
+
+
+@contextlib.contextmanager
+def _noted(note: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(note)
+        raise

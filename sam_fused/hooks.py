@@ -1,0 +1,59 @@
+"""torch.optim's step hooks and profiler ranges, for a step that is one call or three.
+
+``torch.optim`` fires the step pre-hooks, a profiler range and the post-hooks around
+``step()``. A SAM step is ``step(closure)``, or the manual ``first_step()`` /
+``second_step()`` (RSAM: ``noise_step()`` first): the pre-hooks fire when the step begins,
+the post-hooks when it ends (after ``second_step()``, or after a ``first_step()`` that took
+a one-pass step), each once per SAM step, and every call gets its profiler range. The
+global hooks of ``torch.optim.optimizer.register_optimizer_step_pre_hook`` are read from
+torch's private registry: there is no public way to run them (docs/design.md).
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.optim.optimizer as torch_optimizer
+
+__all__ = ["begin", "end", "profiled"]
+
+
+def profiled(opt: Any, call: str):
+    """The profiler range of one call, named as torch names ``step()``'s."""
+    return torch.autograd.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.{call}")
+
+
+def begin(opt: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Fire the step pre-hooks if this call begins a SAM step; returns the (maybe replaced) arguments."""
+    step = opt._engine.step
+    if step.hooks_open or step.in_closure_step:
+        return args, kwargs
+    for hook in chain(
+        torch_optimizer._global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()
+    ):
+        result = hook(opt, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(
+                    f"a step pre-hook must return None or a tuple (new_args, new_kwargs), got {result!r}"
+                )
+            args, kwargs = result
+    step.hooks_open = True
+    return args, kwargs
+
+
+def end(opt: Any, args: tuple, kwargs: dict) -> None:
+    """Fire the step post-hooks: the SAM step is complete."""
+    step = opt._engine.step
+    if step.in_closure_step:
+        return
+    step.hooks_open = False
+    owner = opt._engine.owner
+    owner._opt_called = True  # what LR schedulers check to warn about the call order
+    owner._optimizer_step_code()  # the profiler's entry point after a step
+    for hook in chain(
+        opt._optimizer_step_post_hooks.values(), torch_optimizer._global_optimizer_post_hooks.values()
+    ):
+        hook(opt, args, kwargs)
