@@ -19,7 +19,14 @@ from torch import Tensor
 
 from . import status as S
 
-__all__ = ["active_scaler", "report_overflow", "scaler_scale", "unscaled_by_user", "write_inverse_scale"]
+__all__ = [
+    "active_scaler",
+    "handed_scale",
+    "report_overflow",
+    "scaler_scale",
+    "unscaled_by_user",
+    "write_inverse_scale",
+]
 
 
 def _stages():
@@ -52,6 +59,21 @@ def active_scaler(scaler: Any, key: int, device: torch.device, first_pass: bool)
             "once per step, after the second step"
         )
     return scaler
+
+
+def handed_scale(opt: Any, scaler: Any) -> tuple | None:
+    """What ``GradScaler.step(opt)`` handed over when it calls ``opt.step()`` (it sets
+    ``opt.grad_scale`` and ``opt.found_inf`` around the call): ``(scale or None,)``; None when
+    ``step()`` was called directly. ``scaler`` is the one the first pass was scaled by."""
+    if not hasattr(opt, "found_inf"):
+        return None
+    if scaler is None:
+        raise RuntimeError(
+            "scaler.step(opt) after first_step() without grad_scaler=scaler: the first pass's "
+            "gradients were taken as unscaled; pass grad_scaler to first_step() (finish this step "
+            "with opt.second_step(), or abandon it with opt.abort_step())"
+        )
+    return (getattr(opt, "grad_scale", None),)
 
 
 def scaler_scale(scaler: Any) -> Tensor:

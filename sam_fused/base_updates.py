@@ -77,13 +77,17 @@ class BaseSpec:
     """A fused base update read from one param group (one frozen dataclass per update)."""
 
     name: ClassVar[str]
+    names: tuple[str, ...]  # state_names(), set when the spec is made
     # True: the update count is exposed as torch.optim's state["step"] (Adam's bias correction)
     counts_steps: ClassVar[bool] = False
     lr: float | Tensor
 
     def state_names(self) -> tuple[str, ...]:
         """The per-parameter state tensors the update keeps, under torch.optim's names."""
-        return self.names_for_group(vars(self))
+        return self.names
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", self.names_for_group(vars(self)))
 
     @classmethod
     def names_for_group(cls, group: dict[str, Any]) -> tuple[str, ...]:

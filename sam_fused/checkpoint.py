@@ -23,8 +23,8 @@ import torch
 
 from . import options
 from . import status as S
-from .engine import Phase
 from .state import ParamState, check_entry
+from .step_state import Phase
 
 if TYPE_CHECKING:
     from .optimizer import SAM

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,14 @@ class StepContext:
     status: Tensor
     unscale: bool = False
     clip: bool = False
+    # derived once (the kernels take them on every launch): the variant's two ascent scalars
+    # and the descent's alpha (GSAM, LookSAM)
+    scalars: tuple[float, float] = field(init=False, repr=False)
+    alpha: float = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scalars", self.variant.kernel_scalars(self.options))
+        object.__setattr__(self, "alpha", float(self.options.get("alpha", 0.0)))
 
     def unscaled(self, g: Tensor, index: int) -> Tensor:
         """``g`` (already in the math dtype) divided by its pass's loss scale."""

@@ -17,51 +17,24 @@ rebound: framework wrappers that copy the optimizer's ``__dict__`` (Lightning's
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import amp, options
+from . import amp, grouping, options
 from . import status as S
-from .backends import choose_backend
-from .base_updates import REGISTRY, BaseSpec, spec_for
+from .base_updates import REGISTRY, BaseSpec
 from .context import StepContext
-from .layout import Bucket, Plan, flat_layout_refusal
+from .layout import Bucket, Plan
 from .sharding import shard_group
+from .step_state import Phase, StepState
 from .variants import VARIANTS, Descent, Variant
 
-__all__ = ["Phase", "StepEngine", "StepState"]
-
-
-class Phase(Enum):
-    IDLE = "idle"  # between steps
-    NOISED = "noised"  # RSAM: at w + delta, before the first pass's first_step()
-    PERTURBED = "perturbed"  # at w + eps, before second_step()
-
-
-@dataclass
-class StepState:
-    """The host side of the step in flight (mutated in place, never replaced)."""
-
-    phase: Phase = Phase.IDLE
-    plans: list[Plan] | None = None  # the perturbed plans
-    backed_up: int = 0  # buckets (in order) that hold this step's backup
-    step_index: int = 0  # steps taken; periodic variants perturb by it
-    index_before: int = 0
-    scaler: Any = None
-    scaler_key: int = 0
-    generator: torch.Generator | None = None  # RSAM's noise
-    generator_before: Tensor | None = None
-    hooks_open: bool = False  # the step's pre-hooks fired, its post-hooks are due
-    in_closure_step: bool = False
-    closure_checked: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+__all__ = ["StepEngine"]
 
 
 class StepEngine:
@@ -82,6 +55,7 @@ class StepEngine:
         self.variant = variant
         self.variant_options = variant_options
         self.keys = keys  # SAM's param-group keys: rho/adaptive/eta, or sam_<name> on a clash
+        self.plain_keys = all(name == key for name, key in keys.items())
         self.norm_eps = norm_eps
         self.skip_nonfinite = skip_nonfinite
         self.max_grad_norm = max_grad_norm
@@ -100,48 +74,26 @@ class StepEngine:
         self._contexts: dict[bool, StepContext] = {}
 
     # ------------------------------------------------------------------ layout
-    def lay_out(self, groups: list[dict], start: int) -> list[Bucket]:
-        """Buckets for ``groups`` (numbered from ``start``); validates, moves nothing."""
-        laid_out = []
-        known = [p for b in self.buckets for p in b.params]
-        new = [p for g in groups for p in g["params"]]
-        devices = {p.device for p in known + new}
-        if len(devices) > 1:
-            raise ValueError(options.several_devices(devices))
-        shard_group(known + new)  # refuses a mix of DTensors and plain tensors
+    def adopt(self, groups: list[dict], start: int) -> None:
+        """Take ``groups`` (numbered from ``start``) into the layout: SAM's keys default and are
+        checked, the groups are laid out, and only then (nothing refused) the parameters move
+        into their buckets."""
         for index, group in enumerate(groups, start):
-            options.check_params(group["params"], index)
-            by_kind: dict[tuple, list[Tensor]] = {}
-            for p in group["params"]:
-                refusal = flat_layout_refusal(p)
-                dtype = p.real.dtype if p.is_complex() else p.dtype
-                by_kind.setdefault((dtype, refusal is None), []).append((p, refusal))
-            for (dtype, _), members in by_kind.items():
-                refusal = next((r for _, r in members if r is not None), None)
-                device = members[0][0].device
-                backend = choose_backend(self.backend, device, dtype, self.variant, refusal)
-                if self.variant.descent != Descent.PLAIN:  # refused now, not halfway through a step
-                    spec, why = spec_for(type(self.owner.base_optimizer), group)
-                    if spec is None or not backend.capabilities.fuses(spec):
-                        raise ValueError(
-                            f"{self.variant.name} changes the descent gradient, which sam_fused fuses into "
-                            f"torch.optim.SGD, Adam and AdamW only; param group {index} cannot take it "
-                            f"({why or f'the {backend.name} backend does not fuse it'})"
-                        )
-                laid_out.append(([p for p, _ in members], index, backend))
-        return laid_out
-
-    def add(self, groups: list[dict], laid_out: list) -> None:
-        """Commit what :meth:`lay_out` validated: move the parameters into their buckets."""
-        buckets = [
-            Bucket(params, index, backend.capabilities.flat, backend) for params, index, backend in laid_out
+            for key in self.keys.values():
+                group.setdefault(key, self.owner.defaults[key])
+            options.check_group(group, self.keys, index, self.device if self.buckets else None)
+        known = [p for b in self.buckets for p in b.params]
+        base = type(self.owner.base_optimizer)
+        laid_out = grouping.lay_out(groups, start, known, base, self.variant, self.backend)
+        # ---- validated: from here on the parameters move
+        self.buckets += [
+            Bucket(params, i, backend.capabilities.flat, backend) for params, i, backend in laid_out
         ]
-        self.buckets.extend(buckets)
         for group in groups:
             group["params"] = options.ParamList(group["params"])
         self._laid_out.extend(groups)
-        if buckets:
-            self.device = buckets[0].device
+        if self.buckets:
+            self.device = self.buckets[0].device
         acc = torch.float64 if any(b.dtype == torch.float64 for b in self.buckets) else torch.float32
         self.status = self.status.to(device=self.device, dtype=acc)
         self.process_group = shard_group(p for b in self.buckets for p in b.params)
@@ -159,46 +111,17 @@ class StepEngine:
         return spec.names_for_group(self.owner.param_groups[bucket.group_index]), spec.counts_steps
 
     # ------------------------------------------------------------------ validation
-    def check_groups(self) -> None:
-        """The param groups are the ones laid out, with valid SAM hyperparameters (cheap)."""
-        groups = self.owner.param_groups
-        if len(groups) != len(self._laid_out):
-            raise RuntimeError(options.groups_changed("param_groups gained or lost a group"))
-        for index, (group, laid) in enumerate(zip(groups, self._laid_out)):
-            params = group["params"]
-            if group is not laid or not isinstance(params, options.ParamList) or params.edited:
-                raise RuntimeError(options.groups_changed(f"param_groups[{index}]['params'] changed"))
-            options.check_group(group, self.keys, index, self.device)
-
-    def fused_specs(self) -> list[BaseSpec] | None:
-        """Every bucket's fused base update, or None when the base optimizer's own step runs."""
-        specs = []
-        base = type(self.owner.base_optimizer)
-        for bucket in self.buckets:
-            group = self.owner.param_groups[bucket.group_index]
-            spec, reason = spec_for(base, group)
-            if spec is None or not bucket.backend.capabilities.fuses(spec):
-                self.step.extra["generic_reason"] = (
-                    reason or f"the {bucket.backend.name} backend does not fuse it"
-                )
-                return None
-            options.check_tensor_scalar(spec.lr, "lr", bucket.group_index, self.device)
-            specs.append(spec)
-        return specs
-
     def descent_specs(self) -> list[BaseSpec] | None:
-        """:meth:`fused_specs`, which a variant that changes the descent gradient requires."""
-        specs = self.fused_specs()
+        """Every bucket's fused base update, or None when the base optimizer's own step runs
+        (refused for a variant that changes the descent gradient)."""
+        groups, base = self.owner.param_groups, type(self.owner.base_optimizer)
+        specs, reason = grouping.fused_specs(self.buckets, groups, base, self.device)
         if specs is None and self.variant.descent != Descent.PLAIN:
             raise ValueError(
                 f"{self.variant.name} changes the descent gradient, which sam_fused fuses into "
-                f"torch.optim.SGD, Adam and AdamW only, and here the base update cannot be fused: "
-                f"{self.step.extra['generic_reason']}"
+                f"torch.optim.SGD, Adam and AdamW only, and here the base update cannot be fused: {reason}"
             )
         return specs
-
-    def plans(self) -> list[Plan]:
-        return [bucket.plan() for bucket in self.buckets]
 
     # ------------------------------------------------------------------ reductions
     def context(self, scaled: bool) -> StepContext:
@@ -220,7 +143,8 @@ class StepEngine:
     def reduce(self, plans: list[Plan], fill: Callable[[Bucket, Plan, Tensor], None], entries: slice) -> None:
         """Each bucket writes its partial sums (``fill``); their sums land in ``status[entries]``,
         added up over the ranks' shards under FSDP2. A fixed order: bitwise reproducible."""
-        slots = sum(b.backend.partial_slots(b, p) for b, p in zip(self.buckets, plans) if not p.empty)
+        taking = [(b, p, b.backend.partial_slots(b, p)) for b, p in zip(self.buckets, plans) if not p.empty]
+        slots = sum(n for _, _, n in taking)
         partials = self._partials.get(slots)
         if partials is None:
             if len(self._partials) > 8:
@@ -229,13 +153,10 @@ class StepEngine:
                 4, slots, dtype=self.status.dtype, device=self.device
             )
         offset = 0
-        for bucket, plan in zip(self.buckets, plans):
-            if not plan.empty:
-                n = bucket.backend.partial_slots(bucket, plan)
-                fill(bucket, plan, partials[:, offset : offset + n])
-                offset += n
-        rows = entries.stop - entries.start
-        torch.sum(partials[:rows], dim=1, out=self.status[entries])
+        for bucket, plan, n in taking:
+            fill(bucket, plan, partials[:, offset : offset + n])
+            offset += n
+        torch.sum(partials[: entries.stop - entries.start], dim=1, out=self.status[entries])
         if self.process_group is not None:
             torch.distributed.all_reduce(self.status[entries], group=self.process_group)
 
@@ -245,7 +166,7 @@ class StepEngine:
         st = self.step
         if st.phase is not Phase.IDLE:
             raise RuntimeError("noise_step() was called again before first_step()/second_step() finished")
-        self.check_groups()
+        grouping.check_groups(self.owner.param_groups, self._laid_out, self.keys, self.device)
         generator = st.generator
         if generator is None:  # seeded before it is kept: a seed that fails leaves none behind
             generator = torch.Generator(device=self.device)
@@ -253,13 +174,16 @@ class StepEngine:
         st.generator, st.generator_before, st.index_before = generator, generator.get_state(), st.step_index
         st.phase, st.plans, st.backed_up = Phase.NOISED, None, 0
         total = max(1, sum(p.numel() for b in self.buckets for p in b.params))
-        with self._abandon_on_error():
+        try:
             for i, bucket in enumerate(self.buckets):
                 rho = self.owner.param_groups[bucket.group_index][self.keys["rho"]]
                 std = self.variant_options["noise_std"]
                 std = float(rho) / math.sqrt(total) if std is None else float(std)
                 bucket.backend.noise(bucket, self.context(False), std, generator)
                 st.backed_up = i + 1
+        except BaseException as exc:
+            self._abandoned(exc)
+            raise
 
     def first_step(self, scaler: Any, key: int) -> bool:
         st = self.step
@@ -270,9 +194,10 @@ class StepEngine:
             )
         if self.variant.noise and st.phase is not Phase.NOISED:
             raise RuntimeError("RSAM takes its first pass at w + delta: call noise_step() before it")
-        self.check_groups()
-        scaler = amp.active_scaler(scaler, key, self.device, first_pass=True)
-        plans = self.plans()
+        grouping.check_groups(self.owner.param_groups, self._laid_out, self.keys, self.device)
+        if scaler is not None:
+            scaler = amp.active_scaler(scaler, key, self.device, first_pass=True)
+        plans = [bucket.plan() for bucket in self.buckets]
         perturbs = self.variant.perturbs(st.step_index, self.variant_options)
         specs = self.descent_specs() if not perturbs or self.variant.descent != Descent.PLAIN else None
         # ---- everything is validated: from here on the step changes things
@@ -294,23 +219,23 @@ class StepEngine:
             plans,
             len(self.buckets) if self.variant.noise else 0,
         )
-        with self._abandon_on_error():
+        try:
             if self.variant.centralize:
                 for bucket, plan in zip(self.buckets, plans):
                     if not plan.empty:
                         bucket.backend.centralize(bucket, plan)
             self.status[S.SECOND_PASS].zero_()  # this step's, not the last one's (a skip reads them)
+            groups = self.owner.param_groups
             if self.variant.normalized or ctx.check:
-                groups = self.owner.param_groups
-                self.reduce(
-                    plans,
-                    lambda b, p, out: b.backend.ascent_stats(b, p, self._group(groups, b), ctx, out),
-                    S.FIRST_PASS,
-                )
+                fill = lambda b, p, out: b.backend.ascent_stats(b, p, self._group(groups, b), ctx, out)
+                self.reduce(plans, fill, S.FIRST_PASS)
             for i, (bucket, plan) in enumerate(zip(self.buckets, plans)):
                 if not plan.empty:
-                    bucket.backend.perturb(bucket, plan, self._group(self.owner.param_groups, bucket), ctx)
+                    bucket.backend.perturb(bucket, plan, self._group(groups, bucket), ctx)
                 st.backed_up = max(st.backed_up, i + 1)
+        except BaseException as exc:
+            self._abandoned(exc)
+            raise
         st.scaler, st.scaler_key = scaler, key
         st.step_index += 1
         return True
@@ -318,13 +243,13 @@ class StepEngine:
     def _group(self, groups: list[dict], bucket: Bucket) -> dict:
         """The bucket's group as the backends read it: SAM's keys under their plain names."""
         group = groups[bucket.group_index]
-        if self.keys["rho"] == "rho" and self.keys["adaptive"] == "adaptive" and self.keys["eta"] == "eta":
+        if self.plain_keys:
             return group
-        return {name: group[key] for name, key in self.keys.items()}
+        return {**group, **{name: group[key] for name, key in self.keys.items()}}
 
     def _one_pass_step(self, plans: list[Plan], specs: list[BaseSpec] | None, ctx: StepContext) -> None:
         """LookSAM / interval SAM between perturbed steps: one pass, one update."""
-        with self._abandon_on_error():
+        try:
             # ||g|| and the non-finite count, as plain SAM's first pass takes them
             plain = {"adaptive": False, "eta": 0.0}
             sam = replace(ctx, variant=VARIANTS["sam"], options={})
@@ -334,6 +259,9 @@ class StepEngine:
                 self.status[S.GP2].copy_(self.status[S.SUMSQ])
             descent = Descent.LOOKSAM_REUSE if self.variant.descent == Descent.LOOKSAM_FULL else Descent.PLAIN
             self._descend(None, plans, specs, ctx, descent)
+        except BaseException as exc:
+            self._abandoned(exc)
+            raise
 
     def second_step(self, scaler_arg: Any, key: int, step_scale: tuple | None) -> None:
         st = self.step
@@ -342,14 +270,15 @@ class StepEngine:
                 "second_step() was called without first_step(): there is no perturbation to "
                 "undo. Call first_step() after the first backward pass."
             )
-        with _noted(
-            "sam_fused: nothing changed, the weights are still at w + eps: call second_step() again "
-            "once this is fixed, or abort_step() to abandon the step"
-        ):
-            scaler = self._second_scaler(scaler_arg, key)
-            self.check_groups()
-            plans = self.plans()
+        try:
+            scaler = st.scaler if scaler_arg is None else self._second_scaler(scaler_arg, key)
+            # the param lists only: rho, eta and adaptive are the ascent's, checked in first_step()
+            grouping.check_groups(self.owner.param_groups, self._laid_out, None, self.device)
+            plans = [bucket.plan() for bucket in self.buckets]
             specs = self.descent_specs()
+        except Exception as exc:
+            _note(exc, _STILL_PERTURBED)
+            raise
         if scaler is not None:
             if step_scale is not None:  # scaler.step(): its scale, or None once unscale_()d
                 scale = step_scale[0]
@@ -358,7 +287,7 @@ class StepEngine:
             amp.write_inverse_scale(self.status, scale, slice(S.INV_SCALE2, S.INV_SCALE2 + 1))
         ctx = self.context(scaler is not None)
         variant = self.variant
-        with self._abandon_on_error():
+        try:
             if variant.centralize:  # GCSAM descends along GC(g_p) too
                 for bucket, plan in zip(self.buckets, plans):
                     if not plan.empty:
@@ -373,14 +302,15 @@ class StepEngine:
             if variant.descent == Descent.LOOKSAM_FULL:
                 fill = lambda b, p, out: b.backend.state_sumsq(b, p, "looksam_gv", out)
                 self.reduce(plans, fill, slice(S.GV2, S.GV2 + 1))
+        except BaseException as exc:
+            self._abandoned(exc)
+            raise
         if scaler is not None:
             amp.report_overflow(scaler, key, self.status, mark_stepped=step_scale is None)
         st.phase, st.plans, st.scaler, st.backed_up = Phase.IDLE, None, None, 0
 
     def _second_scaler(self, scaler_arg: Any, key: int) -> Any:
         st = self.step
-        if scaler_arg is None:
-            return st.scaler
         scaler = amp.active_scaler(scaler_arg, key, self.device, first_pass=False)
         if scaler is not None and st.scaler is None:
             raise RuntimeError(
@@ -413,9 +343,7 @@ class StepEngine:
             bucket.backend.update(bucket, done, plan, spec, ctx, descent)
             variant_counts = descent == Descent.LOOKSAM_FULL or (state_on_ascent and done.key == plan.key)
             if not plan.empty:
-                bucket.backend.advance_steps(
-                    bucket, plan, ctx, not counted, bool(spec.state_names()), variant_counts
-                )
+                bucket.backend.advance_steps(bucket, plan, ctx, not counted, bool(spec.names), variant_counts)
                 counted = True
                 bucket.note_update(plan)
             if state_on_ascent and done.key != plan.key and not done.empty:  # the ascent's own participants
@@ -453,18 +381,14 @@ class StepEngine:
             bucket.counts_set()  # torch's step moved Adam's counts through opt.state
 
     # ------------------------------------------------------------------ abandoning a step
-    @contextlib.contextmanager
-    def _abandon_on_error(self) -> Iterator[None]:
-        """An unexpected failure while the step changes things abandons it (:meth:`abort`)."""
-        try:
-            yield
-        except BaseException as exc:
-            if self.abort() and hasattr(exc, "add_note"):
-                exc.add_note(
-                    "sam_fused: the step failed and was abandoned: the weights are back at w and the "
-                    "optimizer state is as it was before the step"
-                )
-            raise
+    def _abandoned(self, exc: BaseException) -> None:
+        """An unexpected failure while the step changed things: abandon it (:meth:`abort`)."""
+        if self.abort():
+            _note(
+                exc,
+                "the step failed and was abandoned: the weights are back at w and the optimizer "
+                "state is as it was before the step",
+            )
 
     def abort(self) -> bool:
         """Abandon the step in flight: weights and state as they were before it began."""
@@ -496,11 +420,12 @@ class StepEngine:
         self._reset_caches()
 
 
-@contextlib.contextmanager
-def _noted(note: str) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        if hasattr(exc, "add_note"):  # Python 3.11+
-            exc.add_note(note)
-        raise
+_STILL_PERTURBED = (
+    "nothing changed, the weights are still at w + eps: call second_step() again once this is "
+    "fixed, or abort_step() to abandon the step"
+)
+
+
+def _note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(f"sam_fused: {note}")

@@ -55,9 +55,10 @@ class VaSSO(SAM):
 class FSAM(SAM):
     """Friendly SAM (Li et al., CVPR 2024).
 
-    ``d = g - sigma m`` with ``m`` the EMA of earlier gradients (``m = 0`` before the first
-    step, so ``d = g`` then), then ``m <- lam m + (1 - lam) g``; ``eps = rho d / ||d||``.
-    The paper's runs use lam = 0.6 and 0.95; the default 0.9 is the table's.
+    ``d = g - sigma m`` with ``m`` the EMA of earlier gradients, then
+    ``m <- lam m + (1 - lam) g``; ``eps = rho d / ||d||``. The first update uses ``d = g`` and
+    sets ``m = g``, as the official code does. The paper's runs use lam = 0.6 and 0.95; the
+    default 0.9 is the table's.
     """
 
     def __init__(
@@ -90,9 +91,10 @@ class RSAM(SAM):
 
     Each step: ``noise_step()`` moves to ``w + delta``, ``delta ~ N(0, noise_std^2 I)``;
     the first pass gives ``g_hat``; ``eps = rho (delta + lam g_hat) / ||delta + lam g_hat||``
-    from ``w``. ``noise_std=None`` (default, our choice) uses ``rho / sqrt(d)`` with ``d``
-    the number of parameters, so that ``||delta|| ~ rho``. ``seed`` seeds the optimizer's
-    own generator, whose state is saved in ``state_dict``.
+    from ``w``. ``noise_std=None`` (default, our choice) uses, for each param group, that
+    group's ``rho`` over ``sqrt(d)`` with ``d`` the total number of scalar parameters in the
+    optimizer, so that ``||delta|| ~ rho``. ``seed`` seeds the optimizer's own generator,
+    whose state is saved in ``state_dict``.
     """
 
     def __init__(
@@ -141,8 +143,13 @@ class LookSAM(SAM):
 class IntervalSAM(SAM):
     """SAM every ``k``-th step and the plain base step otherwise (MosaicML Composer's SAM).
 
+    SAM steps are the 0-based steps ``offset, offset + k, ...``: by default the first step
+    of every window of ``k``; ``offset=k - 1`` gives Composer's steps ``k, 2k, ...``.
     ``first_step()`` returns False on the plain steps, which take one pass.
     """
 
-    def __init__(self, params, base_optimizer=_SGD, rho: float = 0.05, k: int = 10, **kwargs: Any):
-        super().__init__(params, base_optimizer, rho, variant="interval", variant_options={"k": k}, **kwargs)
+    def __init__(
+        self, params, base_optimizer=_SGD, rho: float = 0.05, k: int = 10, offset: int = 0, **kwargs: Any
+    ):
+        options = {"k": k, "offset": offset}
+        super().__init__(params, base_optimizer, rho, variant="interval", variant_options=options, **kwargs)

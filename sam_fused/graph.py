@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .batchnorm import frozen_bn_stats
+from .grouping import fused_specs
 from .optimizer import SAM
 
 __all__ = ["GraphedSAMStep"]
@@ -153,10 +154,12 @@ class GraphedSAMStep:
                 f"{opt.variant.name} decides on the host which kind of step runs (every "
                 "k steps), so one graph cannot replay it; graphs=False"
             )
-        if opt._engine.fused_specs() is None:
+        engine = opt._engine
+        specs, why = fused_specs(engine.buckets, opt.param_groups, type(opt.base_optimizer), engine.device)
+        if specs is None:
             raise ValueError(
                 f"{type(opt.base_optimizer).__name__} with these options is not fused by sam_fused "
-                f"({opt._engine.step.extra['generic_reason']}), and its own step would synchronise "
+                f"({why}), and its own step would synchronise "
                 "with the host; use torch.optim.SGD, Adam or AdamW, or graphs=False"
             )
         bad = sorted({name for name in opt.backends if name not in CAPTURABLE_BACKENDS})

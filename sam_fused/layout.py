@@ -1,4 +1,4 @@
-"""Parameter buckets: the flat-buffer layout the fused kernels run over, and every bucket's storage.
+"""Parameter buckets: the flat-buffer layout the fused kernels run over, and per-step plans.
 
 A *bucket* is the parameters of one param group with one (real) dtype. A **flat** bucket
 moves its parameters into one contiguous buffer: each ``p.data`` becomes a view of it, so
@@ -7,16 +7,11 @@ nothing is stored twice. Gradients are gathered once into a flat gradient buffer
 ``p.grad`` is re-pointed to views of it, so the next backward pass accumulates straight
 into the buffer. Each parameter starts at a multiple of :data:`ALIGN` elements (zero padding
 between them), which keeps every kernel pointer 16-byte aligned. A parameter whose storage
-sam_fused must not move (a slice of a larger tensor, shared memory, a storage another tensor
-also uses, a DTensor shard) goes to a **per-parameter** bucket instead: nothing is re-pointed
-and the math runs tensor by tensor. A complex parameter is optimized as its real view
+sam_fused must not move (``placement.py``) goes to a **per-parameter** bucket instead:
+nothing is re-pointed and the math runs tensor by tensor. A complex parameter is optimized as its real view
 (``torch.view_as_real``), as torch.optim does.
 
-A bucket owns its optimizer state (``opt.state`` only shows it, see ``state.py``): the flat
-state buffers (or per-parameter tensors), and two update counters per parameter on the
-device, ``steps`` (base-optimizer updates that kept state: Adam's ``t``, SGD's "first
-update") and ``vsteps`` (updates of the variant's running state). They live on the device
-so that a skipped step leaves them alone without a host sync.
+A bucket also owns its optimizer state and update counts (``storage.py``).
 
 Every step builds (or reuses) a :class:`Plan`: which parameters take part (those with a
 gradient) cut into :class:`Run` objects, contiguous spans of the buffer that one kernel
@@ -33,78 +28,18 @@ the buffer, and builds a new plan. See ``docs/design.md`` for what that check ca
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .placement import CHEAP_CHECK, LayoutError, dense_view, flat_layout_refusal, is_dtensor, real, use_count
+from .storage import BucketStorage
+
 __all__ = ["ALIGN", "Bucket", "LayoutError", "Plan", "Run", "flat_layout_refusal", "is_dtensor"]
 
 ALIGN = 16  # elements; 16 fp16 elements = 32 bytes, so every run start is 16-byte aligned
-
-
-class LayoutError(RuntimeError):
-    """A parameter or gradient no longer matches the layout the optimizer built."""
-
-
-_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _use_count(t: Tensor) -> int:
-    """How many tensors share ``t``'s storage (-1 where torch does not expose it)."""
-    if _STORAGE_USE_COUNT is None:
-        return -1
-    return _STORAGE_USE_COUNT(t.untyped_storage()._cdata)
-
-
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a DTensor (no import: none can exist before torch.distributed.tensor is)."""
-    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    return cls is not None and isinstance(t, cls)
-
-
-def real(t: Tensor) -> Tensor:
-    """``t`` itself, or its real view ``(..., 2)`` when it is complex."""
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _is_dense(p: Tensor) -> bool:
-    """Whether ``p`` covers exactly ``numel`` consecutive elements (in some dim order)."""
-    if p.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(p.stride(), p.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def flat_layout_refusal(p: Tensor) -> str | None:
-    """Why ``p`` cannot move into a flat buffer (re-pointing its storage), or None."""
-    if is_dtensor(p):
-        return "it is a DTensor (FSDP2), whose local shards FSDP2 owns"
-    # two references: the parameter's own and the temporary that asks; more means another
-    # tensor aliases this storage and would silently stop seeing the parameter's values
-    aliased = _use_count(p) > 2
-    view = real(p.detach())
-    whole = p.storage_offset() == 0 and p.untyped_storage().nbytes() == view.numel() * view.element_size()
-    if not (_is_dense(view) and whole):
-        return "it is a view of a larger tensor (a slice): re-pointing it would cut it off from that tensor"
-    if p.device.type == "cpu" and p.is_shared():
-        return "it is in shared memory (model.share_memory()), which must stay shared"
-    if aliased:
-        return "another tensor shares its storage and would stop seeing its values"
-    return None
-
-
-def _dense_view(flat: Tensor, start: int, like: Tensor) -> Tensor:
-    """A view of ``flat[start:start + n]`` shaped and strided like ``like`` (complex too)."""
-    shape = real(like)
-    view = flat.as_strided(shape.shape, shape.stride(), flat.storage_offset() + start)
-    return torch.view_as_complex(view) if like.is_complex() else view
 
 
 @dataclass
@@ -142,7 +77,7 @@ class Plan:
         return not self.indices
 
 
-class Bucket:
+class Bucket(BucketStorage):
     """The parameters of one group with one dtype, and everything SAM keeps for them.
 
     Attributes:
@@ -165,14 +100,7 @@ class Bucket:
         self.dtype = local[0].dtype  # the real dtype the math and the flat buffers use
         self.param_dtypes = tuple(p.dtype for p in params)
         self.numels = [v.numel() for v in local]
-        self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
-        self.vsteps = torch.zeros_like(self.steps)
-        self.extra: list[dict[Any, Any]] = [{} for _ in params]  # state of a base sam_fused does not fuse
-        # entries written from outside a step (torch's own step, a checkpoint, opt.state): they
-        # exist even while their count is 0, as torch.optim's do right after initialization
-        self.written = [bytearray(len(params)), bytearray(len(params))]  # base, variant
-        self._tensors: dict[str, list[Tensor | None]] = {}  # per-parameter storage (state, scratch)
-        self.state_flat: dict[str, Tensor] = {}
+        BucketStorage.__init__(self)
         self.backup_flat: Tensor | None = None
         # update classes: parameters with equal update histories share an id, so their
         # counts are equal and one run can cover them
@@ -205,17 +133,21 @@ class Bucket:
         self.total = max(total, ALIGN)
         flat = torch.zeros(self.total, dtype=self.dtype, device=self.device)
         for i, p in enumerate(self.params):
-            _dense_view(flat, offsets[i], p).copy_(p.detach())
+            dense_view(flat, offsets[i], p).copy_(p.detach())
         self.param_flat = flat
         self.grad_flat = torch.zeros_like(flat)
         self._attach_params()
 
     def _attach_params(self) -> None:
         for i, p in enumerate(self.params):
-            p.data = _dense_view(self.param_flat, self.offsets[i], p)
+            p.data = dense_view(self.param_flat, self.offsets[i], p)
         size = self.param_flat.element_size()
         self.param_ptrs = [p.data_ptr() for p in self.params]
         self.grad_ptrs = [self.grad_flat.data_ptr() + off * size for off in self.offsets]
+
+    def state_view(self, name: str, i: int) -> Tensor:
+        """Parameter ``i``'s slice of flat state buffer ``name``, shaped like the parameter."""
+        return dense_view(self.flat_buffer(name), self.offsets[i], real(self.params[i].detach()))
 
     def flat_buffer(self, name: str) -> Tensor:
         """A zero-initialised flat buffer (allocated on first use)."""
@@ -245,69 +177,6 @@ class Bucket:
             source = self.backup_buffer() if name == "backup" else self.flat_buffer(name)
             view = run.views[name] = source[run.start : run.stop]
         return view
-
-    # ------------------------------------------------------------------ per-parameter access
-    def weight(self, i: int) -> Tensor:
-        """Parameter ``i`` as the math sees it (detached; local shard; real view)."""
-        return self._local(self.params[i].detach())
-
-    def grad(self, i: int) -> Tensor | None:
-        g = self.params[i].grad
-        return None if g is None else self._local(g)
-
-    def state_tensor(self, name: str, i: int) -> Tensor:
-        """Parameter ``i``'s slice of state ``name`` (zeros where it was never written)."""
-        if self.flat:
-            return _dense_view(self.flat_buffer(name), self.offsets[i], real(self.params[i].detach()))
-        held = self.tensors(name)[i]
-        if held is None:
-            held = self.tensors(name)[i] = torch.zeros_like(self.weight(i))
-        return held
-
-    def store_state(self, name: str, i: int, value: Tensor) -> None:
-        """Write ``value`` into state ``name`` of parameter ``i`` (in place where it exists)."""
-        held = self.state_tensor(name, i) if self.flat else self.tensors(name)[i]
-        if held is None:
-            self.tensors(name)[i] = value.to(self.dtype, copy=True)
-        else:
-            held.copy_(value)
-
-    def clear_state(self, name: str, i: int) -> None:
-        """State ``name`` of parameter ``i`` is fresh again: zeros."""
-        if self.flat:
-            if name in self.state_flat:
-                self.state_tensor(name, i).zero_()
-        elif name in self._tensors:
-            self._tensors[name][i] = None
-
-    def tensors(self, name: str) -> list[Tensor | None]:
-        """Per-parameter tensors ``name`` of a per-parameter bucket (state, backups, scratch)."""
-        return self._tensors.setdefault(name, [None] * len(self.params))
-
-    # ------------------------------------------------------------------ counts
-    def host_counts(self) -> tuple[list[float], list[float]]:
-        """``steps`` and ``vsteps`` on the host (one sync, cached until they change)."""
-        if self._host_counts is None:
-            self._host_counts = (self.steps.tolist(), self.vsteps.tolist())
-        return self._host_counts
-
-    def counts_moved(self) -> None:
-        """The device counts changed in a way that keeps the update classes exact."""
-        self._host_counts = None
-
-    def counts_set(self) -> None:
-        """The counts were set from outside a step (a checkpoint, ``opt.state`` edits, torch's
-        own step): before the next plan, equal counts form an update class again."""
-        self._host_counts = None
-        self._recount = True
-
-    def _classes_from_counts(self) -> None:
-        steps, vsteps = self.host_counts()
-        ids: dict[tuple[float, float], int] = {}
-        self.update_class = [ids.setdefault(c, len(ids)) for c in zip(steps, vsteps)]
-        self.last_update_key = None
-        self._plan = None
-        self._recount = False
 
     def note_update(self, plan: Plan) -> None:
         """Refine the update classes after an update with ``plan`` (host-side, cheap).
@@ -341,9 +210,9 @@ class Bucket:
 
     def _intact(self) -> bool:
         """The O(1) check that the cached plan still describes the parameters."""
-        if _STORAGE_USE_COUNT is None:
+        if not CHEAP_CHECK:
             return False  # no cheap check available: always take the slow path
-        if (_use_count(self.param_flat), _use_count(self.grad_flat)) != self._expected_counts:
+        if (use_count(self.param_flat), use_count(self.grad_flat)) != self._expected_counts:
             return False
         plan = self._plan
         for i in (plan.indices[0], plan.indices[-1]) if plan.indices else ():
@@ -400,7 +269,7 @@ class Bucket:
         for i in taking_part:
             p = self.params[i]
             if p.grad.data_ptr() != self.grad_ptrs[i] or p.grad.stride() != p.stride():
-                view = _dense_view(self.grad_flat, self.offsets[i], p)
+                view = dense_view(self.grad_flat, self.offsets[i], p)
                 view.copy_(p.grad)
                 p.grad = view
         plan = Plan(self._key(), tuple(taking_part), self._runs(taking_part))
@@ -409,7 +278,7 @@ class Bucket:
             run.views["grad"] = self.grad_flat[run.start : run.stop]
         self._plan = plan
         self._watch = [p for p in self.params if p.grad is None]
-        self._expected_counts = (_use_count(self.param_flat), _use_count(self.grad_flat))
+        self._expected_counts = (use_count(self.param_flat), use_count(self.grad_flat))
         return plan
 
     def _key(self) -> bytes:

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import checkpoint, hooks, options
+from . import amp, checkpoint, hooks, options
 from . import status as S
-from .engine import Phase, StepEngine
+from .engine import StepEngine
 from .state import OptimizerState
+from .step_state import Phase
 
 __all__ = ["SAM"]
 
@@ -105,8 +106,11 @@ class SAM(torch.optim.Optimizer):
             raise TypeError(
                 f"base_optimizer must be an optimizer class such as torch.optim.SGD, not {base_optimizer!r}"
             )
-        if isinstance(params, Tensor):
-            raise TypeError("params must be an iterable of tensors or dicts, not a tensor")
+        if isinstance(params, Tensor):  # torch.optim's own message
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+                + torch.typename(params)
+            )
         groups = [dict(g) if isinstance(g, dict) else g for g in params]
         base = base_optimizer(groups, **base_kwargs)  # the base optimizer checks its own options first
         found, resolved = options.check_arguments(
@@ -119,28 +123,14 @@ class SAM(torch.optim.Optimizer):
             keys["adaptive"]: bool(adaptive),
             keys["eta"]: float(eta),
         }
-        torch.optim.Optimizer.__setstate__(
-            self, {"defaults": defaults, "param_groups": base.param_groups, "state": {}}
-        )
+        # torch.optim's own bookkeeping (hook registries) on the base optimizer's groups
+        torch.optim.Optimizer.__setstate__(self, {"defaults": defaults, "param_groups": base.param_groups})
         self.base_optimizer = base
-        self._engine = StepEngine(
-            self,
-            found,
-            resolved,
-            keys,
-            float(norm_eps),
-            bool(skip_nonfinite),
-            max_grad_norm and float(max_grad_norm),
-            backend,
-        )
+        fixed = (float(norm_eps), bool(skip_nonfinite), max_grad_norm and float(max_grad_norm), backend)
+        self._engine = StepEngine(self, found, resolved, keys, *fixed)
         self.state = OptimizerState(self._engine)
         base.state = OptimizerState(self._engine, with_variant=False)  # its lazy init sees its own keys only
-        for group in self.param_groups:
-            for key in keys.values():
-                group.setdefault(key, defaults[key])
-        for index, group in enumerate(self.param_groups):
-            options.check_group(group, keys, index, None)
-        self._engine.add(self.param_groups, self._engine.lay_out(self.param_groups, 0))
+        self._engine.adopt(self.param_groups, 0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; a refused group changes nothing (the given dict is not modified)."""
@@ -149,26 +139,19 @@ class SAM(torch.optim.Optimizer):
         group = dict(param_group)
         self.base_optimizer.add_param_group(group)  # appends to the shared list, after torch's checks
         try:
-            for key in self._engine.keys.values():
-                group.setdefault(key, self.defaults[key])
-            options.check_group(group, self._engine.keys, len(self.param_groups) - 1, self._engine.device)
-            laid_out = self._engine.lay_out([group], len(self.param_groups) - 1)
+            self._engine.adopt([group], len(self.param_groups) - 1)
         except BaseException:
             self.param_groups.pop()
             raise
-        self._engine.add([group], laid_out)
 
     @_eager
     @torch.no_grad()
     def noise_step(self) -> None:
         """RSAM: back the weights up and move them to ``w + delta`` for the first pass."""
-        if not self._engine.variant.noise:
-            raise RuntimeError(
-                f"noise_step() belongs to RSAM; this optimizer runs {self._engine.variant.name!r}"
-            )
+        if not self.variant.noise:
+            raise RuntimeError(f"noise_step() belongs to RSAM; this optimizer runs {self.variant.name!r}")
         hooks.begin(self, (), {})
-        with hooks.profiled(self, "noise_step"):
-            self._engine.noise()
+        hooks.profiled(self, "noise_step", self._engine.noise)
 
     @_eager
     @torch.no_grad()
@@ -180,8 +163,10 @@ class SAM(torch.optim.Optimizer):
         ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled these gradients (README).
         """
         args, kwargs = hooks.begin(self, (zero_grad,), {"grad_scaler": grad_scaler})
-        with hooks.profiled(self, "first_step"):
-            perturbed = self._engine.first_step(kwargs.get("grad_scaler"), id(self))
+        engine = self._engine
+        perturbed = hooks.profiled(
+            self, "first_step", engine.first_step, kwargs.get("grad_scaler"), id(engine.owner)
+        )
         if not perturbed:
             hooks.end(self, args, kwargs)
         if args[0] if args else kwargs.get("zero_grad", zero_grad):
@@ -191,18 +176,15 @@ class SAM(torch.optim.Optimizer):
     @_eager
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
-        """Restore the weights exactly and apply the base update with the current gradients.
-
-        A refusal (a bad argument or gradient) changes nothing: fix it and call it again, or
-        abandon the step with :meth:`abort_step`.
-        """
+        """Restore the weights exactly and apply the base update with the current gradients. A
+        refusal changes nothing: fix the cause and call it again, or :meth:`abort_step`."""
         self._second_step(grad_scaler, None, (zero_grad,), {"grad_scaler": grad_scaler})
         if zero_grad:
             self.zero_grad()
 
     def _second_step(self, grad_scaler: Any, step_scale: tuple | None, args: tuple, kwargs: dict) -> None:
-        with hooks.profiled(self, "second_step"):
-            self._engine.second_step(grad_scaler, id(self), step_scale)
+        engine = self._engine
+        hooks.profiled(self, "second_step", engine.second_step, grad_scaler, id(engine.owner), step_scale)
         hooks.end(self, args, kwargs)
 
     @_eager
@@ -211,14 +193,11 @@ class SAM(torch.optim.Optimizer):
         per pass; returns the first pass's loss. After ``first_step()``, ``step()`` without a
         closure finishes the step (what ``GradScaler.step(opt)`` calls)."""
         engine, st = self._engine, self._engine.step
-        if closure is None:
+        if closure is None:  # after first_step(): finish the step (what GradScaler.step(opt) calls)
             if st.phase is not Phase.PERTURBED:
                 raise RuntimeError(options.no_closure())
-            if hasattr(self, "found_inf") and st.scaler is None:  # GradScaler.step(opt) set them
-                raise RuntimeError(options.UNSCALED_FIRST_PASS)
-            scale = (getattr(self, "grad_scale", None),) if hasattr(self, "found_inf") else None
             with torch.no_grad():
-                self._second_step(None, scale, (), {})
+                self._second_step(None, amp.handed_scale(self, st.scaler), (), {})
             return None
         if st.phase is not Phase.IDLE:
             raise RuntimeError(options.MID_STEP.format(what="step(closure)"))
@@ -229,13 +208,7 @@ class SAM(torch.optim.Optimizer):
         closure = torch.enable_grad()(args[0] if args else closure)
         st.in_closure_step = True
         try:
-            with hooks.profiled(self, "step"):
-                if engine.variant.noise:
-                    self.noise_step()
-                loss = closure()
-                if self.first_step(zero_grad=True):
-                    closure()
-                    self.second_step()
+            loss = hooks.profiled(self, "step", self._closure_step, closure)
         except BaseException:
             engine.abort()  # an exception in either pass leaves the weights at w
             raise
@@ -245,6 +218,15 @@ class SAM(torch.optim.Optimizer):
         return loss
 
     step.hooked = True  # torch.optim must not wrap it: the hooks above fire once per SAM step
+
+    def _closure_step(self, closure: Callable[[], Tensor]) -> Tensor:
+        if self.variant.noise:
+            self.noise_step()
+        loss = closure()
+        if self.first_step(zero_grad=True):
+            closure()
+            self.second_step()
+        return loss
 
     def abort_step(self) -> bool:
         """Abandon the step in flight (after ``noise_step()`` or ``first_step()``): the weights
@@ -287,10 +269,8 @@ class SAM(torch.optim.Optimizer):
         """The backend of each bucket (param group x dtype x layout), in order."""
         return [bucket.backend.name for bucket in self._engine.buckets]
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("step", None)  # an LR scheduler's wrapper of the original's step()
-        return state
+    def __getstate__(self) -> dict[str, Any]:  # not an LR scheduler's wrapper of the original's step()
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         torch.optim.Optimizer.__setstate__(self, state)

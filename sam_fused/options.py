@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 SAM_KEYS = ("rho", "adaptive", "eta")
+_INF = math.inf
 
 
 def _is_number(value: Any) -> bool:
@@ -96,10 +97,20 @@ def check_group(
     group: dict[str, Any], keys: Mapping[str, str], index: int, device: torch.device | None
 ) -> None:
     """SAM's keys of one param group (run at every step: cheap)."""
+    rho, adaptive, eta = group[keys["rho"]], group[keys["adaptive"]], group[keys["eta"]]
+    # the common case in a few comparisons; anything else takes the full checks below
+    if (
+        type(rho) is float
+        and type(eta) is float
+        and type(adaptive) is bool
+        and 0 <= rho < _INF
+        and 0 <= eta < _INF
+    ):
+        return
     where = f"param_groups[{index}]"
-    check_rho(group[keys["rho"]], f"{where}[{keys['rho']!r}]", device)
-    check_bool(group[keys["adaptive"]], f"{where}[{keys['adaptive']!r}]")
-    check_eta(group[keys["eta"]], f"{where}[{keys['eta']!r}]")
+    check_rho(rho, f"{where}[{keys['rho']!r}]", device)
+    check_bool(adaptive, f"{where}[{keys['adaptive']!r}]")
+    check_eta(eta, f"{where}[{keys['eta']!r}]")
 
 
 def check_params(params: list[Tensor], index: int) -> None:
@@ -219,11 +230,6 @@ class Fixed:
 MID_STEP = (
     "{what} between first_step() and second_step() is not allowed: the weights are perturbed. "
     "Finish the step with second_step() (or abandon it with abort_step()) first."
-)
-UNSCALED_FIRST_PASS = (
-    "scaler.step(opt) after first_step() without grad_scaler=scaler: the first pass's gradients "
-    "were taken as unscaled; pass grad_scaler to first_step() (finish this step with "
-    "opt.second_step(), or abandon it with opt.abort_step())"
 )
 
 

@@ -135,16 +135,16 @@ class Variant:
     periodic: bool = False
     options: Mapping[str, Option] = field(default_factory=dict)
     reference: str = ""
+    # derived once (read on every step): RSAM's first pass at w + delta (noise_step());
+    # whether the perturbation updates the running state (VaSSO's d, F-SAM's m)
+    noise: bool = field(init=False, repr=False)
+    ascent_updates_state: bool = field(init=False, repr=False)
 
-    @property
-    def noise(self) -> bool:
-        """RSAM: the first pass is taken at ``w + delta`` (``noise_step()``)."""
-        return self.ascent == Ascent.RSAM
-
-    @property
-    def ascent_updates_state(self) -> bool:
-        """Whether the perturbation updates the running state (VaSSO's d, F-SAM's m)."""
-        return self.running_state is not None and self.ascent != Ascent.GRAD
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "noise", self.ascent == Ascent.RSAM)
+        object.__setattr__(
+            self, "ascent_updates_state", self.running_state is not None and self.ascent != Ascent.GRAD
+        )
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The variant's options: defaults overridden by ``given``, each checked."""

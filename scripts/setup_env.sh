@@ -19,9 +19,11 @@ else
   # numpy: the Triton interpreter (TRITON_INTERPRET=1) cannot import without it.
   # matplotlib, scikit-learn: the convergence lab (plots; the digits data), so that its
   # smoke test runs in CI instead of skipping.
-  if ! "$PYTHON" -c "import torch, triton, numpy, pytest, pytest_benchmark, hypothesis, ruff, matplotlib, sklearn" 2>/dev/null; then
+  # expecttest: torch's own optimizer-test machinery (torch.testing._internal.common_optimizers,
+  # which tests/test_conformance.py uses for torch's configurations and bad inputs) imports it.
+  if ! "$PYTHON" -c "import torch, triton, numpy, pytest, pytest_benchmark, hypothesis, ruff, matplotlib, sklearn, expecttest" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet --disable-pip-version-check \
-      "torch==2.13.0" "triton>=3.0" numpy pytest pytest-benchmark hypothesis ninja ruff matplotlib scikit-learn
+      "torch==2.13.0" "triton>=3.0" numpy pytest pytest-benchmark hypothesis ninja ruff matplotlib scikit-learn expecttest
   fi
 fi
 export PYTHON

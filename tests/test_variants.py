@@ -921,3 +921,47 @@ def test_published_defaults():
     assert asam.defaults["rho"] == 0.5 and asam.defaults["eta"] == 0.01 and asam.defaults["adaptive"]
     assert USAM(p).variant.normalized is False
     assert GCSAM(p).variant.centralize
+
+
+@pytest.mark.parametrize("backend", backends_for("interval"))
+def test_interval_offset_gives_composers_schedule(backend, device):
+    """Default: SAM on steps 1, k+1, ... (the first of each window); offset=k-1: Composer's k, 2k, ..."""
+    for offset, expected in (
+        (0, [True, False, False, True, False, False, True]),
+        (2, [False, False, True] * 2 + [False]),
+    ):
+        params = small_params(device)
+        opt = IntervalSAM(params, torch.optim.SGD, rho=0.1, k=3, offset=offset, lr=0.01, backend=backend)
+        problem = Problem(SMALL_SHAPES, 3)
+        got = []
+        for step in range(7):
+            problem.set_grads(params, step)
+            perturbed = opt.first_step(zero_grad=True)
+            if perturbed:
+                problem.set_grads(params, step)
+                opt.second_step(zero_grad=True)
+            got.append(perturbed)
+        assert got == expected, f"offset={offset}: {got}"
+    with pytest.raises(ValueError, match="offset"):
+        IntervalSAM(small_params(device), k=3, offset=3, lr=0.01)
+
+
+@pytest.mark.parametrize("backend", backends_for("rsam"))
+def test_rsam_default_noise_is_the_groups_rho_over_root_d(backend, device):
+    """noise_std=None: per group, std = that group's rho / sqrt(d), d = every scalar parameter
+    of the optimizer (also those without a gradient): E||delta||^2 = rho^2 for one rho."""
+    big = [
+        torch.zeros(20000, device=device, requires_grad=True),
+        torch.zeros(30000, device=device, requires_grad=True),
+    ]
+    frozen = torch.zeros(10000, device=device, requires_grad=True)  # counts in d, takes no part
+    opt = RSAM(
+        [{"params": [big[0], frozen], "rho": 0.1}, {"params": [big[1]], "rho": 0.4}], lr=0.1, backend=backend
+    )
+    opt.noise_step()
+    d = 60000
+    for p, rho in ((big[0], 0.1), (big[1], 0.4)):
+        std = float(p.detach().double().std())
+        assert std == pytest.approx(rho / d**0.5, rel=0.03), (rho, std)
+    opt.abort_step()
+    assert all(float(p.detach().abs().max()) == 0 for p in (*big, frozen))

@@ -62,7 +62,10 @@ class TritonBackend:
         return (_instance, ())
 
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
-        return sum(self.ascent.stats_programs(run.numel) for run in plan.runs)
+        slots = plan.cache.get("slots")
+        if slots is None:
+            slots = plan.cache["slots"] = sum(self.ascent.stats_programs(run.numel) for run in plan.runs)
+        return slots
 
     @staticmethod
     def _count(bucket: Bucket, run: Run, name: str) -> Tensor:
@@ -101,7 +104,7 @@ class TritonBackend:
     ) -> None:
         adaptive = bool(group["adaptive"])
         aux_name = self._aux_name(ctx)
-        c1, c2 = ctx.variant.kernel_scalars(ctx.options)
+        c1, c2 = ctx.scalars
         offset = 0
         for run in plan.runs:
             programs = self.ascent.stats_programs(run.numel)
@@ -132,7 +135,7 @@ class TritonBackend:
         adaptive = bool(group["adaptive"])
         aux_name = self._aux_name(ctx)
         has_state = variant.ascent_updates_state
-        c1, c2 = variant.kernel_scalars(ctx.options)
+        c1, c2 = ctx.scalars
         rho, rho_on_device = _scalar_arg(group["rho"], bucket.device)
         for run in plan.runs:
             param, grad = run.views["param"], run.views["grad"]
@@ -165,12 +168,12 @@ class TritonBackend:
                 BLOCK=self.ascent.BLOCK,
                 num_warps=8,
             )
-        left_out = bucket.complement_runs(plan)
-        for run in left_out:
-            if variant.noise:  # parameters that took no part lose their noise
-                self._restore_run(bucket, run)
-            if variant.keeps_first_grad:  # and have g = 0, not last step's
-                bucket.run_view(run, "first_grad").zero_()
+        if variant.noise or variant.keeps_first_grad:
+            for run in bucket.complement_runs(plan):
+                if variant.noise:  # parameters that took no part lose their noise
+                    self._restore_run(bucket, run)
+                if variant.keeps_first_grad:  # and have g = 0, not last step's
+                    bucket.run_view(run, "first_grad").zero_()
 
     # ------------------------------------------------------------------ descent
     def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext, force: bool = False) -> None:
@@ -240,7 +243,6 @@ class TritonBackend:
                 self.restore(bucket, perturbed)
             source = "param"
         launch = self._updates[type(spec)]
-        alpha = float(ctx.options.get("alpha", 0.0))
         for run in plan.runs:
             grad = run.views["grad"]
             if descent in (Descent.GSAM, Descent.LOOKSAM_FULL):
@@ -250,10 +252,10 @@ class TritonBackend:
             else:
                 aux = grad
             gv = bucket.run_view(run, "looksam_gv") if descent == Descent.LOOKSAM_FULL else grad
-            common = dict(DESCENT=int(descent), UNSCALE=ctx.unscale, CLIP_GRAD=ctx.clip, CHECK=ctx.check)
-            launch(bucket, run, bucket.run_view(run, source), aux, gv, spec, ctx, alpha, common)
+            launch(bucket, run, bucket.run_view(run, source), aux, gv, spec, ctx, int(descent))
 
-    def _sgd(self, bucket, run, src, aux, gv, spec: SGDSpec, ctx, alpha, common) -> None:
+    # one launcher per fused base update: the update's own arguments, then the descent's
+    def _sgd(self, bucket, run, src, aux, gv, spec: SGDSpec, ctx: StepContext, descent: int) -> None:
         lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
         has_momentum = spec.momentum != 0
         self.descent.sgd_kernel[(_grid(run.numel, self.descent.BLOCK),)](
@@ -270,7 +272,11 @@ class TritonBackend:
             spec.momentum,
             1.0 - spec.dampening,
             spec.weight_decay,
-            alpha,
+            ctx.alpha,
+            DESCENT=descent,
+            UNSCALE=ctx.unscale,
+            CLIP_GRAD=ctx.clip,
+            CHECK=ctx.check,
             HAS_WEIGHT_DECAY=spec.weight_decay != 0,
             HAS_MOMENTUM=has_momentum,
             NESTEROV=spec.nesterov,
@@ -278,10 +284,9 @@ class TritonBackend:
             LR_ON_DEVICE=lr_on_device,
             BLOCK=self.descent.BLOCK,
             num_warps=8,
-            **common,
         )
 
-    def _adam(self, bucket, run, src, aux, gv, spec: AdamSpec, ctx, alpha, common) -> None:
+    def _adam(self, bucket, run, src, aux, gv, spec: AdamSpec, ctx: StepContext, descent: int) -> None:
         lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
         v = bucket.run_view(run, "exp_avg_sq")
         self.descent.adam_kernel[(_grid(run.numel, self.descent.BLOCK),)](
@@ -304,7 +309,11 @@ class TritonBackend:
             spec.eps,
             spec.weight_decay,
             0.0 if lr_on_device else 1.0 - lr * spec.weight_decay,
-            alpha,
+            ctx.alpha,
+            DESCENT=descent,
+            UNSCALE=ctx.unscale,
+            CLIP_GRAD=ctx.clip,
+            CHECK=ctx.check,
             HAS_WEIGHT_DECAY=spec.weight_decay != 0,
             DECOUPLED=spec.decoupled,
             AMSGRAD=spec.amsgrad,
@@ -312,7 +321,6 @@ class TritonBackend:
             LR_ON_DEVICE=lr_on_device,
             BLOCK=self.descent.BLOCK,
             num_warps=8,
-            **common,
         )
 
     def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
