@@ -71,6 +71,10 @@ class StepEngine:
     def _reset_caches(self) -> None:
         self._where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._partials: dict[int, Tensor] = {}
+        self.contexts_changed()
+
+    def contexts_changed(self) -> None:
+        """A setting a StepContext holds changed (``max_grad_norm``): contexts are made anew."""
         self._contexts: dict[bool, StepContext] = {}
 
     # ------------------------------------------------------------------ layout
@@ -194,6 +198,7 @@ class StepEngine:
             )
         if self.variant.noise and st.phase is not Phase.NOISED:
             raise RuntimeError("RSAM takes its first pass at w + delta: call noise_step() before it")
+        st.one_pass_done = False
         grouping.check_groups(self.owner.param_groups, self._laid_out, self.keys, self.device)
         if scaler is not None:
             scaler = amp.active_scaler(scaler, key, self.device, first_pass=True)
@@ -208,9 +213,10 @@ class StepEngine:
         ctx = self.context(scaler is not None)
         if not perturbs:
             self._one_pass_step(plans, specs, ctx)
-            if scaler is not None:
-                amp.report_overflow(scaler, key, self.status, mark_stepped=True)
+            if scaler is not None:  # the scaler stays ready: a framework's scaler.step(opt) follows
+                amp.report_overflow(scaler, key, self.status, mark_stepped=False)
             st.step_index += 1
+            st.one_pass_done, st.scaler, st.scaler_key = True, scaler, key
             return False
         if st.phase is Phase.IDLE:
             st.index_before = st.step_index
@@ -308,6 +314,20 @@ class StepEngine:
         if scaler is not None:
             amp.report_overflow(scaler, key, self.status, mark_stepped=step_scale is None)
         st.phase, st.plans, st.scaler, st.backed_up = Phase.IDLE, None, None, 0
+
+    def finish_one_pass(self, handed: tuple | None) -> bool:
+        """``step()`` after a one-pass ``first_step()`` (a framework finishing its step): the
+        update is done; under ``GradScaler.step(opt)`` (``handed``), which has just replaced the
+        scaler's overflow record with a check of the (zeroed) gradients, the step's own
+        overflow goes back in. Returns whether there was such a step to finish."""
+        st = self.step
+        if st.phase is not Phase.IDLE or not st.one_pass_done:
+            return False
+        st.one_pass_done = False
+        if handed is not None and st.scaler is not None:
+            amp.report_overflow(st.scaler, st.scaler_key, self.status, mark_stepped=False)
+        st.scaler = None
+        return True
 
     def _second_scaler(self, scaler_arg: Any, key: int) -> Any:
         st = self.step

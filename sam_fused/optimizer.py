@@ -80,11 +80,8 @@ class SAM(torch.optim.Optimizer):
 
     # GradScaler.step(opt) hands over its scale instead of unscaling in place (README)
     _step_supports_amp_scaling = True
-    variant = options.Fixed()
-    variant_options = options.Fixed()
-    norm_eps = options.Fixed()
-    skip_nonfinite = options.Fixed()
-    max_grad_norm = options.Fixed()
+    variant, variant_options, norm_eps = options.Fixed(), options.Fixed(), options.Fixed()
+    skip_nonfinite, max_grad_norm = options.Fixed(), options.MaxGradNorm()  # the latter settable
 
     def __init__(
         self,
@@ -189,21 +186,20 @@ class SAM(torch.optim.Optimizer):
 
     @_eager
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """A whole SAM step, calling ``closure`` (forward + backward, returning the loss) once
-        per pass; returns the first pass's loss. After ``first_step()``, ``step()`` without a
-        closure finishes the step (what ``GradScaler.step(opt)`` calls)."""
+        """A whole SAM step, calling ``closure`` (forward + backward, returning the loss) once per
+        pass; returns the first pass's loss. Without a closure it finishes what first_step() began."""
         engine, st = self._engine, self._engine.step
         if closure is None:  # after first_step(): finish the step (what GradScaler.step(opt) calls)
-            if st.phase is not Phase.PERTURBED:
+            if not (st.one_pass_done or st.phase is Phase.PERTURBED):
                 raise RuntimeError(options.no_closure())
-            with torch.no_grad():
-                self._second_step(None, amp.handed_scale(self, st.scaler), (), {})
+            handed = amp.handed_scale(self, st.scaler)
+            if not engine.finish_one_pass(handed):  # a one-pass step is already applied
+                with torch.no_grad():
+                    self._second_step(None, handed, (), {})
             return None
         if st.phase is not Phase.IDLE:
             raise RuntimeError(options.MID_STEP.format(what="step(closure)"))
-        if not st.closure_checked:
-            st.closure_checked = True
-            options.check_fresh_gradients(self.param_groups)
+        options.check_fresh_gradients(self.param_groups, st)
         args, kwargs = hooks.begin(self, (closure,), {})
         closure = torch.enable_grad()(args[0] if args else closure)
         st.in_closure_step = True

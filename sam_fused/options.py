@@ -160,8 +160,12 @@ def no_closure() -> str:
     )
 
 
-def check_fresh_gradients(groups: list[dict[str, Any]]) -> None:
-    """Refuse the first step(closure) when gradients were accumulated before it (checked once)."""
+def check_fresh_gradients(groups: list[dict[str, Any]], step: Any) -> None:
+    """Refuse the first step(closure) when gradients were accumulated before it (checked once:
+    it reads every gradient, and the pattern it catches is there from the first step on)."""
+    if step.closure_checked:
+        return
+    step.closure_checked = True
     for group in groups:
         for p in group["params"]:
             g = p.grad
@@ -191,7 +195,7 @@ def check_arguments(
 ) -> tuple[Any, FrozenOptions]:
     """SAM's own constructor arguments; returns the variant and its resolved options."""
     from .backends import BACKEND_NAMES
-    from .variants import Descent, get_variant
+    from .variants import get_variant
 
     found = get_variant(variant)
     resolved = FrozenOptions(found.resolve_options(dict(variant_options or {})))
@@ -203,11 +207,7 @@ def check_arguments(
     check_positive(max_grad_norm, "max_grad_norm", allow_none=True)
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
-    if max_grad_norm is not None and found.descent == Descent.LOOKSAM_FULL:
-        raise ValueError(
-            "max_grad_norm is not available with LookSAM: the norm of its reuse steps' descent "
-            "gradient g + alpha (||g|| / ||g_v||) g_v is not computed"
-        )
+    check_clipping(found, max_grad_norm)
     return found, resolved
 
 
@@ -224,6 +224,27 @@ class Fixed:
         raise AttributeError(
             f"SAM.{self.name} is fixed when the optimizer is built; build a new optimizer with the "
             "new value (state_dict() and load_state_dict() carry the state over)"
+        )
+
+
+class MaxGradNorm(Fixed):
+    """``max_grad_norm``: settable (frameworks hand their clipping value over), checked."""
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        engine = obj._engine
+        check_positive(value, "max_grad_norm", allow_none=True)
+        check_clipping(engine.variant, value)
+        engine.max_grad_norm = None if value is None else float(value)
+        engine.contexts_changed()
+
+
+def check_clipping(variant: Any, max_grad_norm: Any) -> None:
+    from .variants import Descent
+
+    if max_grad_norm is not None and variant.descent == Descent.LOOKSAM_FULL:
+        raise ValueError(
+            "max_grad_norm is not available with LookSAM: the norm of its reuse steps' descent "
+            "gradient g + alpha (||g|| / ||g_v||) g_v is not computed"
         )
 
 

@@ -40,5 +40,6 @@ class StepState:
     generator: torch.Generator | None = None  # RSAM's noise
     generator_before: Tensor | None = None
     hooks_open: bool = False  # the step's pre-hooks fired, its post-hooks are due
+    one_pass_done: bool = False  # the last first_step() took a whole one-pass step
     in_closure_step: bool = False
     closure_checked: bool = False

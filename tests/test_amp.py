@@ -221,6 +221,37 @@ def test_overflow_on_a_one_pass_step_backs_off(backend, device, lookahead):
     assert scaler.get_scale() == scale * 0.5
 
 
+@pytest.mark.parametrize("lookahead", ["LookSAM", "IntervalSAM"])
+def test_a_framework_may_finish_a_one_pass_step_with_scaler_step(backend, device, lookahead):
+    """Frameworks call scaler.step(opt) (or opt.step()) after every step. After a one-pass
+    first_step() that call finishes nothing more, and an overflow of the one pass still
+    reaches scaler.update() (scaler.step re-checks only the zeroed gradients)."""
+    cls = LookSAM if lookahead == "LookSAM" else IntervalSAM
+    model = make_model(3, device)
+    opt = build(cls, model, backend, k=2)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**8)
+    scaled_step(model, opt, scaler, *batch(0, device), "second_step")  # step 0: two passes
+    for poison in (None, (1, 0)):
+        x, y = batch(1, device)
+        before, scale = snapshot(model, opt), scaler.get_scale()
+        scaler.scale(loss_of(model, x, y)).backward()
+        if poison is not None:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        assert opt.first_step(zero_grad=True, grad_scaler=scaler) is False
+        after = snapshot(model, opt)
+        assert scaler.step(opt) is None  # accepted, and nothing more happens
+        assert_bitwise(snapshot(model, opt), after, "scaler.step after a one-pass step")
+        scaler.update()
+        if poison is None:
+            assert scaler.get_scale() == scale
+            with pytest.raises(RuntimeError, match="closure"):  # finished once, not twice
+                opt.step()
+            scaled_step(model, opt, scaler, *batch(2, device), "second_step")  # step 2: two passes
+        else:
+            assert_bitwise(snapshot(model, opt), before, "one-pass overflow")
+            assert scaler.get_scale() == scale * 0.5
+
+
 def test_overflow_without_skip_nonfinite_still_skips(backend, device):
     """Under a scaler an overflow is expected, not a bug: the check is on regardless."""
     model = make_model(4, device)

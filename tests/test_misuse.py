@@ -673,3 +673,24 @@ def test_one_cycle_betas_reach_the_kernels_without_piling_up(device):
         assert len(set(betas)) == len(betas)  # they did move every step
         runs[backend] = weights(model)
     torch.testing.assert_close(runs["triton"], runs["reference"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_max_grad_norm_is_settable_and_checked(backend, device):
+    """Frameworks hand their clipping value over: a valid value takes effect at the next step
+    (as if given to the constructor), a bad one is refused and changes nothing."""
+    runs = []
+    for late in (False, True):
+        model = make_model(device)
+        opt = build(model, backend, **({} if late else {"max_grad_norm": 0.05}))
+        if late:
+            for bad in (float("nan"), -1.0, "1"):
+                with pytest.raises(ValueError, match="max_grad_norm"):
+                    opt.max_grad_norm = bad
+                assert opt.max_grad_norm is None
+            opt.max_grad_norm = 0.05
+        manual_step(model, opt, *batch(device, 0))
+        runs.append(weights(model))
+    assert torch.equal(runs[0], runs[1])
+    with pytest.raises(ValueError, match="LookSAM"):
+        build(make_model(device), "reference", "looksam").max_grad_norm = 1.0
