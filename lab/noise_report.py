@@ -163,7 +163,8 @@ def plot_noise(results: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 def _pm(s: dict[str, float], digits: int = 4) -> str:
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    # round() then + 0.0 turns a rounding-level negative mean into 0, not "-0.0000".
+    return f"{round(s['mean'], digits) + 0.0:.{digits}f} ± {s['std']:.{digits}f}"
 
 
 def noise_markdown(results: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
