@@ -7,7 +7,11 @@ and show that a constant step can stall. The lab runs the real ``sam_fused`` opt
 * a strongly convex quadratic (:mod:`lab.quadratic`), where the stall and its size can be
   predicted in closed form, and
 * scikit-learn's digits with a small MLP (:mod:`lab.digits`), where SGD and every variant
-  are compared over several seeds.
+  are compared over several seeds, and
+* the same digits with 0/20/40 % of the training labels flipped (:mod:`lab.label_noise`),
+  which tests Foret et al.'s claim that SAM is robust to noisy labels.
+
+:mod:`lab.claims` sets each published claim next to what the run measured.
 
 ``python -m lab.convergence_lab --out docs/lab`` writes the plots and ``results.md``;
 ``docs/convergence.md`` explains them.

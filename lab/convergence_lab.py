@@ -1,4 +1,4 @@
-"""The convergence lab's command line: run both parts, write the plots and ``results.md``.
+"""The convergence lab's command line: run the three parts, write the plots and ``results.md``.
 
     python -m lab.convergence_lab --out docs/lab            # the full lab (a few minutes)
     python -m lab.convergence_lab --out /tmp/lab --quick    # a smoke run (seconds)
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .digits import DIGITS_METHODS, DigitsConfig, run_digits
+from .label_noise import NoiseConfig, run_label_noise
 from .quadratic import QUADRATIC_METHODS, QuadConfig, run_quadratic
 
 __all__ = ["main", "plan"]
@@ -40,6 +41,21 @@ FULL = {
         "seeds": (0, 1, 2),
         "config": DigitsConfig("SGD", "constant", 0, epochs=30),
     },
+    "label_noise": {
+        "noise_levels": (0.0, 0.2, 0.4),
+        # SAM: the published 0.05 up to the radius where it visibly slows the fit of the noise;
+        # ASAM's radius is on another scale (|w|-weighted), 0.5 being its published value.
+        "radii": {
+            "SGD": (0.0,),
+            "SAM": (0.05, 0.2, 1.0),
+            "ASAM": (0.5, 5.0),
+            "VaSSO": (0.05, 1.0),
+            "FSAM": (0.05, 1.0),
+            "GSAM": (0.05, 1.0),
+        },
+        "seeds": (0, 1, 2, 3, 4),
+        "config": NoiseConfig("SGD", 0.0, 0.0, 0, epochs=80),
+    },
 }
 QUICK = {
     "quadratic": {
@@ -54,6 +70,18 @@ QUICK = {
         "seeds": (0, 1),
         "config": DigitsConfig("SGD", "constant", 0, epochs=2),
     },
+    "label_noise": {
+        "noise_levels": (0.0, 0.4),
+        "radii": {"SGD": (0.0,), "SAM": (1.0,)},
+        "seeds": (0, 1),
+        "config": NoiseConfig("SGD", 0.0, 0.0, 0, epochs=2),
+    },
+}
+PARTS = ("quadratic", "digits", "label_noise")
+RUNNERS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "quadratic": run_quadratic,
+    "digits": run_digits,
+    "label_noise": run_label_noise,
 }
 
 
@@ -86,13 +114,26 @@ def plan(quick: bool, parts: Sequence[str]) -> tuple[list[tuple[str, Any]], dict
                     )
                     tasks.append(("digits", cfg))
         settings["digits"] = {**asdict(base_d), "seeds": ", ".join(str(s) for s in d["seeds"])}
+    if "label_noise" in parts:
+        n = spec["label_noise"]
+        base_n: NoiseConfig = n["config"]
+        for noise in n["noise_levels"]:
+            for method, radii in n["radii"].items():
+                for rho in radii:
+                    for seed in n["seeds"]:
+                        cfg = NoiseConfig(
+                            **{**asdict(base_n), "method": method, "rho": rho, "noise": noise, "seed": seed}
+                        )
+                        tasks.append(("label_noise", cfg))
+        settings["label_noise"] = asdict(base_n)
     return tasks, settings
 
 
 def _run(task: tuple[str, Any]) -> dict[str, Any]:
     part, cfg = task
     start = time.perf_counter()
-    result = run_quadratic(cfg) if part == "quadratic" else run_digits(cfg)
+    result = RUNNERS[part](cfg)
+    result["part"] = part
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -101,12 +142,16 @@ def _label(task: tuple[str, Any]) -> str:
     part, cfg = task
     if part == "quadratic":
         return f"quadratic {cfg.method} {cfg.schedule} rho={cfg.rho_mode}"
+    if part == "label_noise":
+        return f"label noise {cfg.noise:.0%} {cfg.method} rho={cfg.rho:g} seed={cfg.seed}"
     return f"digits {cfg.method} {cfg.schedule} seed={cfg.seed}"
 
 
 def _summary(result: dict[str, Any]) -> str:
     if "dist" in result:
         return f"|x-x*|={result['dist'][-1]:.2e}"
+    if "final_test_acc" in result:
+        return f"test acc {result['final_test_acc']:.4f} (best {result['best_test_acc']:.4f})"
     return f"test acc {result['test_acc']:.4f}"
 
 
@@ -146,34 +191,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=("quadratic", "digits"),
-        default=("quadratic", "digits"),
-        help="which parts to run (default both)",
+        choices=PARTS,
+        default=PARTS,
+        help="which parts to run (default all)",
     )
     args = parser.parse_args(argv)
-    from . import report  # imports matplotlib; after parsing so that --help stays instant
+    # These import matplotlib: after parsing, so that --help stays instant.
+    from . import claims, noise_report, report
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     tasks, settings = plan(args.quick, args.parts)
     settings["command"] = (
         "python -m lab.convergence_lab --out " + str(args.out) + (" --quick" if args.quick else "")
     )
-    if tuple(args.parts) != ("quadratic", "digits"):
+    if tuple(args.parts) != PARTS:
         settings["command"] += " --parts " + " ".join(args.parts)
     log(f"convergence lab: {len(tasks)} runs on {args.jobs} process(es) -> {args.out}")
     start = time.perf_counter()
     results = run_all(tasks, args.jobs, log)
-    quad = [r for r in results if "dist" in r]
-    digits = [r for r in results if "test_acc" in r]
+    quad = [r for r in results if r["part"] == "quadratic"]
+    digits = [r for r in results if r["part"] == "digits"]
+    noisy = [r for r in results if r["part"] == "label_noise"]
     args.out.mkdir(parents=True, exist_ok=True)
     images = []
     if quad:
         images += report.plot_quadratic(quad, args.out)
     if digits:
         images += report.plot_digits(digits, args.out)
-    report.write_markdown(args.out / "results.md", quad, digits, settings, images)
+    sections: list[str] = []
+    if noisy:
+        images += noise_report.plot_noise(noisy, args.out)
+        sections += noise_report.noise_markdown(noisy, settings["label_noise"])
+    sections += claims.claims_markdown(quad, digits, noisy)
+    report.write_markdown(args.out / "results.md", quad, digits, settings, images, sections)
     log(f"wrote {len(images)} plots and results.md to {args.out} in {time.perf_counter() - start:.0f}s")
-    return {"quadratic": quad, "digits": digits, "images": images, "out": args.out}
+    return {"quadratic": quad, "digits": digits, "label_noise": noisy, "images": images, "out": args.out}
 
 
 if __name__ == "__main__":

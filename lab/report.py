@@ -339,8 +339,9 @@ def write_markdown(
     digits: list[dict[str, Any]],
     settings: dict[str, Any],
     images: list[Path],
+    sections: Sequence[str] = (),
 ) -> None:
-    """``results.md``: the settings, both tables and links to the plots next to it."""
+    """``results.md``: the settings, the tables, ``sections`` (more parts) and links to the plots."""
     lines = [
         "# Convergence lab results",
         "",
@@ -385,6 +386,7 @@ def write_markdown(
             *verdicts,
             "",
         ]
+    lines += sections
     if images:
         lines += ["## Plots", ""]
         lines += [f"![{p.stem}]({p.name})" for p in images]

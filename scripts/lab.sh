@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The convergence lab: reproduces the seed paper's claims (stall of constant-step SAM on a
-# quadratic, convergence under diminishing steps/radii) and compares SGD with every SAM
-# variant on scikit-learn's digits. Writes PNG plots and results.md into docs/lab (a few
-# minutes on a 2-core CPU). Extra arguments go to the lab's CLI, e.g.
+# quadratic, convergence under diminishing steps/radii), compares SGD with every SAM
+# variant on scikit-learn's digits, and with SAM/ASAM/VaSSO/F-SAM/GSAM on digits with noisy
+# training labels (Foret et al.'s robustness claim). Writes PNG plots and results.md into
+# docs/lab (under 10 minutes on a 2-core CPU; docs/convergence.md has the measured time).
+# Extra arguments go to the lab's CLI, e.g.
 # `bash scripts/lab.sh --quick --out /tmp/lab` for a smoke run (see `--help`).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
