@@ -4,24 +4,17 @@
 >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
 """
 
+from . import family
 from .backends import available_backends
 from .batchnorm import frozen_bn_stats
-from .family import ASAM, FSAM, GCSAM, GSAM, RSAM, USAM, IntervalSAM, LookSAM, VaSSO
+from .family import *  # noqa: F403  (one class per variant: family.__all__)
 from .optimizer import SAM
 from .variants import VARIANTS, Variant
 
 __all__ = [
-    "ASAM",
-    "FSAM",
-    "GCSAM",
-    "GSAM",
-    "RSAM",
+    *family.__all__,
     "SAM",
-    "USAM",
     "VARIANTS",
-    "IntervalSAM",
-    "LookSAM",
-    "VaSSO",
     "Variant",
     "__version__",
     "available_backends",

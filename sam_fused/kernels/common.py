@@ -24,15 +24,11 @@ INV_SCALE1 = tl.constexpr(S.INV_SCALE1)
 INV_SCALE2 = tl.constexpr(S.INV_SCALE2)
 CLIP = tl.constexpr(S.CLIP)
 
-# the variants' rules (kernels take the rule of a launch as a constexpr argument)
-ASCENT_GRAD = tl.constexpr(int(Ascent.GRAD))
-ASCENT_VASSO = tl.constexpr(int(Ascent.VASSO))
-ASCENT_FSAM = tl.constexpr(int(Ascent.FSAM))
-ASCENT_RSAM = tl.constexpr(int(Ascent.RSAM))
-DESCENT_PLAIN = tl.constexpr(int(Descent.PLAIN))
-DESCENT_GSAM = tl.constexpr(int(Descent.GSAM))
-DESCENT_LOOKSAM_FULL = tl.constexpr(int(Descent.LOOKSAM_FULL))
-DESCENT_LOOKSAM_REUSE = tl.constexpr(int(Descent.LOOKSAM_REUSE))
+# the variants' rules (kernels take the rule of a launch as a constexpr argument), one name
+# per member of the enums: ASCENT_GRAD, ASCENT_VASSO, ..., DESCENT_PLAIN, DESCENT_GSAM, ...
+# (made here from the enums, so a new rule needs no edit in this file)
+for _rule in (*Ascent, *Descent):
+    globals()[f"{type(_rule).__name__.upper()}_{_rule.name}"] = tl.constexpr(int(_rule))
 
 
 @triton.jit
