@@ -90,9 +90,7 @@ class StepEngine:
         base = type(self.owner.base_optimizer)
         laid_out = grouping.lay_out(groups, start, known, base, self.variant, self.backend)
         # ---- validated: from here on the parameters move
-        self.buckets += [
-            Bucket(params, i, backend.capabilities.flat, backend) for params, i, backend in laid_out
-        ]
+        self.buckets += [Bucket(params, i, layout, backend) for params, i, backend, layout in laid_out]
         for group in groups:
             group["params"] = options.ParamList(group["params"])
         self._laid_out.extend(groups)

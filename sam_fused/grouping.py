@@ -27,8 +27,8 @@ __all__ = ["check_groups", "fused_specs", "lay_out"]
 
 def lay_out(
     groups: list[dict[str, Any]], start: int, known: list[Tensor], base: type, variant: Variant, request: str
-) -> list[tuple[list[Tensor], int, Backend]]:
-    """``(params, group index, backend)`` of each bucket the groups (numbered from ``start``)
+) -> list[tuple[list[Tensor], int, Backend, str]]:
+    """``(params, group index, backend, layout)`` of each bucket the groups (numbered from ``start``)
     would make, beside the parameters ``known`` already; a refusal raises here."""
     new = [p for g in groups for p in g["params"]]
     devices = {p.device for p in known + new}
@@ -45,7 +45,7 @@ def lay_out(
             kinds.setdefault((dtype, refusal is None), []).append((p, refusal))
         for (dtype, _), members in kinds.items():
             refusal = next((r for _, r in members if r is not None), None)
-            backend = choose_backend(request, members[0][0].device, dtype, variant, refusal)
+            backend, layout = choose_backend(request, members[0][0].device, dtype, variant, refusal)
             if variant.descent != Descent.PLAIN:  # refused now, not halfway through a step
                 spec, why = spec_for(base, group)
                 if spec is None or not backend.capabilities.fuses(spec):
@@ -54,7 +54,7 @@ def lay_out(
                         f"torch.optim.SGD, Adam and AdamW only; param group {index} cannot take it "
                         f"({why or f'the {backend.name} backend does not fuse it'})"
                     )
-            laid_out.append(([p for p, _ in members], index, backend))
+            laid_out.append(([p for p, _ in members], index, backend, layout))
     return laid_out
 
 

@@ -83,16 +83,18 @@ class Bucket(BucketStorage):
     Attributes:
         params: the parameters, in group order.
         group_index: which ``param_groups`` entry they belong to.
-        flat: whether they live in a flat buffer (the fused backends need that).
+        layout: ``"flat"`` (they live in a flat buffer) or ``"table"`` (they stay where they are).
+        flat: ``layout == "flat"``.
         backend: the backend object that runs this bucket's math.
         steps, vsteps: float32 per-parameter update counts on the device (see above).
             Adam's ``state['step']`` entries are 0-d views of ``steps``.
     """
 
-    def __init__(self, params: list[Tensor], group_index: int, flat: bool, backend) -> None:
+    def __init__(self, params: list[Tensor], group_index: int, layout: str, backend) -> None:
         self.params = params
         self.group_index = group_index
-        self.flat = flat
+        self.layout = layout
+        self.flat = layout == "flat"
         self.backend = backend
         self.sharded = is_dtensor(params[0])
         local = [self._local(p) for p in params]
@@ -107,7 +109,7 @@ class Bucket(BucketStorage):
         self.update_class: list[int] = [0] * len(params)
         self.last_update_key: bytes | None = None
         self._reset_caches()
-        if flat:
+        if self.flat:
             self._flatten()
 
     def _reset_caches(self) -> None:

@@ -41,7 +41,6 @@ except ImportError as exc:  # e.g. triton missing, or numpy missing for the inte
         ) from exc
 
 
-
 def _interpreter_rounds_bfloat16_to_nearest_even() -> None:
     """The Triton interpreter converts float32 to bfloat16 by truncation (and its "rtne"
     mode rounds half up without carrying into the exponent), and flushes bfloat16

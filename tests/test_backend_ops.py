@@ -102,7 +102,7 @@ class Pair:
         self.sides = {}
         for name in ("reference", fused):
             params = [torch.nn.Parameter(v.to(device=device, dtype=dtype)) for v in values]
-            bucket = Bucket(params, 0, flat=name != "reference", backend=backend_instance(name))
+            bucket = Bucket(params, 0, "table" if name == "reference" else "flat", backend_instance(name))
             self.sides[name] = Side(bucket, torch.zeros(S.SIZE, device=device))
         self.ref, self.fused = self.sides["reference"], self.sides[fused]
 
@@ -360,7 +360,7 @@ def test_every_low_precision_value_survives_the_float32_round_trip(fused, device
     patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).to(device)
     param = torch.nn.Parameter(patterns.clone())
     param.grad = torch.ones_like(param)
-    bucket = Bucket([param], 0, flat=True, backend=backend_instance(fused))
+    bucket = Bucket([param], 0, "flat", backend_instance(fused))
     plan = bucket.plan()
     spec = replace(SGD, lr=0.0, momentum=0.0, weight_decay=0.0)
     bucket.backup_buffer().copy_(bucket.param_flat)  # the update reads w from the backup

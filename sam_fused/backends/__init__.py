@@ -92,25 +92,26 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def _auto(device: torch.device, dtype: torch.dtype, variant: Variant, flat_refusal: str | None) -> Backend:
+def _auto(
+    device: torch.device, dtype: torch.dtype, variant: Variant, flat_refusal: str | None
+) -> tuple[Backend, str]:
     """Triton for CUDA tensors, the C++ backend for CPU tensors, where they run the bucket;
     the reference backend for everything else."""
-    if flat_refusal is None:
-        if device.type == "cuda":
-            fused, usable = "triton", triton_available
-        else:
-            fused, usable = "cpp", lambda: bool(CppBackend.info())
-        if device.type in ("cuda", "cpu") and usable():
-            backend = get_backend(fused)
-            if backend.capabilities.refusal(device, dtype, variant) is None:
-                return backend
-    return get_backend("reference")
+    fused, usable = (
+        ("triton", triton_available) if device.type == "cuda" else ("cpp", lambda: bool(CppBackend.info()))
+    )
+    if device.type in ("cuda", "cpu") and usable():
+        backend = get_backend(fused)
+        layout = backend.capabilities.layout(flat_refusal)
+        if layout is not None and backend.capabilities.refusal(device, dtype, variant) is None:
+            return backend, layout
+    return get_backend("reference"), "table"
 
 
 def choose_backend(
     request: str, device: torch.device, dtype: torch.dtype, variant: Variant, flat_refusal: str | None = None
-) -> Backend:
-    """The backend for a bucket of ``dtype`` on ``device`` running ``variant``.
+) -> tuple[Backend, str]:
+    """The backend and layout for a bucket of ``dtype`` on ``device`` running ``variant``.
 
     ``request`` is the optimizer's ``backend=`` argument; ``"auto"`` may be replaced by the
     ``SAM_FUSED_BACKEND`` environment variable. ``flat_refusal`` says why some parameter
@@ -125,17 +126,17 @@ def choose_backend(
     if name == "auto":
         return _auto(device, dtype, variant, flat_refusal)
     # what the backend declares is checked before it is loaded (or built)
-    backend = _INSTANCES.get(name) or _CLASSES[name]
-    reason = backend.capabilities.refusal(device, dtype, variant)
+    capabilities = (_INSTANCES.get(name) or _CLASSES[name]).capabilities
+    reason = capabilities.refusal(device, dtype, variant)
     if reason is not None and name == "triton" and device.type == "cpu":
         reason += "; set TRITON_INTERPRET=1 to run its kernels on the CPU through the interpreter"
-    if reason is None and backend.capabilities.flat and flat_refusal is not None:
+    layout = capabilities.layout(flat_refusal)
+    if reason is None and layout is None:
         reason = f"it moves parameters into flat buffers, and a parameter cannot move: {flat_refusal}"
     if reason is None:
-        return get_backend(name)
+        return get_backend(name), layout
     raise ValueError(
         f"the {name} backend cannot run these parameters ({str(dtype).removeprefix('torch.')} on "
-        f"{device}, "
-        f"variant {variant.name!r}): {reason}. Use backend='auto' (it picks a backend per bucket) "
-        "or backend='reference'."
+        f"{device}, variant {variant.name!r}): {reason}. Use backend='auto' (it picks a backend per "
+        "bucket) or backend='reference'."
     )

@@ -41,7 +41,7 @@ def _capabilities(device_type: str) -> Capabilities:
     return Capabilities(
         device_types={device_type},
         dtypes=_DTYPES,
-        flat=True,
+        layouts={"flat"},
         ascents={Ascent.GRAD},
         descents={Descent.PLAIN},
         updates={SGDSpec.name, AdamSpec.name},

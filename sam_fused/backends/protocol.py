@@ -27,14 +27,16 @@ __all__ = ["Backend", "Capabilities"]
 class Capabilities:
     """What a backend runs; None means "any".
 
-    ``flat``: it needs the flat layout (parameters re-pointed into one buffer).
+    ``layouts``: the bucket layouts it runs: ``"flat"`` (parameters re-pointed into one
+    buffer; one launch per contiguous run) and/or ``"table"`` (parameters left where they are;
+    the reference goes parameter by parameter).
     ``updates``: the base updates (``BaseSpec.name``) it fuses; groups of another base
     optimizer take the generic path (restore, then the base optimizer's own ``step()``).
     """
 
     device_types: Set[str] | None
     dtypes: Set[torch.dtype] | None
-    flat: bool
+    layouts: Set[str]
     ascents: Set[Ascent]
     descents: Set[Descent]
     updates: Set[str] | None
@@ -50,6 +52,13 @@ class Capabilities:
         if variant.ascent not in self.ascents or variant.descent not in self.descents:
             return f"it has no kernels for variant {variant.name!r}"
         return None
+
+    def layout(self, flat_refusal: str | None) -> str | None:
+        """The layout for a bucket whose parameters can (``flat_refusal`` None) or cannot move
+        into a flat buffer; None when this backend runs neither."""
+        if flat_refusal is None and "flat" in self.layouts:
+            return "flat"
+        return "table" if "table" in self.layouts else None
 
     def fuses(self, spec: BaseSpec) -> bool:
         return self.updates is None or spec.name in self.updates

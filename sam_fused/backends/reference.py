@@ -148,7 +148,7 @@ class ReferenceBackend:
     capabilities = Capabilities(
         device_types=None,
         dtypes=None,
-        flat=False,
+        layouts={"table"},
         ascents=frozenset(Ascent),
         descents=frozenset(Descent),
         updates=None,

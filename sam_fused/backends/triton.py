@@ -44,7 +44,7 @@ class TritonBackend:
     capabilities = Capabilities(
         device_types={"cuda", "cpu"} if interpreting() else {"cuda"},
         dtypes={torch.float32, torch.bfloat16, torch.float16},
-        flat=True,
+        layouts={"flat"},
         ascents=frozenset(Ascent),
         descents=frozenset(Descent),
         updates={SGDSpec.name, AdamSpec.name},
