@@ -2,8 +2,10 @@
 
 Parameters are split into buckets: one per param group, (real) dtype and layout. A
 parameter that can move into a flat buffer goes with the others of its group and dtype; one
-that cannot (a slice, shared memory, an aliased storage, a DTensor) goes to a per-parameter
-bucket beside them. Each bucket gets its backend from :func:`~sam_fused.backends.choose_backend`.
+that cannot (a slice, shared memory, an aliased storage, a DTensor) goes to a table bucket
+beside them (parameters left in place), and one whose memory has gaps to another table
+bucket, which only the reference backend runs. Each bucket gets its backend from
+:func:`~sam_fused.backends.choose_backend`.
 Everything here validates and returns; the step engine then builds the buckets
 (``StepEngine.add``), which is when parameters move.
 """
@@ -19,6 +21,7 @@ from . import options
 from .backends import Backend, choose_backend
 from .base_updates import BaseSpec, spec_for
 from .layout import Bucket, flat_layout_refusal
+from .placement import table_layout_refusal
 from .sharding import shard_group
 from .variants import Descent, Variant
 
@@ -38,14 +41,19 @@ def lay_out(
     laid_out = []
     for index, group in enumerate(groups, start):
         options.check_params(group["params"], index)
-        kinds: dict[tuple, list[tuple[Tensor, str | None]]] = {}
+        kinds: dict[tuple, list[tuple[Tensor, str | None, str | None]]] = {}
         for p in group["params"]:
-            refusal = flat_layout_refusal(p)
+            flat_refusal = flat_layout_refusal(p)
+            table_refusal = None if flat_refusal is None else table_layout_refusal(p)
             dtype = p.real.dtype if p.is_complex() else p.dtype  # a complex one as its real view
-            kinds.setdefault((dtype, refusal is None), []).append((p, refusal))
-        for (dtype, _), members in kinds.items():
-            refusal = next((r for _, r in members if r is not None), None)
-            backend, layout = choose_backend(request, members[0][0].device, dtype, variant, refusal)
+            kind = (dtype, flat_refusal is None, table_refusal is None)
+            kinds.setdefault(kind, []).append((p, flat_refusal, table_refusal))
+        for (dtype, _, _), members in kinds.items():
+            flat_refusal = next((r for _, r, _ in members if r is not None), None)
+            table_refusal = next((r for _, _, r in members if r is not None), None)
+            backend, layout = choose_backend(
+                request, members[0][0].device, dtype, variant, flat_refusal, table_refusal
+            )
             if variant.descent != Descent.PLAIN:  # refused now, not halfway through a step
                 spec, why = spec_for(base, group)
                 if spec is None or not backend.capabilities.fuses(spec):
@@ -54,7 +62,7 @@ def lay_out(
                         f"torch.optim.SGD, Adam and AdamW only; param group {index} cannot take it "
                         f"({why or f'the {backend.name} backend does not fuse it'})"
                     )
-            laid_out.append(([p for p, _ in members], index, backend, layout))
+            laid_out.append(([p for p, _, _ in members], index, backend, layout))
     return laid_out
 
 

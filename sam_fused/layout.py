@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .placement import CHEAP_CHECK, LayoutError, dense_view, flat_layout_refusal, is_dtensor, real, use_count
 from .storage import BucketStorage
+from .tables import TableRun
 
 __all__ = ["ALIGN", "Bucket", "LayoutError", "Plan", "Run", "flat_layout_refusal", "is_dtensor"]
 
@@ -55,9 +56,41 @@ class Run:
     first: int
     views: dict[str, Tensor] = field(default_factory=dict)
 
+    table_mode = False  # tables.TableRun is the other kind
+    layout_code = 0  # the kernels' TABLE constexpr: a flat run
+
     @property
     def numel(self) -> int:
         return self.stop - self.start
+
+    def tensor(self, bucket: Bucket, role: str) -> Tensor:
+        """What a kernel's pointer argument for ``role`` gets: the run's slice of that buffer."""
+        view = self.views.get(role)
+        return view if view is not None else bucket.run_view(self, role)
+
+    def count(self, bucket: Bucket, name: str) -> Tensor:
+        """The run's update count (``steps`` or ``vsteps``) as a pointer to its first entry."""
+        view = self.views.get(name)
+        if view is None:
+            view = self.views[name] = getattr(bucket, name)[self.first :]
+        return view
+
+    def programs(self, block: int) -> int:
+        """Programs of an elementwise launch: one per block."""
+        return max(1, -(-self.numel // block))
+
+    @staticmethod
+    def block(flat_block: int) -> int:
+        """The kernels' BLOCK for this run."""
+        return flat_block
+
+    @property
+    def table(self) -> Tensor:
+        return self.views["param"]  # a placeholder: flat launches read no chunk table
+
+    @property
+    def like(self) -> Tensor:
+        return self.views["param"]
 
 
 @dataclass
@@ -117,13 +150,17 @@ class Bucket(BucketStorage):
         self._watch: list[Tensor] = []  # parameters the plan left out
         self._expected_counts: tuple[int, int] = (-1, -1)
         self._valid_index: Tensor | None = None
+        self._plan_addresses: tuple[list[int], list[int]] | None = None  # table layout
+        self._weights: list[Tensor] = []  # table layout: each parameter's local real view
         self._host_counts: tuple[list[float], list[float]] | None = None
         self._recount = False  # counts were set from outside: update classes are due
         self.cache: dict[str, Any] = {}  # what a backend derives from the bucket (device scalars)
 
     def _local(self, t: Tensor) -> Tensor:
         """The tensor the math runs on: the local shard of a DTensor, the real view of a complex."""
-        return real(t.to_local() if self.sharded else t)
+        # DTensor._local_tensor is what to_local() returns, without its autograd bookkeeping
+        # (~10 us a call: the table plan reads thousands per pass)
+        return real(t._local_tensor if self.sharded else t)
 
     # ------------------------------------------------------------------ flat layout
     def _flatten(self) -> None:
@@ -208,7 +245,7 @@ class Bucket(BucketStorage):
             if self._plan is not None and self._intact():
                 return self._plan
             return self._rebuild_flat_plan()
-        return self._per_parameter_plan()
+        return self._table_plan()
 
     def _intact(self) -> bool:
         """The O(1) check that the cached plan still describes the parameters."""
@@ -253,11 +290,12 @@ class Bucket(BucketStorage):
                 f"{p.dtype}{list(p.shape)} on {p.device}"
             )
 
-    def _taking_part(self, check_all: bool) -> list[int]:
+    def _taking_part(self, check_all: bool, check_params: bool = True) -> list[int]:
         # validate everything first: a refused step must change nothing
         taking_part = []
         for i, p in enumerate(self.params):
-            self._check_param(i, p)
+            if check_params:
+                self._check_param(i, p)
             g = p.grad
             if g is not None:
                 if check_all or g.is_sparse or g.data_ptr() != self.grad_ptrs[i]:
@@ -301,12 +339,85 @@ class Bucket(BucketStorage):
             prev = (i, cls)
         return runs
 
-    def _per_parameter_plan(self) -> Plan:
-        taking_part = self._taking_part(check_all=True)
-        return Plan(self._key(), tuple(taking_part), [])
+    # ------------------------------------------------------------------ table layout
+    def _addresses(self) -> tuple[list[int], list[int]]:
+        """Where each parameter's and gradient's local memory is now (0: no gradient)."""
+        if self.sharded:
+            params = [p._local_tensor.data_ptr() for p in self.params]
+            grads = [0 if p.grad is None else p.grad._local_tensor.data_ptr() for p in self.params]
+            return params, grads
+        params = [p.data_ptr() for p in self.params]
+        try:
+            grads = [0 if p.grad is None else p.grad.data_ptr() for p in self.params]
+        except RuntimeError:  # a sparse gradient has no data pointer; the plan check refuses it
+            grads = [
+                0 if p.grad is None else -1 if p.grad.is_sparse else p.grad.data_ptr() for p in self.params
+            ]
+        return params, grads
+
+    def _table_plan(self) -> Plan:
+        """The plan of a table bucket: reused while every parameter and gradient is where it
+        was (O(n) address reads, no per-tensor checks), else validated and rebuilt."""
+        addresses = self._addresses()
+        known = self._plan_addresses
+        if self._plan is not None and addresses == known:
+            return self._plan
+        params_moved = known is None or addresses[0] != known[0]
+        taking_part = self._taking_part(check_all=True, check_params=params_moved)
+        dense = not self.backend.capabilities.strided
+        if params_moved:
+            self._weights = [self.weight(i) for i in range(len(self.params))]
+            self.cache.pop("all_run", None)
+            if dense:
+                self._check_state_layout()
+        weights = [self._weights[i] for i in taking_part]
+        grads = []
+        for i, w in zip(taking_part, weights):
+            g = self.grad(i)
+            if dense and g.stride() != w.stride():
+                g = self._regather_grad(i, w)
+            grads.append(g)
+        indices = tuple(taking_part)
+        self._plan = Plan(self._key(), indices, [TableRun(self, indices, weights, grads)])
+        self._plan_addresses = self._addresses()
+        return self._plan
+
+    def _check_state_layout(self) -> None:
+        """Parameters that moved (``p.data`` replaced) must keep the memory layout their
+        state tensors have: the kernels walk both in memory order."""
+        for name, tensors in self._tensors.items():
+            for i, held in enumerate(tensors):
+                if held is not None and held.stride() != self._weights[i].stride():
+                    raise LayoutError(
+                        f"parameter {i} of param group {self.group_index} changed its memory layout "
+                        f"(strides {self._weights[i].stride()}, its state {name!r} has {held.stride()}) "
+                        "after the optimizer was built; convert the model (e.g. channels_last) first"
+                    )
+
+    def _regather_grad(self, i: int, w: Tensor) -> Tensor:
+        """A gradient laid out unlike its parameter: the kernels walk both in memory order, so it
+        is copied into the parameter's layout and ``p.grad`` re-pointed (as the flat layout
+        gathers foreign gradients)."""
+        p = self.params[i]
+        if self.sharded:
+            raise LayoutError(
+                f"the gradient of parameter {i} of param group {self.group_index} has local strides "
+                f"{p.grad._local_tensor.stride()}, its parameter {p._local_tensor.stride()}; SAM's "
+                "multi-tensor kernels need them equal (FSDP2 makes them so)"
+            )
+        copy = torch.empty_like(p.detach())  # the parameter's strides
+        copy.copy_(p.grad)
+        p.grad = copy
+        return real(copy)
 
     def complement_runs(self, plan: Plan) -> list[Run]:
         """Runs over the parameters the plan leaves out (cached on the plan)."""
+        if not self.flat:
+            if plan.complement is None:
+                left_out = tuple(i for i in range(len(self.params)) if i not in set(plan.indices))
+                weights = [self.weight(i) for i in left_out]
+                plan.complement = [TableRun(self, left_out, weights, None)] if left_out else []
+            return plan.complement
         if plan.complement is None:
             taking, runs = set(plan.indices), []
             for i, n in enumerate(self.numels):
@@ -318,22 +429,34 @@ class Bucket(BucketStorage):
                     runs[-1].stop = stop
                 else:
                     runs.append(Run(start, stop, i))
+            for run in runs:
+                run.views["param"] = self.param_flat[run.start : run.stop]
             plan.complement = runs
         return plan.complement
+
+    def all_run(self) -> TableRun:
+        """A table run over every parameter (RSAM's noise and its restore move them all)."""
+        run = self.cache.get("all_run")
+        if run is None:
+            indices = tuple(range(len(self.params)))
+            run = self.cache["all_run"] = TableRun(self, indices, [self.weight(i) for i in indices], None)
+        return run
 
     def row_table(self, plan: Plan) -> tuple[Tensor, Tensor, list[int]]:
         """Gradient centralization rows of the plan: (starts, lengths, loose params).
 
         A contiguous parameter of two or more dimensions has ``shape[0]`` rows of
-        ``numel / shape[0]`` consecutive elements. Parameters of another memory layout
-        (``loose``) are centralized one by one.
+        ``numel / shape[0]`` consecutive elements. A row starts at an offset into the flat
+        gradient buffer (flat layout) or at a byte address (table layout: the gradient
+        tensors themselves). Parameters of another memory layout (``loose``) are
+        centralized one by one.
         """
         if plan.rows is None:
             starts: list[int] = []
             lengths: list[int] = []
             loose: list[int] = []
             for i in plan.indices:
-                w = real(self.params[i].detach())
+                w = self.weight(i)  # the local shard of a DTensor: its rows are whole (FSDP2 splits dim 0)
                 if w.dim() <= 1 or w.numel() == 0:
                     continue
                 if not w.is_contiguous():
@@ -341,7 +464,12 @@ class Bucket(BucketStorage):
                     continue
                 n_rows = w.shape[0]
                 row = w.numel() // n_rows
-                starts.extend(range(self.offsets[i], self.offsets[i] + n_rows * row, row))
+                if self.flat:
+                    starts.extend(range(self.offsets[i], self.offsets[i] + n_rows * row, row))
+                else:
+                    g = self.grad(i)
+                    base, size = g.data_ptr(), g.element_size()
+                    starts.extend(range(base, base + n_rows * row * size, row * size))
                 lengths.extend([row] * n_rows)
             plan.rows = (
                 torch.tensor(starts, dtype=torch.int64, device=self.device),
@@ -388,6 +516,8 @@ class Bucket(BucketStorage):
             "cache",
             "param_ptrs",
             "grad_ptrs",
+            "_plan_addresses",
+            "_weights",
         )
         for name in derived:
             state.pop(name, None)

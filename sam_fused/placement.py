@@ -4,7 +4,9 @@ Re-pointing ``p.data`` into a bucket's flat buffer is safe only for a parameter 
 owns exactly its own dense storage: a slice of a larger tensor would be cut off from it,
 shared memory must stay shared, a storage another tensor aliases would silently stop being
 shared, and FSDP2 owns its DTensor shards. :func:`flat_layout_refusal` says which rule a
-parameter breaks; such parameters run in per-parameter buckets, where nothing moves.
+parameter breaks; such parameters run in table buckets, where nothing moves: through the
+multi-tensor kernels when their memory is dense (:func:`table_layout_refusal`), parameter by
+parameter (the reference backend) when it is not.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "flat_layout_refusal",
     "is_dtensor",
     "real",
+    "table_layout_refusal",
     "use_count",
 ]
 
@@ -81,6 +84,18 @@ def flat_layout_refusal(p: Tensor) -> str | None:
         return "it is in shared memory (model.share_memory()), which must stay shared"
     if aliased:
         return "another tensor shares its storage and would stop seeing its values"
+    return None
+
+
+def table_layout_refusal(p: Tensor) -> str | None:
+    """Why the multi-tensor (table) kernels cannot run ``p`` in place, or None.
+
+    They walk each tensor as ``numel`` consecutive elements from its address, so its memory
+    (a DTensor's local shard) must be dense; a strided view runs in a per-parameter bucket.
+    """
+    local = real(p.to_local() if is_dtensor(p) else p.detach())
+    if not _is_dense(local):
+        return "it is a strided view with gaps between its elements (e.g. a column slice)"
     return None
 
 

@@ -36,12 +36,16 @@ class BucketStorage:
         # exist even while their count is 0, as torch.optim's do right after initialization
         self.written = [bytearray(n), bytearray(n)]  # base, variant
         self._tensors: dict[str, list[Tensor | None]] = {}  # per-parameter storage (state, scratch)
+        # bumped whenever a per-parameter tensor is created or dropped: the multi-tensor
+        # kernels' address tables of a table bucket are valid while it stays (tables.py)
+        self.epoch = 0
         self.state_flat: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ per-parameter access
     def weight(self, i: int) -> Tensor:
         """Parameter ``i`` as the math sees it (detached; local shard; real view)."""
-        return self._local(self.params[i].detach())
+        p = self.params[i]
+        return self._local(p).detach() if self.sharded else self._local(p.detach())
 
     def grad(self, i: int) -> Tensor | None:
         g = self.params[i].grad
@@ -53,16 +57,17 @@ class BucketStorage:
             return self.state_view(name, i)
         held = self.tensors(name)[i]
         if held is None:
+            # zeros_like keeps the parameter's strides: the kernels walk both in memory order
             held = self.tensors(name)[i] = torch.zeros_like(self.weight(i))
+            self.epoch += 1
         return held
 
     def store_state(self, name: str, i: int, value: Tensor) -> None:
         """Write ``value`` into state ``name`` of parameter ``i`` (in place where it exists)."""
         held = self.state_view(name, i) if self.flat else self.tensors(name)[i]
         if held is None:
-            self.tensors(name)[i] = value.to(self.dtype, copy=True)
-        else:
-            held.copy_(value)
+            held = self.state_tensor(name, i)  # laid out like the parameter, whatever value's strides
+        held.copy_(value)
 
     def clear_state(self, name: str, i: int) -> None:
         """State ``name`` of parameter ``i`` is fresh again: zeros."""
@@ -71,6 +76,7 @@ class BucketStorage:
                 self.state_view(name, i).zero_()
         elif name in self._tensors:
             self._tensors[name][i] = None
+            self.epoch += 1
 
     def tensors(self, name: str) -> list[Tensor | None]:
         """Per-parameter tensors ``name`` of a per-parameter bucket (state, backups, scratch)."""

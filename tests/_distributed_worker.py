@@ -29,6 +29,37 @@ BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 # the state torch.optim keeps per parameter for each base, compared after the run
 STATE_NAMES = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
 DDP_BACKENDS = ("reference", "auto")  # "auto" is the compiled cpp backend where it builds
+# every variant (ASAM: SAM with adaptive=True) with the options its tests use
+VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
+    "sam": {},
+    "asam": {},
+    "usam": {},
+    "vasso": {"theta": 0.4},
+    "fsam": {"sigma": 0.8, "lam": 0.6},
+    "gcsam": {},
+    "rsam": {"seed": 7},
+    "gsam": {"alpha": 0.4},
+    "looksam": {"k": 2, "alpha": 0.7},
+    "interval": {"k": 2},
+}
+
+
+def table_backends() -> tuple[str, ...]:
+    """The fused backends that run FSDP2's shards here (multi-tensor kernels over tables)."""
+    from sam_fused.backends import TritonBackend, triton_available
+
+    return ("triton",) if triton_available() and "cpu" in TritonBackend.capabilities.device_types else ()
+
+
+def fused_fsdp_cases() -> tuple[tuple[str, str, str, dict[str, Any]], ...]:
+    """Every variant x base on each fused table backend; RSAM also on the reference (its noise
+    is drawn per shard, so the sharded run is compared with the reference's sharded run)."""
+    cases = [(v, base, b, o) for b in table_backends() for v, o in VARIANT_OPTIONS.items() for base in BASES]
+    if table_backends():
+        cases += [("rsam", base, "reference", VARIANT_OPTIONS["rsam"]) for base in BASES]
+    return tuple(cases)
+
+
 FSDP_CASES = (  # (variant, base, backend, variant_options)
     ("sam", "sgd", "auto", {}),
     ("sam", "adamw", "reference", {}),
@@ -66,7 +97,25 @@ def make_sam(params, base: str, backend: str, variant: str = "sam", options: dic
     from sam_fused import SAM
 
     cls, kwargs = BASES[base]
+    if variant == "asam":  # SAM with |w|-scaled perturbations
+        variant, kwargs = "sam", {**kwargs, "adaptive": True}
     return SAM(params, cls, rho=RHO, backend=backend, variant=variant, variant_options=options, **kwargs)
+
+
+def train(model: nn.Module, opt, data, variant: str) -> list[float]:
+    """The manual SAM loop over ``data``; the norm of each step that perturbed."""
+    from sam_fused import status as S
+
+    norms = []
+    for x, y in data:
+        if variant == "rsam":
+            opt.noise_step()
+        loss_fn(model(x), y).backward()
+        if opt.first_step(zero_grad=True):
+            norms.append(float(opt._engine.status[S.SUMSQ].sqrt()))
+            loss_fn(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+    return norms
 
 
 def snapshot(params: list[Tensor], opt, base: str, full: Callable[[Tensor], Tensor]) -> dict[str, Any]:
@@ -164,7 +213,6 @@ def run_fsdp(rank: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from sam_fused import status as S
 
     out: dict[str, Any] = {}
     data = [shard(b, rank) for b in batches()]
@@ -173,20 +221,14 @@ def run_fsdp(rank: int) -> dict[str, Any]:
         assert isinstance(t, DTensor), f"expected a DTensor, got {type(t).__name__}"
         return t.full_tensor()
 
-    for variant, base, backend, options in FSDP_CASES:
+    for variant, base, backend, options in FSDP_CASES + fused_fsdp_cases():
         model = make_model()
         for layer in (model[0], model[2]):
             fully_shard(layer)
         fully_shard(model)
         params = list(model.parameters())
         opt = make_sam(params, base, backend, variant, options)
-        norms = []
-        for x, y in data:
-            loss_fn(model(x), y).backward()
-            if opt.first_step(zero_grad=True):
-                norms.append(float(opt._engine.status[S.SUMSQ].sqrt()))
-                loss_fn(model(x), y).backward()
-                opt.second_step(zero_grad=True)
+        norms = train(model, opt, data, variant)
         key = f"fsdp/{variant}/{base}/{backend}"
         out[key] = snapshot(params, opt, base, full)
         out[key]["norms"] = norms

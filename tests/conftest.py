@@ -121,6 +121,33 @@ def backends_for(
     return [name for name in names if supports(name, variant, dtype)]
 
 
+TABLE_SUFFIX = "-table"  # "<backend>-table": that backend over a table bucket (parameters left in place)
+
+
+def table_backends_for(variant: str | Variant = "sam", dtype: torch.dtype = torch.float32) -> list[str]:
+    """``"<backend>-table"`` for each fused backend that runs ``variant`` over table buckets."""
+    return [
+        name + TABLE_SUFFIX
+        for name in backends_for(variant, dtype, fused_only=True)
+        if "table" in _CLASSES[name].capabilities.layouts
+    ]
+
+
+def split_backend(name: str) -> tuple[str, bool]:
+    """``("triton", True)`` for ``"triton-table"``; ``(name, False)`` otherwise."""
+    return name.removesuffix(TABLE_SUFFIX), name.endswith(TABLE_SUFFIX)
+
+
+def in_place_parameter(value: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+    """A parameter holding ``value`` as a slice of a larger storage (offset by one element), so
+    that the flat layout declines it (it would be cut off from that storage) and it runs in a
+    table bucket, on any device: as FSDP2's shards do, whose storage FSDP2 owns."""
+    storage = torch.zeros(value.numel() + 1, dtype=value.dtype, device=value.device)
+    view = storage[1:].view(value.shape)
+    view.copy_(value)
+    return torch.nn.Parameter(view, requires_grad=requires_grad)
+
+
 def backend_instance(name: str):
     """The backend object ``name`` as the optimizer gets it in a test (the emulated cuda one on the CPU)."""
     cls = _CLASSES[name]

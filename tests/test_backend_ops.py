@@ -3,8 +3,9 @@
 Each test runs for every fused backend this process has (``triton`` through the
 interpreter, ``cpp``, and ``cuda``: on the CPU its own source built against the CUDA
 emulation, on a GPU the real kernels). Each operation is called the way the step engine
-calls it, on a flat bucket of the fused backend and on a reference bucket holding the same
-numbers, and the results are compared:
+calls it, on a flat bucket of the fused backend (and on a table bucket, ``<backend>-table``,
+where the backend runs one) and on a reference bucket holding the same numbers, and the
+results are compared:
 
 * float32 within a few ulps (the norm is summed in another order; the perturbation scales
   ``u`` once instead of dividing every element), bfloat16/float16 within one ulp of the
@@ -29,7 +30,26 @@ from sam_fused.context import StepContext
 from sam_fused.layout import Bucket
 from sam_fused.variants import VARIANTS, Descent, Variant
 
-FUSED = [pytest.param(name, id=name) for name in FUSED_BACKENDS]
+# each fused backend over flat buckets, and over table buckets (parameters left in place:
+# FSDP2 shards, shared memory) where it runs them, as "<backend>-table"
+TABLE = "-table"
+FUSED_CASES = list(FUSED_BACKENDS) + [
+    name + TABLE for name in FUSED_BACKENDS if "table" in backend_instance(name).capabilities.layouts
+]
+FUSED = [pytest.param(name, id=name) for name in FUSED_CASES]
+
+
+def backend_of(case: str) -> str:
+    return case.removesuffix(TABLE)
+
+
+def layout_of(case: str) -> str:
+    return "table" if case == "reference" or case.endswith(TABLE) else "flat"
+
+
+def interpreted(case: str) -> bool:
+    """Whether the case runs through the (slow) Triton interpreter."""
+    return backend_of(case) == "triton" and DEVICE == "cpu"
 DTYPES = [
     pytest.param(torch.float32, id="f32"),
     pytest.param(torch.bfloat16, id="bf16"),
@@ -45,9 +65,9 @@ def with_sizes(size_params: list) -> list:
     there; test_textbook runs one through the whole optimizer)."""
     return [
         pytest.param(name, p.values[0], id=f"{p.id}-{name}", marks=p.marks)
-        for name in FUSED_BACKENDS
+        for name in FUSED_CASES
         for p in size_params
-        if not (name == "triton" and DEVICE == "cpu" and p.id.startswith("1M"))
+        if not (interpreted(name) and p.id.startswith("1M"))
     ]
 
 
@@ -89,6 +109,8 @@ class Side:
 
     def backup_of(self, i: int) -> torch.Tensor:
         b = self.bucket
+        if not b.flat:
+            return b.tensors("backup")[i]
         return b.backup_flat[b.offsets[i] :][: b.numels[i]]
 
 
@@ -102,7 +124,7 @@ class Pair:
         self.sides = {}
         for name in ("reference", fused):
             params = [torch.nn.Parameter(v.to(device=device, dtype=dtype)) for v in values]
-            bucket = Bucket(params, 0, "table" if name == "reference" else "flat", backend_instance(name))
+            bucket = Bucket(params, 0, layout_of(name), backend_instance(backend_of(name)))
             self.sides[name] = Side(bucket, torch.zeros(S.SIZE, device=device))
         self.ref, self.fused = self.sides["reference"], self.sides[fused]
 
@@ -302,9 +324,9 @@ SIZED_UPDATE_CASES = [
 
 UPDATE_TABLE = [
     pytest.param(name, *case.values, id=f"{case.id}-{name}", marks=case.marks)
-    for name in FUSED_BACKENDS
+    for name in FUSED_CASES
     for case in SIZED_UPDATE_CASES
-    if not (name == "triton" and DEVICE == "cpu" and case.id.startswith("1M"))
+    if not (interpreted(name) and case.id.startswith("1M"))
 ]
 
 
@@ -343,7 +365,7 @@ def test_sgd_update_is_bitwise_the_reference_on_the_cpu(fused, dtype, spec):
     compiled sources, numpy for the interpreter), and the bfloat16/float16 conversions are
     torch's bit for bit: so the CPU results are identical."""
     # past the C++ backend's 32 Ki-element blocks, and several of Triton's 4096-element ones
-    pair = Pair(fused, SIZES["mixed"] + [3 * 4096 + 5 if fused == "triton" else 65536 + 3], dtype, "cpu")
+    pair = Pair(fused, SIZES["mixed"] + [3 * 4096 + 5 if interpreted(fused) else 65536 + 3], dtype, "cpu")
     run_steps(pair, spec, 3, group())
     for a, b in zip(pair.fused.params, pair.ref.params):
         assert torch.equal(bits(a), bits(b))
@@ -360,10 +382,12 @@ def test_every_low_precision_value_survives_the_float32_round_trip(fused, device
     patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).to(device)
     param = torch.nn.Parameter(patterns.clone())
     param.grad = torch.ones_like(param)
-    bucket = Bucket([param], 0, "flat", backend_instance(fused))
+    bucket = Bucket([param], 0, layout_of(fused), backend_instance(backend_of(fused)))
     plan = bucket.plan()
     spec = replace(SGD, lr=0.0, momentum=0.0, weight_decay=0.0)
-    bucket.backup_buffer().copy_(bucket.param_flat)  # the update reads w from the backup
+    # the update reads w from the backup
+    backup = bucket.backup_buffer() if bucket.flat else bucket.state_tensor("backup", 0)
+    backup.copy_(param.detach())
     ctx = StepContext(VARIANTS["sam"], {}, 1e-12, False, torch.zeros(S.SIZE, device=device))
     bucket.backend.update(bucket, plan, plan, spec, ctx, Descent.PLAIN)
     out, expected = param.detach().cpu(), patterns.cpu()
@@ -441,7 +465,7 @@ def test_runs_longer_than_the_grid(fused, device, size, dtype):
 # ---------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("fused", FUSED)
 def test_norm_is_bitwise_reproducible(fused, device):
-    sizes = [100_003, 4097, 7] if fused == "triton" and DEVICE == "cpu" else [1_000_003, 4097, 7]
+    sizes = [100_003, 4097, 7] if interpreted(fused) else [1_000_003, 4097, 7]
     pair = Pair(fused, sizes, torch.float32, device)
     pair.set_grads(9)
     side = pair.fused

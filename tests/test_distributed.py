@@ -25,7 +25,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sam_fused import status as S
 from sam_fused.backends import CppBackend
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -99,13 +98,7 @@ def _single_process_sam(base: str, backend: str, variant: str = "sam", options: 
     model = W.make_model()
     params = list(model.parameters())
     opt = W.make_sam(params, base, backend, variant, options)
-    norms = []
-    for x, y in W.batches():
-        W.loss_fn(model(x), y).backward()
-        if opt.first_step(zero_grad=True):
-            norms.append(float(opt._engine.status[S.SUMSQ].sqrt()))
-            W.loss_fn(model(x), y).backward()
-            opt.second_step(zero_grad=True)
+    norms = W.train(model, opt, W.batches(), variant)
     snap = W.snapshot(params, opt, base, lambda t: t)
     snap["norms"] = norms
     snap["backends"] = opt.backends
@@ -259,6 +252,35 @@ def test_fsdp2_equals_single_process_full_batch(ranks, variant, base, backend, o
     # the shards really are split (7 rows: 4 + 3; rank 1's share of the 1-row layer is empty)
     shapes = [res["fsdp"][key]["local_shapes"] for res in ranks]
     assert shapes == [[(4, 6), (4,), (1, 7), (1,)], [(3, 6), (3,), (0, 7), (0,)]]
+
+
+FUSED_FSDP = [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}") for c in W.fused_fsdp_cases() if c[0] != "rsam"]
+
+
+@pytest.mark.parametrize(("variant", "base", "backend", "options"), FUSED_FSDP)
+def test_fsdp2_fused_table_path_equals_single_process(ranks, variant, base, backend, options):
+    """Every variant x base with FSDP2's shards in a fused backend's multi-tensor kernels: the
+    sharded run equals plain SAM on the whole model in one process (the reference backend),
+    norms included, on both ranks; and the fused path is what ran."""
+    key = f"fsdp/{variant}/{base}/{backend}"
+    want = _single_process_sam(base, "reference", variant, options)
+    for res in ranks:
+        got = res["fsdp"][key]
+        assert got["backends"] == [backend]
+        _assert_close_runs(got, want)
+        torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(want["norms"]), rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("backend", W.table_backends())
+@pytest.mark.parametrize("base", sorted(W.BASES))
+def test_fsdp2_rsam_noise_is_drawn_per_shard(ranks, backend, base):
+    """RSAM's noise comes from the optimizer's generator over each rank's own elements (one
+    draw of the local numel, documented in docs/variants.md), so a sharded run is not the
+    unsharded one; the fused table path draws exactly what the reference draws on the shard."""
+    for res in ranks:
+        got, want = res["fsdp"][f"fsdp/rsam/{base}/{backend}"], res["fsdp"][f"fsdp/rsam/{base}/reference"]
+        assert got["backends"] == [backend] and want["backends"] == ["reference"]
+        _assert_close_runs(got, want)
 
 
 def test_fsdp2_norm_is_the_full_model_norm(ranks):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import backends_for
+from conftest import backends_for, in_place_parameter, split_backend, table_backends_for
 
 from sam_fused import ASAM, FSAM, GCSAM, GSAM, RSAM, SAM, USAM, IntervalSAM, LookSAM, VaSSO
 
@@ -151,9 +151,14 @@ def init_weights(shapes, seed: int, dtype=torch.float32) -> list[list[torch.Tens
 
 
 def build(case: Case, base: str, backend: str, weights, dtype=torch.float32, **extra):
-    """Fresh parameters (copies of ``weights``) in two groups and the variant's optimizer."""
+    """Fresh parameters (copies of ``weights``) in two groups and the variant's optimizer
+    (``"<backend>-table"``: parameters the flat layout declines, so they stay in place)."""
     base_cls, kw, kw1 = BASES[base]
-    groups = [[w.clone().to(dtype).requires_grad_() for w in group] for group in weights]
+    backend, in_place = split_backend(backend)
+    if in_place:
+        groups = [[in_place_parameter(w.to(dtype)) for w in group] for group in weights]
+    else:
+        groups = [[w.clone().to(dtype).requires_grad_() for w in group] for group in weights]
     opt = case.cls(
         [{"params": groups[0]}, {"params": groups[1], "rho": case.rhos[1], **kw1}],
         base_cls,
@@ -162,6 +167,8 @@ def build(case: Case, base: str, backend: str, weights, dtype=torch.float32, **e
         **{**case.options, **extra},
         **kw,
     )
+    if in_place:  # the multi-tensor kernels run them, not the reference
+        assert {(b.backend.name, b.layout) for b in opt._engine.buckets} == {(backend, "table")}
     return groups[0] + groups[1], opt
 
 
@@ -373,7 +380,8 @@ def test_simulated_base_update_is_torch_optim(base):
 
 # ---------------------------------------------------------------------------- 1. against float64
 # The table of (variant, base, options) cases, run on every backend that declares it runs the
-# variant: reference, Triton (interpreter), cpp and the CUDA source (emulated on the CPU).
+# variant: reference, Triton (interpreter), cpp and the CUDA source (emulated on the CPU), and
+# each fused backend again over table buckets ("<backend>-table": parameters left in place).
 # float32 vs float64 over 7 steps: observed errors are 5e-7 to 1e-6 relative to max(1, |w|)
 # for every variant but LookSAM (see CASES); the bound is 1e-5.
 TABLE = [
@@ -381,6 +389,7 @@ TABLE = [
     for name in sorted(CASES)
     for base in sorted(BASES)
     for backend in backends_for("sam" if name == "asam" else name)
+    + table_backends_for("sam" if name == "asam" else name)
 ]
 
 

@@ -93,7 +93,11 @@ def get_backend(name: str) -> Backend:
 
 
 def _auto(
-    device: torch.device, dtype: torch.dtype, variant: Variant, flat_refusal: str | None
+    device: torch.device,
+    dtype: torch.dtype,
+    variant: Variant,
+    flat_refusal: str | None,
+    table_refusal: str | None,
 ) -> tuple[Backend, str]:
     """Triton for CUDA tensors, the C++ backend for CPU tensors, where they run the bucket;
     the reference backend for everything else."""
@@ -102,20 +106,26 @@ def _auto(
     )
     if device.type in ("cuda", "cpu") and usable():
         backend = get_backend(fused)
-        layout = backend.capabilities.layout(flat_refusal)
+        layout = backend.capabilities.layout(flat_refusal, table_refusal)
         if layout is not None and backend.capabilities.refusal(device, dtype, variant) is None:
             return backend, layout
     return get_backend("reference"), "table"
 
 
 def choose_backend(
-    request: str, device: torch.device, dtype: torch.dtype, variant: Variant, flat_refusal: str | None = None
+    request: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    variant: Variant,
+    flat_refusal: str | None = None,
+    table_refusal: str | None = None,
 ) -> tuple[Backend, str]:
     """The backend and layout for a bucket of ``dtype`` on ``device`` running ``variant``.
 
     ``request`` is the optimizer's ``backend=`` argument; ``"auto"`` may be replaced by the
     ``SAM_FUSED_BACKEND`` environment variable. ``flat_refusal`` says why some parameter
-    of the bucket cannot move into a flat buffer (None: they all can). An explicit request
+    of the bucket cannot move into a flat buffer (None: they all can), ``table_refusal`` why
+    one is too strided for the multi-tensor kernels (None: all are dense). An explicit request
     that cannot run the bucket is a clear error, raised when the optimizer is built.
     """
     name = request
@@ -124,15 +134,21 @@ def choose_backend(
         if name not in BACKEND_NAMES:
             raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
     if name == "auto":
-        return _auto(device, dtype, variant, flat_refusal)
+        return _auto(device, dtype, variant, flat_refusal, table_refusal)
     # what the backend declares is checked before it is loaded (or built)
     capabilities = (_INSTANCES.get(name) or _CLASSES[name]).capabilities
     reason = capabilities.refusal(device, dtype, variant)
     if reason is not None and name == "triton" and device.type == "cpu":
         reason += "; set TRITON_INTERPRET=1 to run its kernels on the CPU through the interpreter"
-    layout = capabilities.layout(flat_refusal)
+    layout = capabilities.layout(flat_refusal, table_refusal)
     if reason is None and layout is None:
-        reason = f"it moves parameters into flat buffers, and a parameter cannot move: {flat_refusal}"
+        if "table" in capabilities.layouts:
+            reason = (
+                f"a parameter cannot move into a flat buffer ({flat_refusal}) and its multi-tensor "
+                f"kernels need dense tensors: {table_refusal}"
+            )
+        else:
+            reason = f"it moves parameters into flat buffers, and a parameter cannot move: {flat_refusal}"
     if reason is None:
         return get_backend(name), layout
     raise ValueError(

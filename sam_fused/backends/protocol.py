@@ -28,8 +28,11 @@ class Capabilities:
     """What a backend runs; None means "any".
 
     ``layouts``: the bucket layouts it runs: ``"flat"`` (parameters re-pointed into one
-    buffer; one launch per contiguous run) and/or ``"table"`` (parameters left where they are;
-    the reference goes parameter by parameter).
+    buffer; one launch per contiguous run) and/or ``"table"`` (parameters left where they are:
+    the fused backends launch multi-tensor kernels over a table of their addresses, the
+    reference goes parameter by parameter).
+    ``strided``: whether its table layout also runs tensors whose memory has gaps (the
+    reference does; the multi-tensor kernels need each tensor dense).
     ``updates``: the base updates (``BaseSpec.name``) it fuses; groups of another base
     optimizer take the generic path (restore, then the base optimizer's own ``step()``).
     """
@@ -40,6 +43,7 @@ class Capabilities:
     ascents: Set[Ascent]
     descents: Set[Descent]
     updates: Set[str] | None
+    strided: bool = False
 
     def refusal(self, device: torch.device, dtype: torch.dtype, variant: Variant) -> str | None:
         """Why a bucket of ``dtype`` on ``device`` running ``variant`` is not for this backend."""
@@ -53,12 +57,15 @@ class Capabilities:
             return f"it has no kernels for variant {variant.name!r}"
         return None
 
-    def layout(self, flat_refusal: str | None) -> str | None:
+    def layout(self, flat_refusal: str | None, table_refusal: str | None = None) -> str | None:
         """The layout for a bucket whose parameters can (``flat_refusal`` None) or cannot move
-        into a flat buffer; None when this backend runs neither."""
+        into a flat buffer, and are dense (``table_refusal`` None) or strided; None when this
+        backend runs neither."""
         if flat_refusal is None and "flat" in self.layouts:
             return "flat"
-        return "table" if "table" in self.layouts else None
+        if "table" in self.layouts and (table_refusal is None or self.strided):
+            return "table"
+        return None
 
     def fuses(self, spec: BaseSpec) -> bool:
         return self.updates is None or spec.name in self.updates

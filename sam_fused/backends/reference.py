@@ -149,6 +149,7 @@ class ReferenceBackend:
         device_types=None,
         dtypes=None,
         layouts={"table"},
+        strided=True,
         ascents=frozenset(Ascent),
         descents=frozenset(Descent),
         updates=None,

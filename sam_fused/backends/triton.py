@@ -1,9 +1,12 @@
-"""The Triton backend: each operation is one kernel launch per run of a flat bucket.
+"""The Triton backend: each operation is one kernel launch per run of a bucket.
 
-A run is a contiguous span of the flat buffers (usually the whole bucket), so a model of
-2000 tensors costs the same handful of launches as a model of one. Scalars that change
-between steps (lr, rho) are plain kernel arguments: Triton does not specialise on float
-values, so changing them recompiles nothing.
+A flat bucket's run is a contiguous span of its flat buffers (usually the whole bucket); a
+table bucket's run is a table of tensor addresses (``tables.py``: FSDP2 shards and other
+parameters that stay in place), one kernel program per 4096-element chunk of a tensor. So a
+model of 2000 tensors costs the same handful of launches as a model of one, in either
+layout: the kernels take a ``TABLE`` constexpr and find their elements accordingly
+(``kernels/common.py``). Scalars that change between steps (lr, rho) are plain kernel
+arguments: Triton does not specialise on float values, so changing them recompiles nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import Tensor
 from ..base_updates import AdamSpec, BaseSpec, SGDSpec
 from ..context import StepContext
 from ..layout import Bucket, Plan, Run
+from ..tables import TableRun
 from ..variants import Ascent, Descent
 from .protocol import Capabilities
 from .reference import centralize_each
@@ -36,7 +40,8 @@ def interpreting() -> bool:
 
 
 class TritonBackend:
-    """Fused flat-buffer kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    """Fused kernels over flat buffers or tensor tables; CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1."""
 
     name = "triton"
     unscales_in_place = False  # the kernels multiply by 1/scale as they read a gradient
@@ -44,7 +49,7 @@ class TritonBackend:
     capabilities = Capabilities(
         device_types={"cuda", "cpu"} if interpreting() else {"cuda"},
         dtypes={torch.float32, torch.bfloat16, torch.float16},
-        layouts={"flat"},
+        layouts={"flat", "table"},
         ascents=frozenset(Ascent),
         descents=frozenset(Descent),
         updates={SGDSpec.name, AdamSpec.name},
@@ -64,16 +69,13 @@ class TritonBackend:
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         slots = plan.cache.get("slots")
         if slots is None:
-            slots = plan.cache["slots"] = sum(self.ascent.stats_programs(run.numel) for run in plan.runs)
+            slots = plan.cache["slots"] = sum(self._stats_programs(run) for run in plan.runs)
         return slots
 
-    @staticmethod
-    def _count(bucket: Bucket, run: Run, name: str) -> Tensor:
-        """The run's update count (``steps`` or ``vsteps``) as a pointer to its first entry."""
-        view = run.views.get(name)
-        if view is None:
-            view = run.views[name] = getattr(bucket, name)[run.first :]
-        return view
+    def _stats_programs(self, run: Run | TableRun) -> int:
+        """Partial sums (= programs) of a statistics launch: a fixed grid over a flat run,
+        one per chunk of a table."""
+        return run.programs() if run.table_mode else self.ascent.stats_programs(run.numel)
 
     @staticmethod
     def _aux_name(ctx: StepContext) -> str | None:
@@ -86,12 +88,20 @@ class TritonBackend:
         starts, lengths, loose = bucket.row_table(plan)
         if starts.numel():
             self.ascent.centralize_kernel[(starts.numel(),)](
-                bucket.grad_flat, starts, lengths, BLOCK=1024, num_warps=4
+                bucket.grad_flat if bucket.flat else plan.runs[0].like,
+                starts,
+                lengths,
+                TABLE=not bucket.flat,
+                BLOCK=1024,
+                num_warps=4,
             )
         centralize_each(bucket, loose)  # parameters in another memory layout: one by one
 
     def noise(self, bucket: Bucket, ctx: StepContext, std: float, generator: torch.Generator) -> None:
         """RSAM: backup, then ``w <- w + delta`` with the same draw as the reference."""
+        if not bucket.flat:
+            _table_noise(bucket, std, generator)
+            return
         index = bucket.valid_index()
         draw = torch.randn(index.numel(), generator=generator, device=bucket.device, dtype=torch.float32)
         delta = bucket.flat_buffer("rsam_delta")
@@ -107,13 +117,15 @@ class TritonBackend:
         c1, c2 = ctx.scalars
         offset = 0
         for run in plan.runs:
-            programs = self.ascent.stats_programs(run.numel)
-            grad = run.views["grad"]
+            programs = self._stats_programs(run)
+            if not programs:
+                continue
+            grad = run.tensor(bucket, "grad")
             self.ascent.ascent_stats_kernel[(programs,)](
                 grad,
-                run.views["param"],
-                bucket.run_view(run, aux_name) if aux_name else grad,
-                self._count(bucket, run, "vsteps"),
+                run.tensor(bucket, "param"),
+                run.tensor(bucket, aux_name) if aux_name else grad,
+                run.count(bucket, "vsteps"),
                 ctx.status,
                 partials[0, offset:],
                 partials[1, offset:],
@@ -121,11 +133,14 @@ class TritonBackend:
                 float(group["eta"]) if adaptive else 0.0,
                 c1,
                 c2,
+                run.table,
+                run.like,
                 RULE=int(ctx.variant.ascent),
                 ADAPTIVE=adaptive,
                 WANT_SUMSQ=True,
                 UNSCALE=ctx.unscale,
-                BLOCK=self.ascent.BLOCK,
+                TABLE=run.layout_code,
+                BLOCK=run.block(self.ascent.BLOCK),
                 num_warps=8,
             )
             offset += programs
@@ -138,17 +153,20 @@ class TritonBackend:
         c1, c2 = ctx.scalars
         rho, rho_on_device = _scalar_arg(group["rho"], bucket.device)
         for run in plan.runs:
-            param, grad = run.views["param"], run.views["grad"]
-            backup = bucket.run_view(run, "backup")
-            self.ascent.perturb_kernel[(_grid(run.numel, self.ascent.BLOCK),)](
+            programs = run.programs(self.ascent.BLOCK)
+            if not programs:
+                continue
+            param, grad = run.tensor(bucket, "param"), run.tensor(bucket, "grad")
+            backup = run.tensor(bucket, "backup")
+            self.ascent.perturb_kernel[(programs,)](
                 param,
                 backup if variant.noise else param,
                 grad,
                 backup,
-                bucket.run_view(run, aux_name) if aux_name else grad,
-                bucket.run_view(run, "first_grad") if variant.keeps_first_grad else grad,
-                bucket.run_view(run, "state_prev") if has_state else grad,
-                self._count(bucket, run, "vsteps"),
+                run.tensor(bucket, aux_name) if aux_name else grad,
+                run.tensor(bucket, "first_grad") if variant.keeps_first_grad else grad,
+                run.tensor(bucket, "state_prev") if has_state else grad,
+                run.count(bucket, "vsteps"),
                 ctx.status,
                 run.numel,
                 rho,
@@ -156,6 +174,8 @@ class TritonBackend:
                 float(ctx.norm_eps),
                 c1,
                 c2,
+                run.table,
+                run.like,
                 RULE=int(variant.ascent),
                 HAS_STATE=has_state,
                 ADAPTIVE=adaptive,
@@ -165,7 +185,8 @@ class TritonBackend:
                 WRITE_BACKUP=not variant.noise,
                 KEEP_GRAD=variant.keeps_first_grad,
                 UNSCALE=ctx.unscale,
-                BLOCK=self.ascent.BLOCK,
+                TABLE=run.layout_code,
+                BLOCK=run.block(self.ascent.BLOCK),
                 num_warps=8,
             )
         if variant.noise or variant.keeps_first_grad:
@@ -173,19 +194,28 @@ class TritonBackend:
                 if variant.noise:  # parameters that took no part lose their noise
                     self._restore_run(bucket, run)
                 if variant.keeps_first_grad:  # and have g = 0, not last step's
-                    bucket.run_view(run, "first_grad").zero_()
+                    if run.table_mode:
+                        torch._foreach_zero_(run.tensors(bucket, "first_grad"))
+                    else:
+                        bucket.run_view(run, "first_grad").zero_()
 
     # ------------------------------------------------------------------ descent
     def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext, force: bool = False) -> None:
         name = ctx.variant.running_state
         for run in plan.runs:
-            self.ascent.revert_state_kernel[(_grid(run.numel, self.ascent.BLOCK),)](
-                bucket.run_view(run, name),
-                bucket.run_view(run, "state_prev"),
+            programs = run.programs(self.ascent.BLOCK)
+            if not programs:
+                continue
+            self.ascent.revert_state_kernel[(programs,)](
+                run.tensor(bucket, name),
+                run.tensor(bucket, "state_prev"),
                 ctx.status,
                 run.numel,
+                run.table,
+                run.like,
                 FORCE=force,
-                BLOCK=self.ascent.BLOCK,
+                TABLE=run.layout_code,
+                BLOCK=run.block(self.ascent.BLOCK),
                 num_warps=8,
             )
 
@@ -193,38 +223,52 @@ class TritonBackend:
         inner = ctx.variant.keeps_first_grad
         offset = 0
         for run in plan.runs:
-            programs = self.ascent.stats_programs(run.numel)
-            grad = run.views["grad"]
+            programs = self._stats_programs(run)
+            if not programs:
+                continue
+            grad = run.tensor(bucket, "grad")
             self.descent.descent_stats_kernel[(programs,)](
                 grad,
-                bucket.run_view(run, "first_grad") if inner else grad,
+                run.tensor(bucket, "first_grad") if inner else grad,
                 partials[0, offset:],
                 partials[1, offset:],
                 partials[2, offset:],
                 partials[3, offset:],
                 ctx.status,
                 run.numel,
+                run.table,
+                run.like,
                 INNER=inner,
                 WANT_GP2=ctx.clip,
                 UNSCALE=ctx.unscale,
-                BLOCK=self.ascent.BLOCK,
+                TABLE=run.layout_code,
+                BLOCK=run.block(self.ascent.BLOCK),
                 num_warps=8,
             )
             offset += programs
 
     def restore(self, bucket: Bucket, plan: Plan | None) -> None:
         if plan is None:  # every parameter (RSAM's noise moved them all)
-            bucket.param_flat.copy_(bucket.backup_buffer())
+            if bucket.flat:
+                bucket.param_flat.copy_(bucket.backup_buffer())
+            else:
+                self._restore_run(bucket, bucket.all_run())
             return
         for run in plan.runs:
             self._restore_run(bucket, run)
 
-    def _restore_run(self, bucket: Bucket, run: Run) -> None:
-        self.descent.restore_kernel[(_grid(run.numel, self.descent.BLOCK),)](
-            bucket.param_flat[run.start : run.stop],
-            bucket.run_view(run, "backup"),
+    def _restore_run(self, bucket: Bucket, run: Run | TableRun) -> None:
+        programs = run.programs(self.descent.BLOCK)
+        if not programs:
+            return
+        self.descent.restore_kernel[(programs,)](
+            run.tensor(bucket, "param") if run.table_mode else bucket.param_flat[run.start : run.stop],
+            run.tensor(bucket, "backup"),
             run.numel,
-            BLOCK=self.descent.BLOCK,
+            run.table,
+            run.like,
+            TABLE=run.layout_code,
+            BLOCK=run.block(self.descent.BLOCK),
         )
 
     def update(
@@ -244,28 +288,30 @@ class TritonBackend:
             source = "param"
         launch = self._updates[type(spec)]
         for run in plan.runs:
-            grad = run.views["grad"]
+            if not run.programs(self.descent.BLOCK):
+                continue
+            grad = run.tensor(bucket, "grad")
             if descent in (Descent.GSAM, Descent.LOOKSAM_FULL):
-                aux = bucket.run_view(run, "first_grad")
+                aux = run.tensor(bucket, "first_grad")
             elif descent == Descent.LOOKSAM_REUSE:
-                aux = bucket.run_view(run, "looksam_gv")
+                aux = run.tensor(bucket, "looksam_gv")
             else:
                 aux = grad
-            gv = bucket.run_view(run, "looksam_gv") if descent == Descent.LOOKSAM_FULL else grad
-            launch(bucket, run, bucket.run_view(run, source), aux, gv, spec, ctx, int(descent))
+            gv = run.tensor(bucket, "looksam_gv") if descent == Descent.LOOKSAM_FULL else grad
+            launch(bucket, run, run.tensor(bucket, source), aux, gv, spec, ctx, int(descent))
 
     # one launcher per fused base update: the update's own arguments, then the descent's
     def _sgd(self, bucket, run, src, aux, gv, spec: SGDSpec, ctx: StepContext, descent: int) -> None:
         lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
         has_momentum = spec.momentum != 0
-        self.descent.sgd_kernel[(_grid(run.numel, self.descent.BLOCK),)](
+        self.descent.sgd_kernel[(run.programs(self.descent.BLOCK),)](
             src,
-            run.views["param"],
-            run.views["grad"],
-            bucket.run_view(run, "momentum_buffer") if has_momentum else src,
+            run.tensor(bucket, "param"),
+            run.tensor(bucket, "grad"),
+            run.tensor(bucket, "momentum_buffer") if has_momentum else src,
             aux,
             gv,
-            self._count(bucket, run, "steps"),
+            run.count(bucket, "steps"),
             ctx.status,
             run.numel,
             lr,
@@ -273,6 +319,8 @@ class TritonBackend:
             1.0 - spec.dampening,
             spec.weight_decay,
             ctx.alpha,
+            run.table,
+            run.like,
             DESCENT=descent,
             UNSCALE=ctx.unscale,
             CLIP_GRAD=ctx.clip,
@@ -282,23 +330,24 @@ class TritonBackend:
             NESTEROV=spec.nesterov,
             MAXIMIZE=spec.maximize,
             LR_ON_DEVICE=lr_on_device,
-            BLOCK=self.descent.BLOCK,
+            TABLE=run.layout_code,
+            BLOCK=run.block(self.descent.BLOCK),
             num_warps=8,
         )
 
     def _adam(self, bucket, run, src, aux, gv, spec: AdamSpec, ctx: StepContext, descent: int) -> None:
         lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
-        v = bucket.run_view(run, "exp_avg_sq")
-        self.descent.adam_kernel[(_grid(run.numel, self.descent.BLOCK),)](
+        v = run.tensor(bucket, "exp_avg_sq")
+        self.descent.adam_kernel[(run.programs(self.descent.BLOCK),)](
             src,
-            run.views["param"],
-            run.views["grad"],
-            bucket.run_view(run, "exp_avg"),
+            run.tensor(bucket, "param"),
+            run.tensor(bucket, "grad"),
+            run.tensor(bucket, "exp_avg"),
             v,
-            bucket.run_view(run, "max_exp_avg_sq") if spec.amsgrad else v,
+            run.tensor(bucket, "max_exp_avg_sq") if spec.amsgrad else v,
             aux,
             gv,
-            self._count(bucket, run, "steps"),
+            run.count(bucket, "steps"),
             _betas(bucket, spec),
             ctx.status,
             run.numel,
@@ -310,6 +359,8 @@ class TritonBackend:
             spec.weight_decay,
             0.0 if lr_on_device else 1.0 - lr * spec.weight_decay,
             ctx.alpha,
+            run.table,
+            run.like,
             DESCENT=descent,
             UNSCALE=ctx.unscale,
             CLIP_GRAD=ctx.clip,
@@ -319,21 +370,24 @@ class TritonBackend:
             AMSGRAD=spec.amsgrad,
             MAXIMIZE=spec.maximize,
             LR_ON_DEVICE=lr_on_device,
-            BLOCK=self.descent.BLOCK,
+            TABLE=run.layout_code,
+            BLOCK=run.block(self.descent.BLOCK),
             num_warps=8,
         )
 
     def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
-        """Sum of squares of flat state buffer ``name`` over the plan, into ``partials[0]``."""
+        """Sum of squares of state ``name`` over the plan, into ``partials[0]``."""
         offset = 0
         for run in plan.runs:
-            programs = self.ascent.stats_programs(run.numel)
-            view = bucket.run_view(run, name)
+            programs = self._stats_programs(run)
+            if not programs:
+                continue
+            view = run.tensor(bucket, name)
             self.ascent.ascent_stats_kernel[(programs,)](
                 view,
                 view,
                 view,
-                self._count(bucket, run, "vsteps"),
+                run.count(bucket, "vsteps"),
                 partials,  # status: not read without UNSCALE
                 partials[0, offset:],
                 partials[1, offset:],  # non-finite count of the state: not needed
@@ -341,11 +395,14 @@ class TritonBackend:
                 0.0,
                 0.0,
                 0.0,
+                run.table,
+                run.like,
                 RULE=int(Ascent.GRAD),
                 ADAPTIVE=False,
                 WANT_SUMSQ=True,
                 UNSCALE=False,
-                BLOCK=self.ascent.BLOCK,
+                TABLE=run.layout_code,
+                BLOCK=run.block(self.ascent.BLOCK),
                 num_warps=8,
             )
             offset += programs
@@ -366,6 +423,21 @@ class TritonBackend:
             COUNT_SKIP=count_skip,
             BLOCK=1024,
         )
+
+
+def _table_noise(bucket: Bucket, std: float, generator: torch.Generator) -> None:
+    """RSAM on a table bucket: the reference's one draw for the whole bucket, split in
+    parameter order; backups and deltas go into the bucket's per-parameter tensors (their
+    addresses stay those of the kernels' tables)."""
+    run = bucket.all_run()
+    draw = torch.randn(sum(bucket.numels), generator=generator, device=bucket.device, dtype=torch.float32)
+    deltas, backups = run.tensors(bucket, "rsam_delta"), run.tensors(bucket, "backup")
+    offset = 0
+    for w, delta in zip(run.weights, deltas):
+        delta.copy_(draw[offset : offset + w.numel()].view(w.shape).mul(std))
+        offset += w.numel()
+    torch._foreach_copy_(backups, run.weights)
+    torch._foreach_add_(run.weights, deltas)
 
 
 def _betas(bucket: Bucket, spec: AdamSpec) -> Tensor:

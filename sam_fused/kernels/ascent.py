@@ -25,6 +25,10 @@ from .common import (
     ASCENT_VASSO,
     INV_SCALE1,
     SUMSQ,
+    address,
+    block_of,
+    chunk_of,
+    copy_block,
     skip_step,
     status_f32,
 )
@@ -70,13 +74,27 @@ def ascent_stats_kernel(
     eta,
     c1,
     c2,
+    table_ptr,
+    like_ptr,
     RULE: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     WANT_SUMSQ: tl.constexpr,
     UNSCALE: tl.constexpr,
+    TABLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    if TABLE:  # one chunk of one tensor per program (one pass of the loop below)
+        slot, begin, n, index = chunk_of(table_ptr)
+        grad_ptr = address(grad_ptr, slot, like_ptr, TABLE)
+        param_ptr = address(param_ptr, slot, like_ptr, TABLE)
+        aux_ptr = address(aux_ptr, slot, like_ptr, TABLE)
+        first_ptr += index
+        begin = tl.multiple_of(begin, BLOCK)
+        end = begin + 1
+    else:  # at most MAX_PROGRAMS programs, each striding over the run
+        begin = pid * BLOCK
+        end = n
     stride = tl.num_programs(0).to(tl.int64) * BLOCK
     first = tl.load(first_ptr) == 0
     inv_scale = 1.0
@@ -84,7 +102,7 @@ def ascent_stats_kernel(
         inv_scale = status_f32(status_ptr, INV_SCALE1)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(pid * BLOCK, n, stride):
+    for start in range(begin, end, stride):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -122,6 +140,8 @@ def perturb_kernel(
     norm_eps,
     c1,
     c2,
+    table_ptr,
+    like_ptr,
     RULE: tl.constexpr,
     HAS_STATE: tl.constexpr,
     ADAPTIVE: tl.constexpr,
@@ -131,6 +151,7 @@ def perturb_kernel(
     KEEP_GRAD: tl.constexpr,
     UNSCALE: tl.constexpr,
     RHO_ON_DEVICE: tl.constexpr,
+    TABLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # rho is a float argument, or a pointer to a device scalar that schedules update in place
@@ -139,8 +160,15 @@ def perturb_kernel(
         rho = tl.load(rho_arg).to(tl.float32)
     else:
         rho = rho_arg
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    slot, index, offs, mask = block_of(n, table_ptr, BLOCK, TABLE)
+    param_ptr = address(param_ptr, slot, like_ptr, TABLE)
+    src_ptr = address(src_ptr, slot, like_ptr, TABLE)
+    grad_ptr = address(grad_ptr, slot, like_ptr, TABLE)
+    backup_ptr = address(backup_ptr, slot, like_ptr, TABLE)
+    aux_ptr = address(aux_ptr, slot, like_ptr, TABLE)
+    keep_ptr = address(keep_ptr, slot, like_ptr, TABLE)
+    prev_ptr = address(prev_ptr, slot, like_ptr, TABLE)
+    first_ptr += index
     w_raw = tl.load(src_ptr + offs, mask=mask)  # w, or RSAM's backup (w before the noise)
     w = w_raw.to(tl.float32)
     g_raw = tl.load(grad_ptr + offs, mask=mask, other=0.0)
@@ -181,25 +209,33 @@ def perturb_kernel(
 
 
 @triton.jit
-def _copy_block(dst_ptr, src_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
-
-
-@triton.jit
-def revert_state_kernel(state_ptr, prev_ptr, status_ptr, n, FORCE: tl.constexpr, BLOCK: tl.constexpr):
+def revert_state_kernel(
+    state_ptr,
+    prev_ptr,
+    status_ptr,
+    n,
+    table_ptr,
+    like_ptr,
+    FORCE: tl.constexpr,
+    TABLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """``state <- prev`` when the step is skipped (always with FORCE: an abandoned step);
     reads nothing else when it is not."""
     if FORCE or skip_step(status_ptr):
-        _copy_block(state_ptr, prev_ptr, n, BLOCK)
+        copy_block(state_ptr, prev_ptr, n, table_ptr, like_ptr, TABLE, BLOCK)
 
 
 @triton.jit
-def centralize_kernel(grad_ptr, row_start_ptr, row_len_ptr, BLOCK: tl.constexpr):
-    """GCSAM: one program per row, g <- g - mean(g) over the row (float32 math)."""
+def centralize_kernel(grad_ptr, row_start_ptr, row_len_ptr, TABLE: tl.constexpr, BLOCK: tl.constexpr):
+    """GCSAM: one program per row, g <- g - mean(g) over the row (float32 math). A row starts
+    at an offset into the flat gradient buffer, or (TABLE) at the address of its first element."""
     row = tl.program_id(0)
-    start = tl.load(row_start_ptr + row)
+    if TABLE:
+        grad_ptr = tl.load(row_start_ptr + row).to(grad_ptr.dtype)
+        start = 0
+    else:
+        start = tl.load(row_start_ptr + row)
     length = tl.load(row_len_ptr + row)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, length, BLOCK):

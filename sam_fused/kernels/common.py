@@ -1,4 +1,5 @@
-"""Pieces every kernel family shares: the status layout, the rule names, the skip predicate.
+"""Pieces every kernel family shares: the status layout, the rule names, the skip predicate,
+and how a program finds its elements in either bucket layout.
 
 The status entries (``sam_fused/status.py``) and the variants' rule numbers
 (``sam_fused/variants.py``) are imported from their one definition and become
@@ -40,3 +41,58 @@ def skip_step(status_ptr):
 @triton.jit
 def status_f32(status_ptr, index):
     return tl.load(status_ptr + index).to(tl.float32)
+
+
+# ---------------------------------------------------------------------- layouts
+# Every elementwise kernel runs over one of two layouts (sam_fused/layout.py, tables.py):
+# flat (TABLE=0): each pointer argument is a run of one buffer and program p covers
+# elements [p*BLOCK, (p+1)*BLOCK) of n; table (TABLE=1, or 2 when every address in the
+# tables is 16-byte aligned): each pointer argument is an int64 table of tensor addresses,
+# and program p reads row p of the chunk table (slot, start, numel, count index) to find its
+# tensor, its block in it, and its update counts. An address read from memory tells the
+# compiler nothing about its alignment: TABLE=2 says it, so that loads are 16-byte vectors.
+TABLE_ALIGNED = tl.constexpr(2)
+
+
+@triton.jit
+def chunk_of(table_ptr):
+    """This program's row of the chunk table: (slot, start, numel, count index)."""
+    row = table_ptr + 4 * tl.program_id(0).to(tl.int64)
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
+def address(ptr, slot, like_ptr, TABLE: tl.constexpr):
+    """A role's pointer for this program: the flat run itself, or the slot's tensor (an int64
+    address turned into a pointer of ``like_ptr``'s element type)."""
+    # one return statement: the compiler types a function by all of its returns, even
+    # those a constexpr branch leaves out
+    if TABLE:
+        resolved = tl.load(ptr + slot).to(like_ptr.dtype)
+        if TABLE == TABLE_ALIGNED:
+            resolved = tl.multiple_of(resolved, 16)
+    else:
+        resolved = ptr
+    return resolved
+
+
+@triton.jit
+def block_of(n, table_ptr, BLOCK: tl.constexpr, TABLE: tl.constexpr):
+    """This program's (slot, count index, offsets, mask) in an elementwise launch."""
+    if TABLE:
+        slot, start, n, index = chunk_of(table_ptr)
+        offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)  # chunks start at multiples of BLOCK
+    else:
+        slot = 0
+        index = 0
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return slot, index, offs, offs < n
+
+
+@triton.jit
+def copy_block(dst_ptr, src_ptr, n, table_ptr, like_ptr, TABLE: tl.constexpr, BLOCK: tl.constexpr):
+    """``dst <- src`` over this program's block (restores, reverted running state)."""
+    slot, _, offs, mask = block_of(n, table_ptr, BLOCK, TABLE)
+    dst_ptr = address(dst_ptr, slot, like_ptr, TABLE)
+    src_ptr = address(src_ptr, slot, like_ptr, TABLE)
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)

@@ -7,8 +7,9 @@ correction), applies the base update in float32 and stores the parameter and its
 their own dtypes. When ``CHECK`` is set and either pass saw a non-finite gradient, every
 stored value stays bitwise as it was and only the restore takes effect.
 
-Every parameter of a run has the same update count; it is read from ``steps_ptr`` and
-advanced afterwards by ``advance_steps_kernel``, so that a skipped step leaves it alone.
+Every parameter of a run has the same update count (a table launch reads each tensor's
+own); it is read from ``steps_ptr`` and advanced afterwards by ``advance_steps_kernel``, so
+that a skipped step leaves it alone.
 """
 
 import triton
@@ -26,6 +27,10 @@ from .common import (
     INV_SCALE2,
     SKIPPED,
     SUMSQ,
+    address,
+    block_of,
+    chunk_of,
+    copy_block,
     skip_step,
     status_f32,
 )
@@ -44,9 +49,12 @@ def descent_stats_kernel(
     g2_ptr,
     status_ptr,
     n,
+    table_ptr,
+    like_ptr,
     INNER: tl.constexpr,
     WANT_GP2: tl.constexpr,
     UNSCALE: tl.constexpr,
+    TABLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Per-program partials of the second pass: non-finite count, and <g, g_p>, ||g_p||^2,
@@ -55,12 +63,21 @@ def descent_stats_kernel(
     inv_scale = 1.0
     if UNSCALE:
         inv_scale = status_f32(status_ptr, INV_SCALE2)
+    if TABLE:  # one chunk of one tensor per program (one pass of the loop below)
+        slot, begin, n, _ = chunk_of(table_ptr)
+        grad_ptr = address(grad_ptr, slot, like_ptr, TABLE)
+        first_grad_ptr = address(first_grad_ptr, slot, like_ptr, TABLE)
+        begin = tl.multiple_of(begin, BLOCK)
+        end = begin + 1
+    else:
+        begin = pid * BLOCK
+        end = n
     stride = tl.num_programs(0).to(tl.int64) * BLOCK
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     dot = tl.zeros([BLOCK], dtype=tl.float32)
     gp2 = tl.zeros([BLOCK], dtype=tl.float32)
     g2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(pid * BLOCK, n, stride):
+    for start in range(begin, end, stride):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
         gp = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -137,10 +154,33 @@ def descent_input(
 
 
 @triton.jit
-def restore_kernel(param_ptr, backup_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(param_ptr + offs, tl.load(backup_ptr + offs, mask=mask), mask=mask)
+def restore_kernel(param_ptr, backup_ptr, n, table_ptr, like_ptr, TABLE: tl.constexpr, BLOCK: tl.constexpr):
+    """``w <- backup``, an exact copy."""
+    copy_block(param_ptr, backup_ptr, n, table_ptr, like_ptr, TABLE, BLOCK)
+
+
+@triton.jit
+def update_block(
+    src_ptr,
+    param_ptr,
+    grad_ptr,
+    aux_ptr,
+    gv_ptr,
+    steps_ptr,
+    n,
+    table_ptr,
+    like_ptr,
+    TABLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The roles every update kernel has, resolved for this program (see common.block_of)."""
+    slot, index, offs, mask = block_of(n, table_ptr, BLOCK, TABLE)
+    src_ptr = address(src_ptr, slot, like_ptr, TABLE)
+    param_ptr = address(param_ptr, slot, like_ptr, TABLE)
+    grad_ptr = address(grad_ptr, slot, like_ptr, TABLE)
+    aux_ptr = address(aux_ptr, slot, like_ptr, TABLE)
+    gv_ptr = address(gv_ptr, slot, like_ptr, TABLE)
+    return slot, offs, mask, src_ptr, param_ptr, grad_ptr, aux_ptr, gv_ptr, steps_ptr + index
 
 
 @triton.jit
@@ -159,6 +199,8 @@ def sgd_kernel(
     one_minus_dampening,
     weight_decay,
     alpha,
+    table_ptr,
+    like_ptr,
     DESCENT: tl.constexpr,
     UNSCALE: tl.constexpr,
     CLIP_GRAD: tl.constexpr,
@@ -168,14 +210,17 @@ def sgd_kernel(
     MAXIMIZE: tl.constexpr,
     CHECK: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
+    TABLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     if LR_ON_DEVICE:  # a device scalar that LR schedulers fill in place (CUDA graph replays)
         lr = tl.load(lr_arg).to(tl.float32)
     else:
         lr = lr_arg
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    slot, offs, mask, src_ptr, param_ptr, grad_ptr, aux_ptr, gv_ptr, steps_ptr = update_block(
+        src_ptr, param_ptr, grad_ptr, aux_ptr, gv_ptr, steps_ptr, n, table_ptr, like_ptr, TABLE, BLOCK
+    )
+    buf_ptr = address(buf_ptr, slot, like_ptr, TABLE)
     w_raw = tl.load(src_ptr + offs, mask=mask)
     w = w_raw.to(tl.float32)
     gp = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -227,6 +272,8 @@ def adam_kernel(
     weight_decay,
     decay_factor,
     alpha,
+    table_ptr,
+    like_ptr,
     DESCENT: tl.constexpr,
     UNSCALE: tl.constexpr,
     CLIP_GRAD: tl.constexpr,
@@ -236,8 +283,15 @@ def adam_kernel(
     MAXIMIZE: tl.constexpr,
     CHECK: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
+    TABLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    slot, offs, mask, src_ptr, param_ptr, grad_ptr, aux_ptr, gv_ptr, steps_ptr = update_block(
+        src_ptr, param_ptr, grad_ptr, aux_ptr, gv_ptr, steps_ptr, n, table_ptr, like_ptr, TABLE, BLOCK
+    )
+    exp_avg_ptr = address(exp_avg_ptr, slot, like_ptr, TABLE)
+    exp_avg_sq_ptr = address(exp_avg_sq_ptr, slot, like_ptr, TABLE)
+    max_exp_avg_sq_ptr = address(max_exp_avg_sq_ptr, slot, like_ptr, TABLE)
     # bias corrections in float64 from the device-resident step count, as PyTorch
     # computes them in double on the host: 1 - beta^t loses digits in float32
     t = tl.load(steps_ptr).to(tl.float64) + 1.0
@@ -251,8 +305,6 @@ def adam_kernel(
     step_size = (lr / bias_correction1).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
 
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
     w_raw = tl.load(src_ptr + offs, mask=mask)
     w = w_raw.to(tl.float32)
     gp = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
