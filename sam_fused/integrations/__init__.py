@@ -15,8 +15,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch
-
 __all__ = ["check_closure_loop", "unwrap"]
 
 
@@ -32,7 +30,7 @@ def unwrap(optimizer: Any) -> Any:
     found = optimizer
     for _ in range(8):  # wrappers of wrappers, never a cycle
         inner = getattr(found, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
+        if inner is None:
             break
         found = inner
     if not isinstance(found, SAM):
