@@ -118,15 +118,23 @@ def test_sam_backward_accumulates_both_passes(variant, precision):
     assert int(model.body[1].num_batches_tracked) == len(DATA)
 
 
-def test_step_with_a_closure_under_accumulate_is_refused():
-    """accumulate() never calls step(closure) on a window's first micro-batches: refused at
-    the first step, before the closure runs, naming SAMBackward."""
-    acc = accelerator(accumulate=2)
+@pytest.mark.parametrize(
+    "precision, accumulate, error, message",
+    [
+        ("no", 2, RuntimeError, "SAMBackward"),  # SAM's first step(closure) refuses accumulate()
+        ("fp16", 1, AssertionError, "scale"),  # torch's GradScaler.step(SAM, closure): README
+    ],
+)
+def test_the_closure_loop_is_refused_where_it_cannot_work(precision, accumulate, error, message):
+    """accumulate() never calls step(closure) on a window's first micro-batches, and under
+    fp16 GradScaler checks the gradients before the closure could make them: both stop at
+    the first step, before the closure runs, with nothing applied."""
+    acc = accelerator(precision, accumulate=accumulate)
     model = fw.Net()
     model, opt = acc.prepare(model, fw.make_sam("sam", model.parameters()))
     before = fw.weights(model)
     calls = []
-    with pytest.raises(RuntimeError, match="SAMBackward"):
+    with pytest.raises(error, match=message):
         for batch in DATA[:2]:
             with acc.accumulate(model):
                 opt.step(lambda batch=batch: calls.append(1) or acc.backward(fw.loss_of(model, batch)))
