@@ -198,7 +198,7 @@ class SAM(torch.optim.Optimizer):
                     self._second_step(None, handed, (), {})
             return None
         if st.phase is not Phase.IDLE:
-            raise RuntimeError(options.MID_STEP.format(what="step(closure)"))
+            raise RuntimeError(options.mid_step_closure())
         options.check_fresh_gradients(self.param_groups, st)
         args, kwargs = hooks.begin(self, (closure,), {})
         closure = torch.enable_grad()(args[0] if args else closure)

@@ -155,17 +155,32 @@ def no_closure() -> str:
         "SAM.step() needs a closure that runs forward and backward and returns the loss (it is "
         "called once per pass), or a first_step() before it; or call first_step() and "
         "second_step(). A training framework that calls step() once after a single backward pass "
-        "runs plain SGD, not SAM: see the README's framework recipes (Lightning, accelerate, "
-        "sam_fused.integrations.transformers.SAMTrainer, sam_fused.integrations.timm)."
+        "would run only one pass, which is not SAM: with Lightning add "
+        "sam_fused.integrations.lightning.SAMCallback() to the Trainer's callbacks; with the "
+        "Hugging Face Trainer use sam_fused.integrations.transformers.SAMTrainer; with accelerate "
+        "use sam_fused.integrations.accelerate.SAMBackward; with timm's NativeScaler write the "
+        "two-pass loop (README, Frameworks)."
+    )
+
+
+def mid_step_closure() -> str:
+    return MID_STEP.format(what="step(closure)") + (
+        " With Lightning's manual optimization (self.optimizers().step() after first_step()), "
+        "add sam_fused.integrations.lightning.SAMCallback() to the Trainer's callbacks: then "
+        "opt.step() finishes the step."
     )
 
 
 def check_fresh_gradients(groups: list[dict[str, Any]], step: Any) -> None:
-    """Refuse the first step(closure) when gradients were accumulated before it (checked once:
-    it reads every gradient, and the pattern it catches is there from the first step on)."""
+    """Refuse the first step(closure) when gradients were accumulated before it, or when the
+    framework around it cannot run both passes through it (checked until the first call
+    passes: it reads every gradient, and the patterns it catches are there from the first
+    step on)."""
     if step.closure_checked:
         return
-    step.closure_checked = True
+    from .integrations import check_closure_loop
+
+    check_closure_loop()
     for group in groups:
         for p in group["params"]:
             g = p.grad
@@ -177,9 +192,12 @@ def check_fresh_gradients(groups: list[dict[str, Any]], step: Any) -> None:
                     "before it would be added to the first pass. If you migrated from the popular "
                     "SAM file or pytorch-optimizer, drop the forward/backward before "
                     "opt.step(closure). If a framework accumulates gradients over micro-batches "
-                    "(Lightning's accumulate_grad_batches, accelerate's accumulate()), accumulate "
-                    "inside the closure or use first_step()/second_step() (README, Training loops)."
+                    "before calling step(closure) (Lightning's accumulate_grad_batches), add "
+                    "sam_fused.integrations.lightning.SAMCallback() to the Trainer's callbacks, "
+                    "or accumulate inside the closure, or use first_step()/second_step() "
+                    "(README, Frameworks and Gradient accumulation)."
                 )
+    step.closure_checked = True
 
 
 def check_arguments(

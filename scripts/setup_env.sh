@@ -25,6 +25,21 @@ else
     "$PYTHON" -m pip install --quiet --disable-pip-version-check \
       "torch==2.13.0" "triton>=3.0" numpy pytest pytest-benchmark hypothesis ninja ruff matplotlib scikit-learn expecttest
   fi
+  # The frameworks tests/test_integration_*.py drive for real (sam_fused/integrations): exact
+  # versions, since the Lightning and Trainer glue uses hooks of these releases; the
+  # constraint file holds torch at 2.13.0 (none of them may replace it). timm brings
+  # torchvision (tests/_frameworks.py makes PyPI's CUDA-linked wheel importable beside the
+  # CPU torch). Checked through the installed metadata, without importing anything.
+  frameworks=(lightning==2.6.6 accelerate==1.15.0 transformers==5.24.0 timm==1.0.31)
+  if ! "$PYTHON" - "${frameworks[@]}" <<'PY' 2>/dev/null; then
+import importlib.metadata as m, sys
+sys.exit(any(m.version(n) != v for n, v in (a.split("==") for a in sys.argv[1:])))
+PY
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check \
+      -c "$root/scripts/constraints.txt" "${frameworks[@]}"
+  fi
+  # installed here, so their tests must run (tests/_frameworks.py)
+  export SAM_FUSED_REQUIRE_FRAMEWORKS="${SAM_FUSED_REQUIRE_FRAMEWORKS:-1}"
 fi
 export PYTHON
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"

@@ -5,9 +5,10 @@ They share one namespace, as a reader's session would, seeded with what the text
 the reader: ``model``, ``loss_fn``, ``loader``, ``x``, ``y``, ``epochs``, ``example_x``,
 ``example_y`` and a checkpoint ``path``. The device in the mixed-precision recipe is the
 test device. Not run here: the CUDA-graph recipe off a GPU (``GraphedSAMStep`` needs CUDA
-tensors; its behaviour is tested in tests/test_graph.py), the Lightning module (Lightning
-is not a dependency; tests/test_training_loops.py runs a stand-in of its loop) and the DDP
-recipes (they need a process group; tests/test_distributed.py runs them on two ranks).
+tensors; its behaviour is tested in tests/test_graph.py), the framework recipes (they need a
+framework's trainer and data; tests/test_integration_<framework>.py runs each of them with
+the real package) and the DDP recipes (they need a process group; tests/test_distributed.py
+runs them on two ranks).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from conftest import DEVICE
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-NOT_HERE = ["lightning.", "DistributedDataParallel", "sam_fused.distributed"]
+NOT_HERE = ["sam_fused.integrations", "DistributedDataParallel", "sam_fused.distributed"]
 if DEVICE != "cuda":
     NOT_HERE.append("GraphedSAMStep")
 

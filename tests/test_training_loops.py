@@ -1,5 +1,6 @@
-"""SAM inside real training loops: BatchNorm, gradient accumulation, framework closures
-(Lightning, accelerate) and checkpoint/resume with every feature on.
+"""SAM inside real training loops: BatchNorm, gradient accumulation and checkpoint/resume
+with every feature on. (Lightning, accelerate, the Hugging Face Trainer and timm are
+driven for real in tests/test_integration_*.py.)
 
 Every numerical check compares with an independent computation on fresh random inputs: a
 plain train-mode forward, a float64 formula, the single-big-batch run, the manual SAM loop
@@ -389,7 +390,7 @@ def test_accumulation_in_float64_differs_only_by_rounding(name, device):
 
 def test_accumulating_only_one_pass_is_detected(device):
     """The control for the tolerance above: a second pass that sees one micro-batch of four
-    (what an accumulating framework loop gives, see the README) is far from the big batch."""
+    (what a framework that accumulates outside the step would give) is far from the big batch."""
     model, ref = MLP(seed=3).to(device), MLP(seed=3).to(device)
     opt, ref_opt = (
         OPTIMIZERS["sam"](model.parameters(), "reference"),
@@ -405,208 +406,7 @@ def test_accumulating_only_one_pass_is_detected(device):
     assert gap > 1e-4
 
 
-# ============================================================================ 3. frameworks
-
-
-class StandInLightningModule(nn.Module):
-    """The parts of a LightningModule that automatic optimization calls."""
-
-    def __init__(self, make_opt: Callable[[Any], SAM]) -> None:
-        super().__init__()
-        self.net = MLP(seed=7)
-        self.make_opt = make_opt
-        self.zero_grad_calls = 0
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        x, y = batch
-        return {"loss": F.mse_loss(self.net(x), y), "batch_idx": torch.tensor(batch_idx)}
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt = self.make_opt(self.parameters())
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        self.zero_grad_calls += 1
-        optimizer.zero_grad()
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable) -> None:
-        optimizer.step(closure=optimizer_closure)  # LightningModule's default hook body
-
-
-class StandInLightningOptimizer:
-    """Lightning wraps the optimizer; its step goes through the precision plugin, which
-    wraps the closure once more (hooks and gradient clipping run after each call)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, after_closure: Callable[[], None]) -> None:
-        self.optimizer = optimizer
-        self.after_closure = after_closure
-        self.step_outputs: list[Tensor | None] = []
-
-    def step(self, closure: Callable[[], Tensor | None]) -> Any:
-        def wrapped() -> Tensor | None:
-            result = closure()
-            self.after_closure()  # on_before_optimizer_step, clipping
-            return result
-
-        out = self.optimizer.step(closure=wrapped)
-        self.step_outputs.append(out)
-        return out
-
-
-class StandInTrainer:
-    """Lightning's automatic optimization with accumulate_grad_batches=1: per batch, a
-    closure that runs training_step, then zero_grad, then backward, handed to
-    ``optimizer.step(closure=...)``; the step-interval LR scheduler steps afterwards."""
-
-    def __init__(self) -> None:
-        self.closure_calls: list[int] = []
-        self.after_closure_calls = 0
-
-    def _after_closure(self) -> None:
-        # Lightning runs on_before_optimizer_step and gradient clipping here, after each pass
-        self.after_closure_calls += 1
-
-    def fit(
-        self, module: StandInLightningModule, batches: list[tuple[Tensor, Tensor]]
-    ) -> StandInLightningOptimizer:
-        config = module.configure_optimizers()
-        optimizer, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
-        lightning_opt = StandInLightningOptimizer(optimizer, after_closure=self._after_closure)
-        module.train()
-        for batch_idx, batch in enumerate(batches):
-            calls = [0]
-
-            @torch.enable_grad()
-            def closure(batch=batch, batch_idx=batch_idx, calls=calls) -> Tensor | None:
-                calls[0] += 1
-                out = module.training_step(batch, batch_idx)
-                loss = out["loss"]
-                module.optimizer_zero_grad(0, batch_idx, optimizer)  # zero_grad_fn, inside the closure
-                module.backward(loss)  # backward_fn
-                return loss.detach().clone()  # what Lightning's closure returns to step()
-
-            module.optimizer_step(0, batch_idx, lightning_opt, closure)
-            sched.step()
-            self.closure_calls.append(calls[0])
-        return lightning_opt
-
-
-@dataclass
-class StandInGradientState:
-    sync_gradients: bool = True
-
-
-class StandInAcceleratedOptimizer(torch.optim.Optimizer):
-    """accelerate's optimizer wrapper without mixed precision: step(closure) and zero_grad
-    are forwarded while gradients sync; zero_grad defaults to set_to_none=True there."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, gradient_state: StandInGradientState) -> None:
-        # no super().__init__: like accelerate, every attribute below is the inner optimizer's
-        self.optimizer = optimizer
-        self.gradient_state = gradient_state
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    def zero_grad(self, set_to_none: bool | None = None) -> None:
-        if self.gradient_state.sync_gradients:
-            self.optimizer.zero_grad(set_to_none=True if set_to_none is None else set_to_none)
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        if self.gradient_state.sync_gradients:
-            return self.optimizer.step(closure)
-        return None
-
-
-def manual_reference_run(
-    name: str, backend: str, device: str, batches
-) -> tuple[list, list[Tensor], list[int]]:
-    """The documented manual loop (the independent computation for both frameworks)."""
-    model = MLP(seed=7).to(device)
-    opt = OPTIMIZERS[name](model.parameters(), backend)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    trajectory, losses, passes = [], [], []
-    for x, y in batches:
-        if opt.variant.noise:
-            opt.noise_step()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        losses.append(loss.detach())
-        passes.append(1)
-        if opt.first_step(zero_grad=True):
-            F.mse_loss(model(x), y).backward()
-            opt.second_step(zero_grad=True)
-            passes[-1] = 2
-        sched.step()
-        trajectory.append(params_of(model))
-    return trajectory, losses, passes
-
-
-@pytest.mark.parametrize("name", ["sam", "rsam", "looksam"])
-def test_lightning_style_closure_equals_manual_loop(name, backend, device):
-    batches = [fresh_batch(20 + i, device=device) for i in range(4)]
-    want, want_losses, want_passes = manual_reference_run(name, backend, device, batches)
-    module = StandInLightningModule(lambda params: OPTIMIZERS[name](params, backend)).to(device)
-    trainer = StandInTrainer()
-    trajectory: list[list[Tensor]] = []
-    orig_step = module.optimizer_step
-
-    def recording_step(*args: Any) -> None:
-        orig_step(*args)
-        trajectory.append(params_of(module.net))
-
-    module.optimizer_step = recording_step  # type: ignore[method-assign]
-    lightning_opt = trainer.fit(module, batches)
-    assert trainer.closure_calls == want_passes
-    if name == "looksam":
-        assert want_passes == [2, 1, 2, 1], "LookSAM k=2: full steps and one-pass steps alternate"
-    assert module.zero_grad_calls == sum(want_passes), "zero_grad runs inside every closure call"
-    assert trainer.after_closure_calls == sum(want_passes), "the precision wrapper runs after every pass"
-    for step, (got, ref) in enumerate(zip(trajectory, want, strict=True)):
-        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)), f"{name}: step {step} differs"
-    # optimizer.step returns the first pass's loss, as the manual loop computed it
-    assert all(torch.equal(a, b) for a, b in zip(lightning_opt.step_outputs, want_losses, strict=True))
-
-
-@pytest.mark.parametrize("name", ["sam", "rsam", "looksam"])
-def test_accelerate_style_wrapper_forwards_the_closure(name, backend, device):
-    batches = [fresh_batch(30 + i, device=device) for i in range(4)]
-    want, want_losses, want_passes = manual_reference_run(name, backend, device, batches)
-    model = MLP(seed=7).to(device)
-    inner = OPTIMIZERS[name](model.parameters(), backend)
-    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=2, gamma=0.5)
-    opt = StandInAcceleratedOptimizer(inner, StandInGradientState())
-    for step, (x, y) in enumerate(batches):
-        calls = [0]
-
-        def closure(x: Tensor = x, y: Tensor = y, calls: list[int] = calls) -> Tensor:
-            calls[0] += 1
-            loss = F.mse_loss(model(x), y)
-            loss.backward()  # accelerator.backward(loss) without a scaler
-            return loss
-
-        loss = opt.step(closure)
-        opt.zero_grad()
-        sched.step()
-        assert calls[0] == want_passes[step]
-        assert torch.equal(loss.detach(), want_losses[step])
-        assert all(torch.equal(a, b) for a, b in zip(params_of(model), want[step], strict=True)), step
-
-
-# ============================================================================ 4. checkpoints
+# ============================================================================ 3. checkpoints
 
 
 @dataclass
