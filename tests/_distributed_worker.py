@@ -66,6 +66,12 @@ FSDP_CASES = (  # (variant, base, backend, variant_options)
     ("gsam", "sgd", "auto", {"alpha": 0.4}),  # the second pass's inner products
     ("looksam", "sgd", "auto", {"k": 2, "alpha": 0.7}),  # + ||g_v||^2 and a reuse step
 )
+FSDP_BACKENDS = ("auto", "reference")  # whatever "auto" runs for DTensor parameters, and the reference
+# non-finite gradients on one rank only: (batch, the pass whose gradient overflows, the rank
+# whose shard gets the infinity) per step; None: a clean step
+OVERFLOW_STEPS = ((0, None, None), (1, "first", 1), (1, "second", 0), (2, None, None))
+OVERFLOW_LOOPS = ("manual", "scaler.step", "unscaled")
+OVERFLOW_SCALE = 2.0**10
 
 
 def make_model() -> nn.Module:
@@ -209,8 +215,13 @@ def run_ddp(rank: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- FSDP2
+def fully_shard(module: nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard as shard_it
+
+    shard_it(module)
+
+
 def run_fsdp(rank: int) -> dict[str, Any]:
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
 
@@ -235,6 +246,10 @@ def run_fsdp(rank: int) -> dict[str, Any]:
         out[key]["local_shapes"] = [tuple(p.to_local().shape) for p in params]
         out[key]["backends"] = opt.backends
 
+    for backend in FSDP_BACKENDS:
+        for how in OVERFLOW_LOOPS:
+            out[f"overflow/{how}/{backend}"] = run_overflow(rank, backend, how, full)
+
     # what is refused, and how (the messages are checked by the test)
     from sam_fused.distributed import local_first_pass
 
@@ -249,6 +264,48 @@ def run_fsdp(rank: int) -> dict[str, Any]:
         "inner_module": _error(lambda: local_first_pass(make_model()).__enter__()),
     }
     return out
+
+
+def run_overflow(rank: int, backend: str, how: str, full: Callable[[Tensor], Tensor]) -> dict[str, Any]:
+    """OVERFLOW_STEPS under FSDP2: an infinity lands in one rank's gradient shard only.
+
+    ``how``: "manual" (first_step/second_step with grad_scaler=), "scaler.step" (the second
+    pass finished by GradScaler.step(opt)), "unscaled" (no GradScaler: skip_nonfinite).
+    Records, after every step, each rank's skip count, the loss scale and the full weights.
+    """
+    model = make_model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    params = list(model.parameters())
+    opt = make_sam(params, "sgd", backend)
+    scaler = None if how == "unscaled" else torch.amp.GradScaler("cpu", init_scale=OVERFLOW_SCALE)
+    scale = (lambda t: t) if scaler is None else scaler.scale
+    data = [shard(b, rank) for b in batches()]
+    steps = []
+    for index, (batch, bad_pass, bad_rank) in enumerate(OVERFLOW_STEPS):
+        x, y = data[batch]
+        for this_pass in ("first", "second"):
+            scale(loss_fn(model(x), y)).backward()
+            if this_pass == bad_pass and rank == bad_rank:  # only this rank's shard overflows
+                params[0].grad.to_local()[0, index % 3] = float("inf")
+            if this_pass == "first":
+                opt.first_step(zero_grad=True, grad_scaler=scaler)
+            elif how == "scaler.step":
+                scaler.step(opt)
+                opt.zero_grad()
+            else:
+                opt.second_step(zero_grad=True, grad_scaler=scaler)
+        if scaler is not None:
+            scaler.update()
+        steps.append(
+            {
+                "skipped": float(opt.skipped_steps),
+                "scale": None if scaler is None else float(scaler.get_scale()),
+                "params": [full(p.detach()).clone() for p in params],
+            }
+        )
+    return {"steps": steps, **snapshot(params, opt, "sgd", full)}
 
 
 def _error(build: Callable[[], Any]) -> str | None:

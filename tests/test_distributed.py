@@ -14,8 +14,6 @@ against a computation made here, in this process, without torch.distributed:
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +23,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sam_fused.backends import CppBackend
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _distributed_worker as W  # the problem both sides build
+from _ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_distributed_worker.py"
@@ -39,66 +37,23 @@ LAUNCH_TIMEOUT = 240  # seconds; the two ranks take about 20 s on two cores
 RTOL, ATOL = 2e-5, 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     """Run both ranks once; what each saved, in rank order."""
-    out = tmp_path_factory.mktemp("dist")
-    # load (or build) the C++ extension here first, so the two ranks do not both build it
-    CppBackend.info()
-    env = dict(os.environ)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE=str(W.WORLD),
-        OMP_NUM_THREADS="1",  # two ranks on two cores
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-    )
-    procs = []
-    for rank in range(W.WORLD):
-        log = open(out / f"rank{rank}.log", "w+")  # noqa: SIM115  closed below
-        procs.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), str(out)],
-                    env={**env, "RANK": str(rank)},
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                log,
-            )
-        )
-    failures = []
-    for rank, (proc, log) in enumerate(procs):
-        try:
-            code = proc.wait(timeout=LAUNCH_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for other, _ in procs:
-                other.kill()
-            code = "timeout"
-        log.seek(0)
-        text = log.read()
-        log.close()
-        if code != 0:
-            failures.append(f"rank {rank} exited with {code}:\n{text[-4000:]}")
-    if failures:
-        pytest.fail("\n\n".join(failures))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
+    return run_ranks(WORKER, tmp_path_factory.mktemp("dist"), W.WORLD, LAUNCH_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------- independent runs
-def _single_process_sam(base: str, backend: str, variant: str = "sam", options: dict | None = None):
-    """Plain SAM in this process on the whole batch: what the ranks together must compute."""
+def _single_process_sam(
+    base: str, backend: str, variant: str = "sam", options: dict | None = None, steps: list[int] | None = None
+):
+    """Plain SAM in this process on the whole batch: what the ranks together must compute.
+    ``steps``: the batches to step on, by index (default: all of them, in order)."""
     model = W.make_model()
     params = list(model.parameters())
     opt = W.make_sam(params, base, backend, variant, options)
-    norms = W.train(model, opt, W.batches(), variant)
+    data = W.batches()
+    norms = W.train(model, opt, data if steps is None else [data[i] for i in steps], variant)
     snap = W.snapshot(params, opt, base, lambda t: t)
     snap["norms"] = norms
     snap["backends"] = opt.backends
@@ -291,6 +246,29 @@ def test_fsdp2_norm_is_the_full_model_norm(ranks):
         for variant, base, backend, _ in W.FSDP_CASES:
             got = res["fsdp"][f"fsdp/{variant}/{base}/{backend}"]["norms"][0]
             assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", W.FSDP_BACKENDS)
+@pytest.mark.parametrize("how", W.OVERFLOW_LOOPS)
+def test_fsdp2_overflow_in_one_shard_skips_the_step_on_every_rank(ranks, how, backend):
+    """An infinity in one rank's gradient shard only (first pass on rank 1, then second pass on
+    rank 0): both ranks skip both steps, the loss scale backs off the same on both, and the
+    run equals single-process SAM over the clean steps alone."""
+    clean = [batch for batch, bad_pass, _ in W.OVERFLOW_STEPS if bad_pass is None]
+    want = _single_process_sam("sgd", "reference", steps=clean)
+    bad = [bad_pass is not None for _, bad_pass, _ in W.OVERFLOW_STEPS]
+    skipped = [float(sum(bad[: i + 1])) for i in range(len(bad))]
+    scales = [W.OVERFLOW_SCALE * 0.5 ** sum(bad[: i + 1]) for i in range(len(bad))]  # backoff 0.5
+    for rank, res in enumerate(ranks):
+        run = res["fsdp"][f"overflow/{how}/{backend}"]
+        assert [s["skipped"] for s in run["steps"]] == skipped, f"rank {rank}"
+        if how != "unscaled":
+            assert [s["scale"] for s in run["steps"]] == scales, f"rank {rank}"
+        for i in range(1, len(bad)):
+            if bad[i]:  # a skipped step leaves the weights exactly where the step before left them
+                for a, b in zip(run["steps"][i]["params"], run["steps"][i - 1]["params"]):
+                    assert torch.equal(a, b), f"rank {rank}, step {i}"
+        _assert_close_runs(run, want)
 
 
 def test_refusals_on_two_ranks(ranks):
