@@ -27,7 +27,7 @@ namespace sam_fused {
 
 // Bumped whenever an operation's signature or meaning changes, so that Python can refuse
 // a stale prebuilt library (sam_fused/_extension.py: ABI_VERSION).
-constexpr int64_t kAbiVersion = 2;
+constexpr int64_t kAbiVersion = 3;
 
 // CPU: a slot covers up to 64 Ki elements (256 KiB of float32 gradient), at most 1024
 // slots per run; a run of ResNet-50's 25.6 M elements gives 391 partial sums.
@@ -82,14 +82,32 @@ inline void check_flat(const at::Tensor& t, const char* name, at::ScalarType dty
               " must be a contiguous 1-D buffer of at least ", numel, " elements");
 }
 
-// Indices into the status vector; they mirror sam_fused/status.py (the other entries are
-// the variants', which these backends do not run). float32, or float64 when an optimizer
-// also holds float64 parameters.
-constexpr int kStatusSumsq = 0;    // first pass: sum of u^2
-constexpr int kStatusBad1 = 1;     // first pass: non-finite gradient entries
-constexpr int kStatusSkipped = 2;  // steps skipped so far (persistent)
-constexpr int kStatusBad2 = 4;     // second pass: non-finite gradient entries
-constexpr int kStatusSize = 8;
+// The status vector's entries, under sam_fused/status.py's names (its one definition;
+// tests/test_status_constants.py fails when the two disagree). float32, or float64 when
+// an optimizer also holds float64 parameters. These backends run the variants whose
+// entries they read; the others (GV2, DOT, G2) are here so that the layout is whole.
+constexpr int kStatusSumsq = 0;      // first pass: sum of u^2
+constexpr int kStatusBad1 = 1;       // first pass: non-finite gradient entries
+constexpr int kStatusSkipped = 2;    // steps skipped so far (persistent)
+constexpr int kStatusGv2 = 3;        // LookSAM: ||g_v||^2 (persistent)
+constexpr int kStatusBad2 = 4;       // second pass: non-finite gradient entries
+constexpr int kStatusDot = 5;        // GSAM / LookSAM: <g, g_p>
+constexpr int kStatusGp2 = 6;        // GSAM / LookSAM, clipping: ||g_p||^2
+constexpr int kStatusG2 = 7;         // LookSAM: ||g||^2 of the first pass
+constexpr int kStatusInvScale1 = 8;  // 1 / loss scale of the first pass's gradients (GradScaler)
+constexpr int kStatusInvScale2 = 9;  // 1 / loss scale of the second pass's gradients
+constexpr int kStatusClip = 10;      // max_grad_norm's coefficient of the descent gradient
+constexpr int kStatusSize = 11;
+
+// No unscaling: the `unscale` argument of stats, perturb, sgd and adam is this, or the
+// status entry whose value multiplies every gradient as it is read.
+constexpr int64_t kNoUnscale = -1;
+
+inline void check_unscale(int64_t unscale) {
+  TORCH_CHECK(unscale == kNoUnscale || unscale == kStatusInvScale1 || unscale == kStatusInvScale2,
+              "sam_fused: unscale must be -1 (none) or a status index of 1 / loss scale (", kStatusInvScale1,
+              " or ", kStatusInvScale2, "), got ", unscale);
+}
 
 inline void check_status(const at::Tensor& status, const at::Device& device) {
   TORCH_CHECK(status.device() == device && status.dim() == 1 && status.numel() >= kStatusSize &&
@@ -105,11 +123,12 @@ inline void check_steps(const at::Tensor& steps, const at::Device& device) {
 
 // What every fused update (SGD, Adam) is given, checked alike on both devices: the step
 // counts, the run table, the weights (src, param), the gradient, the optional state buffers
-// (nullptr when absent) and the status vector. Returns the runs.
+// (nullptr when absent), the status vector and the unscale index. Returns the runs.
 inline std::vector<RunSpan> check_update_args(const at::Tensor& src, const at::Tensor& param,
                                               const at::Tensor& grad, const at::Tensor& steps,
                                               const at::Tensor& status, const at::Tensor& runs_t,
-                                              std::initializer_list<std::pair<const char*, const at::Tensor*>> state) {
+                                              std::initializer_list<std::pair<const char*, const at::Tensor*>> state,
+                                              int64_t unscale) {
   const auto device = param.device();
   const auto dtype = param.scalar_type();
   const int64_t numel = param.numel();
@@ -122,6 +141,7 @@ inline std::vector<RunSpan> check_update_args(const at::Tensor& src, const at::T
     if (buffer != nullptr) check_flat(*buffer, name, dtype, numel, device);
   }
   check_status(status, device);
+  check_unscale(unscale);
   return runs;
 }
 
@@ -175,23 +195,24 @@ void dispatch_bool(bool value, const F& f) {
     using namespace sam_fused;                                                                            \
     m.def("constants() -> int[]", &constants);                                                            \
     m.def(                                                                                                \
-        "stats(Tensor grad, Tensor param, Tensor runs, Tensor(a!)? sumsq, Tensor(b!) bad, bool adaptive, " \
-        "float eta) -> ()",                                                                               \
+        "stats(Tensor grad, Tensor param, Tensor runs, Tensor(a!)? sumsq, Tensor(b!) bad, Tensor status, " \
+        "int unscale, bool adaptive, float eta) -> ()",                                                   \
         &stats);                                                                                          \
     m.def(                                                                                                \
         "perturb(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor status, Tensor runs, float rho, " \
-        "float eta, float norm_eps, bool adaptive, bool normalized, bool check) -> ()",                   \
+        "float eta, float norm_eps, int unscale, bool adaptive, bool normalized, bool check) -> ()",      \
         &perturb);                                                                                        \
     m.def("restore(Tensor(a!) param, Tensor backup, Tensor runs) -> ()", &restore);                       \
     m.def(                                                                                                \
         "sgd(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!)? buf, Tensor steps, Tensor status, "   \
         "Tensor runs, float lr, float momentum, float one_minus_dampening, float weight_decay, "          \
-        "bool nesterov, bool maximize, bool check) -> ()",                                                \
+        "bool nesterov, bool maximize, int unscale, bool clip, bool check) -> ()",                        \
         &sgd);                                                                                            \
     m.def(                                                                                                \
         "adam(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "     \
         "Tensor(d!)? max_exp_avg_sq, Tensor steps, Tensor status, Tensor runs, float lr, float beta1, "   \
-        "float beta2, float eps, float weight_decay, bool decoupled, bool maximize, bool check) -> ()",   \
+        "float beta2, float eps, float weight_decay, bool decoupled, bool maximize, int unscale, "        \
+        "bool clip, bool check) -> ()",                                                                   \
         &adam);                                                                                           \
     m.def(                                                                                                \
         "advance_steps(Tensor(a!) steps, Tensor mask, Tensor(b!) status, bool check, bool count_skip) -> ()", \

@@ -10,7 +10,12 @@
 //
 // Skipping non-finite steps: status lives in host memory here, so each operation reads
 // the skip decision once and takes the "unchanged" path (a copy, or nothing) as a whole;
-// the stored bits are the same as the Triton kernels' per-element tl.where.
+// the stored bits are the same as the Triton kernels' per-element tl.where. GradScaler's
+// 1 / scale and the clipping coefficient are read from it the same way, once per call,
+// and multiply each gradient in float32 as it is loaded (sam_fused_math.h).
+//
+// The element math itself is sam_fused_math.h's, shared with the CUDA kernels; this file
+// holds the loops around it and the conversions between storage and float32.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,12 +24,11 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 
 #include "sam_fused_common.h"
+#include "sam_fused_math.h"
 
 namespace sam_fused {
 namespace {
@@ -55,8 +59,6 @@ inline uint32_t pick(bool cond, uint32_t a, uint32_t b) {
   const uint32_t mask = 0u - static_cast<uint32_t>(cond);
   return (a & mask) | (b & ~mask);
 }
-
-inline float pick(bool cond, float a, float b) { return float_of(pick(cond, bits_of(a), bits_of(b))); }
 
 // The kernels see storage as plain scalars: float, or the uint16_t bits of a bfloat16 or
 // float16 value. Loops over plain scalars vectorise; loops over c10's wrapper structs
@@ -152,6 +154,16 @@ double status_at(const at::Tensor& status, int64_t i) {
   return status.data_ptr<float>()[i];
 }
 
+// The float32 factor in status[index] (the reference's status[index].to(float32)), or 1
+// when the operation is not asked to apply it.
+float factor_at(const at::Tensor& status, int64_t index, bool wanted) {
+  return wanted ? static_cast<float>(status_at(status, index)) : 1.0f;
+}
+
+bool skipped(const at::Tensor& status) {
+  return status_at(status, kStatusBad1) + status_at(status, kStatusBad2) > 0;
+}
+
 void status_add(const at::Tensor& status, int64_t i, double value) {
   if (status.scalar_type() == at::kDouble) {
     status.data_ptr<double>()[i] += value;
@@ -174,13 +186,25 @@ void copy_span(T* dst, const T* src, int64_t start, int64_t stop) {
 }
 
 // ------------------------------------------------------------------ norm statistics
-// One slot: the sum of u^2 (u = g, or (|w| + eta) * g when adaptive) over
-// [start, stop) and the number of non-finite gradient entries. Float lanes within a
-// sub-block, float-to-double between sub-blocks; the order is fixed by the code alone.
+// One element of a slot: the non-finite count of the raw gradient, and u^2 of the unscaled
+// one (u = g, or (|w| + eta) * g when adaptive) into lane l.
+template <typename T, bool ADAPTIVE, bool WANT_SUMSQ>
+SAM_FUSED_INLINE void stats_element(const Raw<T>* __restrict g, const Raw<T>* __restrict w, int64_t i, float eta,
+                                    float inv_scale, float& acc, int32_t& cnt) {
+  const float gv = to_f<T>(g[i]);
+  cnt += math::nonfinite(gv);
+  if constexpr (WANT_SUMSQ) {
+    const float u = math::ascent_u(math::unscaled(gv, inv_scale), ADAPTIVE ? to_f<T>(w[i]) : 0.0f, eta, ADAPTIVE);
+    acc += u * u;
+  }
+}
+
+// One slot: the sum of u^2 over [start, stop) and the number of non-finite gradient
+// entries. Float lanes within a sub-block, float-to-double between sub-blocks; the order is
+// fixed by the code alone.
 template <typename T, bool ADAPTIVE, bool WANT_SUMSQ>
 void stats_slot(const Raw<T>* __restrict g, const Raw<T>* __restrict w, int64_t start, int64_t stop, float eta,
-                double* sumsq, double* bad) {
-  constexpr float inf = std::numeric_limits<float>::infinity();
+                float inv_scale, double* sumsq, double* bad) {
   double total = 0.0;
   int64_t bad_total = 0;
   for (int64_t s = start; s < stop; s += kSub) {
@@ -191,23 +215,11 @@ void stats_slot(const Raw<T>* __restrict g, const Raw<T>* __restrict w, int64_t 
     for (; i + kLanes <= e; i += kLanes) {
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
-        const float gv = to_f<T>(g[i + l]);
-        cnt[l] += static_cast<int32_t>(!(std::fabs(gv) < inf));  // NaN compares false too
-        if constexpr (WANT_SUMSQ) {
-          float u = gv;
-          if constexpr (ADAPTIVE) u = (std::fabs(to_f<T>(w[i + l])) + eta) * u;
-          acc[l] += u * u;
-        }
+        stats_element<T, ADAPTIVE, WANT_SUMSQ>(g, w, i + l, eta, inv_scale, acc[l], cnt[l]);
       }
     }
     for (int l = 0; i < e; ++i, ++l) {  // tail (runs are multiples of 16: normally empty)
-      const float gv = to_f<T>(g[i]);
-      cnt[l] += static_cast<int32_t>(!(std::fabs(gv) < inf));
-      if constexpr (WANT_SUMSQ) {
-        float u = gv;
-        if constexpr (ADAPTIVE) u = (std::fabs(to_f<T>(w[i])) + eta) * u;
-        acc[l] += u * u;
-      }
+      stats_element<T, ADAPTIVE, WANT_SUMSQ>(g, w, i, eta, inv_scale, acc[l], cnt[l]);
     }
     for (int width = kLanes / 2; width > 0; width /= 2) {
       for (int l = 0; l < width; ++l) {
@@ -222,14 +234,19 @@ void stats_slot(const Raw<T>* __restrict g, const Raw<T>* __restrict w, int64_t 
   *bad = static_cast<double>(bad_total);
 }
 
-// ascent_stats (want_sumsq) and count_nonfinite (not): one partial per slot.
+// ascent_stats (want_sumsq) and count_nonfinite (not): one partial per slot. unscale: the
+// status entry whose 1 / scale multiplies the gradients before they are squared, or -1.
 void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& runs_t,
-           const c10::optional<at::Tensor>& sumsq, const at::Tensor& bad, bool adaptive, double eta) {
+           const c10::optional<at::Tensor>& sumsq, const at::Tensor& bad, const at::Tensor& status, int64_t unscale,
+           bool adaptive, double eta) {
   const auto device = grad.device();
   TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
   const auto runs = read_runs(runs_t, grad.numel(), -1);
   check_flat(grad, "grad", grad.scalar_type(), grad.numel(), device);
   check_flat(param, "param", grad.scalar_type(), grad.numel(), device);
+  check_status(status, device);
+  check_unscale(unscale);
+  const float inv_scale = factor_at(status, unscale, unscale != kNoUnscale);
   // the slots of every run, in order: (run, slot begin, slot end, output index)
   std::vector<Span> slots;
   for (size_t r = 0; r < runs.size(); ++r) {
@@ -259,7 +276,7 @@ void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& ru
           for (int64_t k = b; k < e; ++k) {
             double s = 0.0, nb = 0.0;
             stats_slot<T, decltype(A)::value, decltype(W)::value>(g, w, slots[k].start, slots[k].stop,
-                                                                  static_cast<float>(eta), &s, &nb);
+                                                                  static_cast<float>(eta), inv_scale, &s, &nb);
             if (want) write_partial(*sumsq, k, s);
             write_partial(bad, k, nb);
           }
@@ -272,28 +289,21 @@ void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& ru
 // ------------------------------------------------------------------ perturbation
 template <typename T, bool ADAPTIVE>
 void perturb_span(Raw<T>* __restrict w, const Raw<T>* __restrict g, Raw<T>* __restrict backup, int64_t start,
-                  int64_t stop, float scale, float eta) {
+                  int64_t stop, float scale, float eta, float inv_scale) {
 #pragma omp simd
   for (int64_t i = start; i < stop; ++i) {
     const Raw<T> raw = w[i];
     backup[i] = raw;
-    const float wf = to_f<T>(raw);
-    const float u = to_f<T>(g[i]);  // the variant's direction: the gradient (kernel_id 0)
-    float eps;
-    if constexpr (ADAPTIVE) {
-      const float t = std::fabs(wf) + eta;
-      eps = scale * t * (t * u);
-    } else {
-      eps = scale * u;
-    }
-    w[i] = from_f<T>(wf + eps);
+    // the variant's direction: the gradient (kernel_id 0)
+    const float u = math::unscaled(to_f<T>(g[i]), inv_scale);
+    w[i] = from_f<T>(math::perturb(to_f<T>(raw), u, scale, eta, ADAPTIVE));
   }
 }
 
 // backup = w (always); w <- w + eps unless a non-finite first gradient skips the step.
 void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
              const at::Tensor& status, const at::Tensor& runs_t, double rho, double eta, double norm_eps,
-             bool adaptive, bool normalized, bool check) {
+             int64_t unscale, bool adaptive, bool normalized, bool check) {
   const auto device = param.device();
   TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
   const auto dtype = param.scalar_type();
@@ -302,13 +312,12 @@ void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
   check_flat(grad, "grad", dtype, param.numel(), device);
   check_flat(backup, "backup", dtype, param.numel(), device);
   check_status(status, device);
+  check_unscale(unscale);
   const bool skip = check && status_at(status, kStatusBad1) > 0;
-  float scale = static_cast<float>(rho);
-  if (normalized) {
-    // as the Triton kernel: the norm in float32, then one scale per step
-    const float norm = std::sqrt(static_cast<float>(status_at(status, kStatusSumsq)));
-    scale = static_cast<float>(rho) / (norm + static_cast<float>(norm_eps));
-  }
+  // as the Triton kernel: the norm in float32, then one scale per step
+  const float scale = math::perturb_scale(static_cast<float>(rho), static_cast<float>(status_at(status, kStatusSumsq)),
+                                          static_cast<float>(norm_eps), normalized);
+  const float inv_scale = factor_at(status, unscale, unscale != kNoUnscale);
   const auto spans = blocks_of(runs);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -321,7 +330,7 @@ void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
     }
     dispatch_bool(adaptive, [&](auto A) {
       for_each_span(spans, [&](const Span& s) {
-        perturb_span<T, decltype(A)::value>(w, g, b, s.start, s.stop, scale, static_cast<float>(eta));
+        perturb_span<T, decltype(A)::value>(w, g, b, s.start, s.stop, scale, static_cast<float>(eta), inv_scale);
       });
     });
   });
@@ -348,91 +357,91 @@ void restore(const at::Tensor& param, const at::Tensor& backup, const at::Tensor
 // parameters when they were restored separately) and written to param.
 template <typename T, bool WD, bool MOMENTUM, bool NESTEROV>
 void sgd_span(const Raw<T>* src, Raw<T>* param, const Raw<T>* __restrict g, Raw<T>* __restrict buf, int64_t start,
-              int64_t stop, float lr, float momentum, float one_minus_dampening, float weight_decay,
-              float gsign, bool first) {
+              int64_t stop, const math::SgdScalars& hyper, float inv_scale, float clip, bool maximize, bool first) {
+  // a local copy: stores through param and buf (float pointers for float32 storage) could
+  // alias the caller's, which would make the loop reload them on every element
+  const math::SgdScalars s = hyper;
 #pragma omp simd
   for (int64_t i = start; i < stop; ++i) {
-    const float w = to_f<T>(src[i]);
-    const float gv = to_f<T>(g[i]) * gsign;  // maximize: -g (an exact sign flip)
-    float d = WD ? gv + weight_decay * w : gv;
-    if constexpr (MOMENTUM) {
-      const float b = pick(first, d, momentum * to_f<T>(buf[i]) + one_minus_dampening * d);
-      buf[i] = from_f<T>(b);
-      d = NESTEROV ? d + momentum * b : b;
-    }
-    param[i] = from_f<T>(w - lr * d);
+    float b = MOMENTUM ? to_f<T>(buf[i]) : 0.0f;
+    const float d = math::descent_grad(to_f<T>(g[i]), inv_scale, clip);
+    const float w = math::sgd(to_f<T>(src[i]), d, b, first, s, WD, MOMENTUM, NESTEROV, maximize);
+    if constexpr (MOMENTUM) buf[i] = from_f<T>(b);
+    param[i] = from_f<T>(w);
   }
+}
+
+// What the SGD and Adam entry points share: the checks, the skip decision, the gradient
+// factors, and one restore-only pass when the step is skipped. Calls update(T tag, spans,
+// inv_scale, clip) otherwise.
+template <typename F>
+void run_update(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& steps,
+                const at::Tensor& status, const at::Tensor& runs_t,
+                std::initializer_list<std::pair<const char*, const at::Tensor*>> state, int64_t unscale, bool clip,
+                bool check, const F& update) {
+  TORCH_CHECK(param.device().is_cpu(), "sam_fused cpp backend: CPU tensors only");
+  const auto runs = check_update_args(src, param, grad, steps, status, runs_t, state, unscale);
+  const auto spans = blocks_of(runs);
+  const bool skip = check && skipped(status);
+  const float inv_scale = factor_at(status, unscale, unscale != kNoUnscale);
+  const float clip_coef = factor_at(status, kStatusClip, clip);
+  dispatch_dtype(param.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if (skip) {  // only the restore takes effect; the state keeps its bits
+      const auto* s = raw_ptr<T>(src);
+      auto* w = raw_ptr<T>(param);
+      for_each_span(spans, [&](const Span& sp) { copy_span(w, s, sp.start, sp.stop); });
+      return;
+    }
+    update(tag, runs, spans, inv_scale, clip_coef);
+  });
 }
 
 void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
          const c10::optional<at::Tensor>& buf, const at::Tensor& steps, const at::Tensor& status,
          const at::Tensor& runs_t, double lr, double momentum, double one_minus_dampening,
-         double weight_decay, bool nesterov, bool maximize, bool check) {
-  const auto device = param.device();
-  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
-  const auto dtype = param.scalar_type();
-  const auto runs = check_update_args(src, param, grad, steps, status, runs_t,
-                                      {{"momentum_buffer", buf.has_value() ? &*buf : nullptr}});
-  const bool skip = check && status_at(status, kStatusBad1) + status_at(status, kStatusBad2) > 0;
+         double weight_decay, bool nesterov, bool maximize, int64_t unscale, bool clip, bool check) {
   const bool has_momentum = buf.has_value();
-  const float* step_counts = steps.data_ptr<float>();
-  const auto spans = blocks_of(runs);
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const auto* s = raw_ptr<T>(src);
-    auto* w = raw_ptr<T>(param);
-    if (skip) {  // only the restore takes effect; the buffer keeps its bits
-      for_each_span(spans, [&](const Span& sp) { copy_span(w, s, sp.start, sp.stop); });
-      return;
-    }
-    const auto* g = raw_ptr<T>(grad);
-    Raw<T>* b = has_momentum ? raw_ptr<T>(*buf) : nullptr;
-    dispatch_bool(weight_decay != 0, [&](auto WD) {
-      dispatch_bool(has_momentum, [&](auto M) {
-        dispatch_bool(nesterov && has_momentum, [&](auto NEST) {
-          for_each_span(spans, [&](const Span& sp) {
-            const bool first = step_counts[runs[sp.run].first] == 0.0f;
-            sgd_span<T, decltype(WD)::value, decltype(M)::value, decltype(NEST)::value>(
-                s, w, g, b, sp.start, sp.stop, static_cast<float>(lr), static_cast<float>(momentum),
-                static_cast<float>(one_minus_dampening), static_cast<float>(weight_decay),
-                maximize ? -1.0f : 1.0f, first);
-          });
-        });
-      });
-    });
-  });
+  const math::SgdScalars hyper = math::sgd_scalars(lr, momentum, one_minus_dampening, weight_decay);
+  run_update(src, param, grad, steps, status, runs_t, {{"momentum_buffer", has_momentum ? &*buf : nullptr}},
+             unscale, clip, check, [&](auto tag, const auto& runs, const auto& spans, float inv_scale, float clip_coef) {
+               using T = decltype(tag);
+               const float* step_counts = steps.data_ptr<float>();
+               const auto* s = raw_ptr<T>(src);
+               auto* w = raw_ptr<T>(param);
+               const auto* g = raw_ptr<T>(grad);
+               Raw<T>* b = has_momentum ? raw_ptr<T>(*buf) : nullptr;
+               dispatch_bool(weight_decay != 0, [&](auto WD) {
+                 dispatch_bool(has_momentum, [&](auto M) {
+                   dispatch_bool(nesterov && has_momentum, [&](auto NEST) {
+                     for_each_span(spans, [&](const Span& sp) {
+                       const bool first = step_counts[runs[sp.run].first] == 0.0f;
+                       sgd_span<T, decltype(WD)::value, decltype(M)::value, decltype(NEST)::value>(
+                           s, w, g, b, sp.start, sp.stop, hyper, inv_scale, clip_coef, maximize, first);
+                     });
+                   });
+                 });
+               });
+             });
 }
 
 // ------------------------------------------------------------------ Adam / AdamW
-// Weight decay: 0 none, 1 L2 (Adam: g += wd * w), 2 decoupled (AdamW: w *= 1 - lr * wd).
 template <typename T, int DECAY, bool AMSGRAD, bool SMALL_WEIGHT>
 void adam_span(const Raw<T>* src, Raw<T>* param, const Raw<T>* __restrict g, Raw<T>* __restrict m_ptr,
-               Raw<T>* __restrict v_ptr, Raw<T>* __restrict vmax_ptr, int64_t start, int64_t stop, float weight,
-               float beta2, float one_minus_beta2, float eps, float weight_decay, float decay_factor,
-               float gsign, float step_size, float bc2_sqrt) {
+               Raw<T>* __restrict v_ptr, Raw<T>* __restrict vmax_ptr, int64_t start, int64_t stop,
+               const math::AdamScalars& hyper, float inv_scale, float clip, bool maximize) {
+  const math::AdamScalars s = hyper;  // a local copy, as sgd_span's
 #pragma omp simd
   for (int64_t i = start; i < stop; ++i) {
-    float w = to_f<T>(src[i]);
-    float gv = to_f<T>(g[i]) * gsign;
-    if constexpr (DECAY == 2) w = w * decay_factor;
-    if constexpr (DECAY == 1) gv = gv + weight_decay * w;
-    const float m0 = to_f<T>(m_ptr[i]);
-    // torch.lerp(m, g, weight) with its two branches chosen by |weight| < 0.5
-    const float m = SMALL_WEIGHT ? m0 + weight * (gv - m0) : gv - (gv - m0) * (1.0f - weight);
-    // beta2 * v + (1 - beta2) * g * g, evaluated left to right as the reference does
-    const float v = beta2 * to_f<T>(v_ptr[i]) + one_minus_beta2 * gv * gv;
-    float denom;
-    if constexpr (AMSGRAD) {
-      const float vm0 = to_f<T>(vmax_ptr[i]);
-      const float vm = pick(std::isnan(vm0) || vm0 > v, vm0, v);  // torch.maximum keeps NaN
-      vmax_ptr[i] = from_f<T>(vm);
-      denom = std::sqrt(vm) / bc2_sqrt + eps;
-    } else {
-      denom = std::sqrt(v) / bc2_sqrt + eps;
-    }
+    float m = to_f<T>(m_ptr[i]);
+    float v = to_f<T>(v_ptr[i]);
+    float vmax = AMSGRAD ? to_f<T>(vmax_ptr[i]) : 0.0f;
+    const float d = math::descent_grad(to_f<T>(g[i]), inv_scale, clip);
+    const float w = math::adam(to_f<T>(src[i]), d, m, v, vmax, s, DECAY, AMSGRAD, SMALL_WEIGHT, maximize);
+    if constexpr (AMSGRAD) vmax_ptr[i] = from_f<T>(vmax);
     m_ptr[i] = from_f<T>(m);
     v_ptr[i] = from_f<T>(v);
-    param[i] = from_f<T>(w - step_size * (m / denom));
+    param[i] = from_f<T>(w);
   }
 }
 
@@ -440,56 +449,43 @@ void adam(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad
           const at::Tensor& exp_avg_sq, const c10::optional<at::Tensor>& max_exp_avg_sq,
           const at::Tensor& steps, const at::Tensor& status, const at::Tensor& runs_t, double lr,
           double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
-          bool check) {
-  const auto device = param.device();
-  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
-  const auto dtype = param.scalar_type();
+          int64_t unscale, bool clip, bool check) {
   const bool amsgrad = max_exp_avg_sq.has_value();
-  const auto runs = check_update_args(
+  const math::AdamScalars hyper = math::adam_scalars(lr, beta1, beta2, eps, weight_decay);
+  const int decay = math::adam_decay(weight_decay, decoupled);
+  run_update(
       src, param, grad, steps, status, runs_t,
-      {{"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", amsgrad ? &*max_exp_avg_sq : nullptr}});
-  const bool skip = check && status_at(status, kStatusBad1) + status_at(status, kStatusBad2) > 0;
-  // per-run bias corrections, in double from the step count as PyTorch does on the host
-  const float* step_counts = steps.data_ptr<float>();
-  std::vector<float> step_size(runs.size()), bc2_sqrt(runs.size());
-  for (size_t r = 0; r < runs.size(); ++r) {
-    const double t = static_cast<double>(step_counts[runs[r].first] + 1.0f);
-    step_size[r] = static_cast<float>(lr / (1.0 - std::pow(beta1, t)));
-    bc2_sqrt[r] = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
-  }
-  const float weight = static_cast<float>(1.0 - beta1);
-  const int decay = weight_decay == 0 ? 0 : (decoupled ? 2 : 1);
-  const auto spans = blocks_of(runs);
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const auto* s = raw_ptr<T>(src);
-    auto* w = raw_ptr<T>(param);
-    if (skip) {  // only the restore takes effect; moments keep their bits
-      for_each_span(spans, [&](const Span& sp) { copy_span(w, s, sp.start, sp.stop); });
-      return;
-    }
-    const auto* g = raw_ptr<T>(grad);
-    auto* m = raw_ptr<T>(exp_avg);
-    auto* v = raw_ptr<T>(exp_avg_sq);
-    Raw<T>* vmax = amsgrad ? raw_ptr<T>(*max_exp_avg_sq) : nullptr;
-    auto run_all = [&](auto decay_tag) {
-      constexpr int D = decltype(decay_tag)::value;
-      dispatch_bool(amsgrad, [&](auto AMS) {
-        dispatch_bool(std::fabs(weight) < 0.5f, [&](auto SMALL) {
-          for_each_span(spans, [&](const Span& sp) {
-            adam_span<T, D, decltype(AMS)::value, decltype(SMALL)::value>(
-                s, w, g, m, v, vmax, sp.start, sp.stop, weight, static_cast<float>(beta2),
-                static_cast<float>(1.0 - beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
-                static_cast<float>(1.0 - lr * weight_decay), maximize ? -1.0f : 1.0f, step_size[sp.run],
-                bc2_sqrt[sp.run]);
+      {{"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", amsgrad ? &*max_exp_avg_sq : nullptr}},
+      unscale, clip, check, [&](auto tag, const auto& runs, const auto& spans, float inv_scale, float clip_coef) {
+        using T = decltype(tag);
+        // per-run bias corrections, from each run's step count
+        const float* step_counts = steps.data_ptr<float>();
+        std::vector<math::AdamScalars> per_run(runs.size(), hyper);
+        for (size_t r = 0; r < runs.size(); ++r) {
+          math::adam_bias_corrections(step_counts[runs[r].first], lr, beta1, beta2, per_run[r].step_size,
+                                      per_run[r].bc2_sqrt);
+        }
+        const auto* s = raw_ptr<T>(src);
+        auto* w = raw_ptr<T>(param);
+        const auto* g = raw_ptr<T>(grad);
+        auto* m = raw_ptr<T>(exp_avg);
+        auto* v = raw_ptr<T>(exp_avg_sq);
+        Raw<T>* vmax = amsgrad ? raw_ptr<T>(*max_exp_avg_sq) : nullptr;
+        auto run_all = [&](auto decay_tag) {
+          constexpr int D = decltype(decay_tag)::value;
+          dispatch_bool(amsgrad, [&](auto AMS) {
+            dispatch_bool(math::lerp_weight_is_small(hyper.weight), [&](auto SMALL) {
+              for_each_span(spans, [&](const Span& sp) {
+                adam_span<T, D, decltype(AMS)::value, decltype(SMALL)::value>(
+                    s, w, g, m, v, vmax, sp.start, sp.stop, per_run[sp.run], inv_scale, clip_coef, maximize);
+              });
+            });
           });
-        });
+        };
+        if (decay == math::kNoDecay) run_all(std::integral_constant<int, math::kNoDecay>{});
+        if (decay == math::kL2Decay) run_all(std::integral_constant<int, math::kL2Decay>{});
+        if (decay == math::kDecoupledDecay) run_all(std::integral_constant<int, math::kDecoupledDecay>{});
       });
-    };
-    if (decay == 0) run_all(std::integral_constant<int, 0>{});
-    if (decay == 1) run_all(std::integral_constant<int, 1>{});
-    if (decay == 2) run_all(std::integral_constant<int, 2>{});
-  });
 }
 
 // ------------------------------------------------------------------ step counters
@@ -501,7 +497,7 @@ void advance_steps(const at::Tensor& steps, const at::Tensor& mask, const at::Te
                   mask.numel() == steps.numel(),
               "sam_fused: steps and mask must be contiguous float32 CPU tensors of one length");
   check_status(status, steps.device());
-  const bool skip = check && status_at(status, kStatusBad1) + status_at(status, kStatusBad2) > 0;
+  const bool skip = check && skipped(status);
   if (check && count_skip && skip) status_add(status, kStatusSkipped, 1.0);
   if (skip) return;
   float* s = steps.data_ptr<float>();

@@ -7,9 +7,11 @@
 //   grid-stride loops over 16-byte packs (4 float32 or 8 bfloat16/float16 elements) when
 //   every pointer of the run is 16-byte aligned, which the flat layout guarantees; scalar
 //   loads otherwise;
-// * float32 math over the storage dtype, Adam's bias corrections in double;
-// * no host synchronisation: the skip decision and the global norm are read by the
-//   kernels from the device-resident status vector, step counts from the steps vector;
+// * float32 math over the storage dtype, Adam's bias corrections in double; the element
+//   math is sam_fused_math.h's, the same functions the CPU extension runs;
+// * no host synchronisation: the skip decision, the global norm, GradScaler's 1 / scale
+//   and the clipping coefficient are read by the kernels from the device-resident status
+//   vector, step counts from the steps vector;
 // * a deterministic norm: stats_kernel runs a grid that depends only on the run length,
 //   each block reduces in a fixed order (warp shuffles, then warps in index order) and
 //   writes one partial; the caller sums the partials with one torch.sum.
@@ -36,11 +38,12 @@
 #define SAM_FUSED_CUDA_OPS sam_fused_cuda  // the torch.ops namespace
 #endif
 
+#include <array>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 
 #include "sam_fused_common.h"
+#include "sam_fused_math.h"
 
 namespace sam_fused {
 namespace {
@@ -79,14 +82,31 @@ __device__ __forceinline__ T from_f(float x) {
   return static_cast<T>(x);  // round to nearest even, as torch's .to()
 }
 
-// status is float32, or float64 when the optimizer also holds float64 parameters.
-__device__ __forceinline__ double status_at(const void* status, bool is_double, int i) {
-  return is_double ? static_cast<const double*>(status)[i]
-                   : static_cast<double>(static_cast<const float*>(status)[i]);
-}
+// How a kernel reads the device status vector (float32, or float64 when the optimizer
+// also holds float64 parameters): which entry unscales the gradients (kNoUnscale: none),
+// whether the clipping coefficient applies, and whether a non-finite gradient skips the step.
+struct StatusRead {
+  const void* data;
+  bool is_double;
+  int unscale;
+  bool clip;
+  bool check;
 
-__device__ __forceinline__ bool skipped(const void* status, bool is_double) {
-  return status_at(status, is_double, kStatusBad1) + status_at(status, is_double, kStatusBad2) > 0;
+  __device__ __forceinline__ double at(int i) const {
+    return is_double ? static_cast<const double*>(data)[i] : static_cast<double>(static_cast<const float*>(data)[i]);
+  }
+  // the reference's status[i].to(float32), or 1 when the factor is off
+  __device__ __forceinline__ float factor(int i, bool wanted) const {
+    return wanted ? static_cast<float>(at(i)) : 1.0f;
+  }
+  __device__ __forceinline__ float inv_scale() const { return factor(unscale, unscale != kNoUnscale); }
+  __device__ __forceinline__ float clip_coef() const { return factor(kStatusClip, clip); }
+  // either pass saw a non-finite gradient
+  __device__ __forceinline__ bool skip() const { return check && at(kStatusBad1) + at(kStatusBad2) > 0; }
+};
+
+StatusRead status_read(const at::Tensor& status, int64_t unscale, bool clip, bool check) {
+  return {status.data_ptr(), status.scalar_type() == at::kDouble, static_cast<int>(unscale), clip, check};
 }
 
 __device__ __forceinline__ int64_t thread_index() {
@@ -111,10 +131,13 @@ __device__ V block_sum(V x) {
 }
 
 // ------------------------------------------------------------------ kernels
+// One partial per block: the non-finite count of the raw gradients, and the sum of u^2 of
+// the unscaled ones.
 template <typename T, int N, bool ADAPTIVE, bool WANT_SUMSQ>
 __global__ void __launch_bounds__(kThreads)
-    stats_kernel(const T* __restrict__ g, const T* __restrict__ w, int64_t n, float eta, void* sumsq,
-                 void* bad, bool out_double) {
+    stats_kernel(const T* __restrict__ g, const T* __restrict__ w, int64_t n, float eta, StatusRead read,
+                 void* sumsq, void* bad, bool out_double) {
+  const float inv_scale = WANT_SUMSQ ? read.inv_scale() : 1.0f;
   float acc = 0.0f;
   int cnt = 0;
   const int64_t packs = n / N;
@@ -125,10 +148,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const float gv = to_f(gp.v[j]);
-      cnt += fabsf(gv) < INFINITY ? 0 : 1;  // NaN compares false too
+      cnt += math::nonfinite(gv);
       if constexpr (WANT_SUMSQ) {
-        float u = gv;  // the variant's direction: the gradient (kernel_id 0)
-        if constexpr (ADAPTIVE) u = (fabsf(to_f(wp.v[j])) + eta) * u;
+        // the variant's direction: the gradient (kernel_id 0)
+        const float u = math::ascent_u(math::unscaled(gv, inv_scale), ADAPTIVE ? to_f(wp.v[j]) : 0.0f, eta, ADAPTIVE);
         acc += u * u;
       }
     }
@@ -149,15 +172,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int N, bool ADAPTIVE>
 __global__ void __launch_bounds__(kThreads)
-    perturb_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ backup, const void* status,
-                   bool status_double, int64_t n, float rho, float eta, float norm_eps, bool normalized,
-                   bool check) {
-  float scale = rho;
-  if (normalized) {
-    const float norm = sqrtf(static_cast<float>(status_at(status, status_double, kStatusSumsq)));
-    scale = rho / (norm + norm_eps);
-  }
-  const bool skip = check && status_at(status, status_double, kStatusBad1) > 0;
+    perturb_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ backup, StatusRead read, int64_t n,
+                   float rho, float eta, float norm_eps, bool normalized) {
+  const float scale = math::perturb_scale(rho, normalized ? static_cast<float>(read.at(kStatusSumsq)) : 0.0f,
+                                          norm_eps, normalized);
+  const float inv_scale = read.inv_scale();
+  const bool skip = read.check && read.at(kStatusBad1) > 0;
   const int64_t packs = n / N;
   for (int64_t k = thread_index(); k < packs; k += grid_stride()) {
     const Pack<T, N> wr = load_pack<T, N>(w, k * N);
@@ -167,121 +187,97 @@ __global__ void __launch_bounds__(kThreads)
     Pack<T, N> out;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const float wf = to_f(wr.v[j]);
-      const float u = to_f(gp.v[j]);
-      float eps;
-      if constexpr (ADAPTIVE) {
-        const float t = fabsf(wf) + eta;
-        eps = scale * t * (t * u);
-      } else {
-        eps = scale * u;
-      }
-      out.v[j] = from_f<T>(wf + eps);
+      // the variant's direction: the gradient (kernel_id 0)
+      out.v[j] = from_f<T>(math::perturb(to_f(wr.v[j]), math::unscaled(to_f(gp.v[j]), inv_scale), scale, eta, ADAPTIVE));
     }
     store_pack<T, N>(w, k * N, out);
   }
 }
 
-// restore + torch.optim.SGD; src is the backup (restore fused) or the parameters.
+// The loop both fused updates run, with the restore fused in (src is the backup, or the
+// parameters when they were restored separately): grid-stride over packs; when the step is
+// skipped only the restore takes effect (the state keeps its bits), else
+// update(offset, weights, gradients) computes and stores the pack.
+template <typename T, int N, typename Update>
+__device__ __forceinline__ void update_loop(const T* src, T* param, const T* __restrict__ g, int64_t n, bool skip,
+                                            const Update& update) {
+  const int64_t packs = n / N;
+  for (int64_t k = thread_index(); k < packs; k += grid_stride()) {
+    const Pack<T, N> wr = load_pack<T, N>(src, k * N);
+    if (skip) {
+      if (src != param) store_pack<T, N>(param, k * N, wr);
+      continue;
+    }
+    update(k * N, wr, load_pack<T, N>(g, k * N));
+  }
+}
+
+// restore + torch.optim.SGD
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     sgd_kernel(const T* src, T* param, const T* __restrict__ g, T* __restrict__ buf,
-               const float* __restrict__ step_count, const void* status, bool status_double, int64_t n,
-               float lr, float momentum, float one_minus_dampening, float weight_decay, bool has_wd,
-               bool has_momentum, bool nesterov, float gsign, bool check) {
-  const bool skip = check && skipped(status, status_double);
+               const float* __restrict__ step_count, StatusRead read, int64_t n, math::SgdScalars s, bool has_wd,
+               bool has_momentum, bool nesterov, bool maximize) {
+  const float inv_scale = read.inv_scale();
+  const float clip = read.clip_coef();
   const bool first = has_momentum && *step_count == 0.0f;
-  const int64_t packs = n / N;
-  for (int64_t k = thread_index(); k < packs; k += grid_stride()) {
-    const Pack<T, N> wr = load_pack<T, N>(src, k * N);
-    if (skip) {  // only the restore takes effect; the buffer keeps its bits
-      if (src != param) store_pack<T, N>(param, k * N, wr);
-      continue;
-    }
-    const Pack<T, N> gp = load_pack<T, N>(g, k * N);
+  update_loop<T, N>(src, param, g, n, read.skip(), [&](int64_t i, const Pack<T, N>& wr, const Pack<T, N>& gp) {
     Pack<T, N> bp;
-    if (has_momentum) bp = load_pack<T, N>(buf, k * N);
+    if (has_momentum) bp = load_pack<T, N>(buf, i);
     Pack<T, N> out;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const float w = to_f(wr.v[j]);
-      const float gv = to_f(gp.v[j]) * gsign;
-      float d = has_wd ? gv + weight_decay * w : gv;
-      if (has_momentum) {
-        const float b = first ? d : momentum * to_f(bp.v[j]) + one_minus_dampening * d;
-        bp.v[j] = from_f<T>(b);
-        d = nesterov ? d + momentum * b : b;
-      }
-      out.v[j] = from_f<T>(w - lr * d);
+      float b = has_momentum ? to_f(bp.v[j]) : 0.0f;
+      const float d = math::descent_grad(to_f(gp.v[j]), inv_scale, clip);
+      out.v[j] = from_f<T>(math::sgd(to_f(wr.v[j]), d, b, first, s, has_wd, has_momentum, nesterov, maximize));
+      if (has_momentum) bp.v[j] = from_f<T>(b);
     }
-    if (has_momentum) store_pack<T, N>(buf, k * N, bp);
-    store_pack<T, N>(param, k * N, out);
-  }
+    if (has_momentum) store_pack<T, N>(buf, i, bp);
+    store_pack<T, N>(param, i, out);
+  });
 }
 
-// restore + torch.optim.Adam/AdamW. decay: 0 none, 1 L2 (Adam), 2 decoupled (AdamW).
+// restore + torch.optim.Adam/AdamW; s.step_size and s.bc2_sqrt are filled in here, in
+// double from the device-resident step count, as PyTorch computes them on the host.
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(const T* src, T* param, const T* __restrict__ g, T* __restrict__ m_ptr,
-                T* __restrict__ v_ptr, T* __restrict__ vmax_ptr, const float* __restrict__ step_count,
-                const void* status, bool status_double, int64_t n, double lr, double beta1, double beta2,
-                float weight, bool small_weight, float one_minus_beta2, float eps, float weight_decay,
-                float decay_factor, int decay, bool amsgrad, float gsign, bool check) {
-  const bool skip = check && skipped(status, status_double);
-  // bias corrections in double from the device-resident step count, as PyTorch does
-  const double t = static_cast<double>(*step_count + 1.0f);
-  const float step_size = static_cast<float>(lr / (1.0 - pow(beta1, t)));
-  const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, t)));
-  const float beta2_f = static_cast<float>(beta2);
-  const int64_t packs = n / N;
-  for (int64_t k = thread_index(); k < packs; k += grid_stride()) {
-    const Pack<T, N> wr = load_pack<T, N>(src, k * N);
-    if (skip) {  // only the restore takes effect; the moments keep their bits
-      if (src != param) store_pack<T, N>(param, k * N, wr);
-      continue;
-    }
-    const Pack<T, N> gp = load_pack<T, N>(g, k * N);
-    Pack<T, N> mp = load_pack<T, N>(m_ptr, k * N);
-    Pack<T, N> vp = load_pack<T, N>(v_ptr, k * N);
+    adam_kernel(const T* src, T* param, const T* __restrict__ g, T* __restrict__ m_ptr, T* __restrict__ v_ptr,
+                T* __restrict__ vmax_ptr, const float* __restrict__ step_count, StatusRead read, int64_t n,
+                math::AdamScalars s, double lr, double beta1, double beta2, int decay, bool amsgrad,
+                bool small_weight, bool maximize) {
+  const float inv_scale = read.inv_scale();
+  const float clip = read.clip_coef();
+  math::adam_bias_corrections(*step_count, lr, beta1, beta2, s.step_size, s.bc2_sqrt);
+  update_loop<T, N>(src, param, g, n, read.skip(), [&](int64_t i, const Pack<T, N>& wr, const Pack<T, N>& gp) {
+    Pack<T, N> mp = load_pack<T, N>(m_ptr, i);
+    Pack<T, N> vp = load_pack<T, N>(v_ptr, i);
     Pack<T, N> vmp;
-    if (amsgrad) vmp = load_pack<T, N>(vmax_ptr, k * N);
+    if (amsgrad) vmp = load_pack<T, N>(vmax_ptr, i);
     Pack<T, N> out;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      float w = to_f(wr.v[j]);
-      float gv = to_f(gp.v[j]) * gsign;
-      if (decay == 2) w = w * decay_factor;
-      if (decay == 1) gv = gv + weight_decay * w;
-      const float m0 = to_f(mp.v[j]);
-      // torch.lerp(m, g, weight), with its two branches chosen by |weight| < 0.5
-      const float m = small_weight ? m0 + weight * (gv - m0) : gv - (gv - m0) * (1.0f - weight);
-      const float v = beta2_f * to_f(vp.v[j]) + one_minus_beta2 * gv * gv;
-      float denom;
-      if (amsgrad) {
-        const float vm0 = to_f(vmp.v[j]);
-        const float vm = (isnan(vm0) || vm0 > v) ? vm0 : v;  // torch.maximum keeps NaN
-        vmp.v[j] = from_f<T>(vm);
-        denom = sqrtf(vm) / bc2_sqrt + eps;
-      } else {
-        denom = sqrtf(v) / bc2_sqrt + eps;
-      }
+      float m = to_f(mp.v[j]);
+      float v = to_f(vp.v[j]);
+      float vmax = amsgrad ? to_f(vmp.v[j]) : 0.0f;
+      const float d = math::descent_grad(to_f(gp.v[j]), inv_scale, clip);
+      out.v[j] = from_f<T>(math::adam(to_f(wr.v[j]), d, m, v, vmax, s, decay, amsgrad, small_weight, maximize));
       mp.v[j] = from_f<T>(m);
       vp.v[j] = from_f<T>(v);
-      out.v[j] = from_f<T>(w - step_size * (m / denom));
+      if (amsgrad) vmp.v[j] = from_f<T>(vmax);
     }
-    store_pack<T, N>(m_ptr, k * N, mp);
-    store_pack<T, N>(v_ptr, k * N, vp);
-    if (amsgrad) store_pack<T, N>(vmax_ptr, k * N, vmp);
-    store_pack<T, N>(param, k * N, out);
-  }
+    store_pack<T, N>(m_ptr, i, mp);
+    store_pack<T, N>(v_ptr, i, vp);
+    if (amsgrad) store_pack<T, N>(vmax_ptr, i, vmp);
+    store_pack<T, N>(param, i, out);
+  });
 }
 
 // steps += mask * (not skipped); block 0 also counts a skipped step in status[kStatusSkipped].
-__global__ void advance_steps_kernel(float* steps, const float* mask, void* status, bool status_double,
-                                     int64_t n, bool check, bool count_skip) {
-  const bool skip = check && skipped(status, status_double);
-  if (check && count_skip && skip && blockIdx.x == 0 && threadIdx.x == 0) {
-    if (status_double) {
+__global__ void advance_steps_kernel(float* steps, const float* mask, void* status, StatusRead read, int64_t n,
+                                     bool count_skip) {
+  const bool skip = read.skip();
+  if (count_skip && skip && blockIdx.x == 0 && threadIdx.x == 0) {
+    if (read.is_double) {
       static_cast<double*>(status)[kStatusSkipped] += 1.0;
     } else {
       static_cast<float*>(status)[kStatusSkipped] += 1.0f;
@@ -312,19 +308,6 @@ unsigned elementwise_blocks(int64_t packs, int device) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Calls f with the pack width: 16 bytes when n and every pointer allow it, else 1.
-template <typename T, typename F>
-void with_width(int64_t n, std::initializer_list<const void*> ptrs, const F& f) {
-  constexpr int V = VecWidth<T>::value;
-  bool ok = n % V == 0;
-  for (const void* p : ptrs) ok = ok && (p == nullptr || aligned16(p));
-  if (ok) {
-    f(std::integral_constant<int, V>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
-}
-
 void check_cuda(const at::Tensor& t, const char* name) {
 #ifdef SAM_FUSED_CUDA_EMULATION
   const bool on_device = t.is_cpu();  // the emulated kernels read host memory
@@ -339,14 +322,47 @@ T* ptr_at(const at::Tensor& t, int64_t offset) {
   return t.data_ptr<T>() + offset;
 }
 
+// The most flat buffers one kernel takes: Adam's src, param, grad and three moments.
+constexpr size_t kMaxBuffers = 6;
+
+// One launch per run: calls f(run, n, p, width), where p[k] points at the run's first
+// element of buffers[k] (nullptr for an absent buffer) and width is the pack of 16 bytes
+// when n and every pointer allow it, else 1.
+template <typename T, typename F>
+void for_each_run(const std::vector<RunSpan>& runs, std::initializer_list<const at::Tensor*> buffers, const F& f) {
+  TORCH_INTERNAL_ASSERT(buffers.size() <= kMaxBuffers);
+  constexpr int V = VecWidth<T>::value;
+  for (const auto& r : runs) {
+    const int64_t n = r.stop - r.start;
+    std::array<T*, kMaxBuffers> p{};
+    bool packed = n % V == 0;
+    size_t k = 0;
+    for (const at::Tensor* buffer : buffers) {
+      if (buffer != nullptr) {
+        p[k] = ptr_at<T>(*buffer, r.start);
+        packed = packed && aligned16(p[k]);
+      }
+      ++k;
+    }
+    if (packed) {
+      f(r, n, p, std::integral_constant<int, V>{});
+    } else {
+      f(r, n, p, std::integral_constant<int, 1>{});
+    }
+  }
+}
+
 void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& runs_t,
-           const std::optional<at::Tensor>& sumsq, const at::Tensor& bad, bool adaptive, double eta) {
+           const std::optional<at::Tensor>& sumsq, const at::Tensor& bad, const at::Tensor& status, int64_t unscale,
+           bool adaptive, double eta) {
   check_cuda(grad, "grad");
   const auto device = grad.device();
   const c10::cuda::CUDAGuard guard(device);
   const auto runs = read_runs(runs_t, grad.numel(), -1);
   check_flat(grad, "grad", grad.scalar_type(), grad.numel(), device);
   check_flat(param, "param", grad.scalar_type(), grad.numel(), device);
+  check_status(status, device);
+  check_unscale(unscale);
   int64_t total = 0;
   for (const auto& r : runs) total += stats_slots(r.stop - r.start, kCudaStatsChunk, kCudaMaxSlots);
   check_partials(bad, "bad", total, device);
@@ -357,36 +373,34 @@ void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& ru
   }
   const bool out_double = bad.scalar_type() == at::kDouble;
   const size_t out_size = out_double ? sizeof(double) : sizeof(float);
+  const StatusRead read = status_read(status, unscale, false, false);
   auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   dispatch_dtype(grad.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     int64_t offset = 0;
-    for (const auto& r : runs) {
-      const int64_t n = r.stop - r.start;
+    // the weights are read (and aligned) only for the adaptive norm
+    for_each_run<T>(runs, {&grad, want && adaptive ? &param : nullptr}, [&](const RunSpan&, int64_t n, const auto& p,
+                                                                              auto width) {
+      constexpr int N = decltype(width)::value;
       const int64_t slots = stats_slots(n, kCudaStatsChunk, kCudaMaxSlots);
-      const T* g = ptr_at<T>(grad, r.start);
-      const T* w = ptr_at<T>(param, r.start);
       void* s_out = want ? static_cast<char*>(sumsq->data_ptr()) + offset * out_size : nullptr;
       void* b_out = static_cast<char*>(bad.data_ptr()) + offset * out_size;
-      with_width<T>(n, {g, want && adaptive ? w : nullptr}, [&](auto width) {
-        constexpr int N = decltype(width)::value;
-        dispatch_bool(want && adaptive, [&](auto A) {
-          dispatch_bool(want, [&](auto W) {
-            const unsigned grid = static_cast<unsigned>(slots);  // one block per partial
-            SAM_FUSED_LAUNCH(grid, kThreads, stream, stats_kernel<T, N, decltype(A)::value, decltype(W)::value>)(
-                g, w, n, static_cast<float>(eta), s_out, b_out, out_double);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
+      dispatch_bool(want && adaptive, [&](auto A) {
+        dispatch_bool(want, [&](auto W) {
+          const unsigned grid = static_cast<unsigned>(slots);  // one block per partial
+          SAM_FUSED_LAUNCH(grid, kThreads, stream, stats_kernel<T, N, decltype(A)::value, decltype(W)::value>)(
+              p[0], p[1], n, static_cast<float>(eta), read, s_out, b_out, out_double);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
       offset += slots;
-    }
+    });
   });
 }
 
 void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
              const at::Tensor& status, const at::Tensor& runs_t, double rho, double eta, double norm_eps,
-             bool adaptive, bool normalized, bool check) {
+             int64_t unscale, bool adaptive, bool normalized, bool check) {
   check_cuda(param, "param");
   const auto device = param.device();
   const c10::cuda::CUDAGuard guard(device);
@@ -396,26 +410,21 @@ void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
   check_flat(grad, "grad", dtype, param.numel(), device);
   check_flat(backup, "backup", dtype, param.numel(), device);
   check_status(status, device);
-  const bool status_double = status.scalar_type() == at::kDouble;
+  check_unscale(unscale);
+  const StatusRead read = status_read(status, unscale, false, check);
   auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    for (const auto& r : runs) {
-      const int64_t n = r.stop - r.start;
-      T* w = ptr_at<T>(param, r.start);
-      const T* g = ptr_at<T>(grad, r.start);
-      T* b = ptr_at<T>(backup, r.start);
-      with_width<T>(n, {w, g, b}, [&](auto width) {
-        constexpr int N = decltype(width)::value;
-        const unsigned blocks = elementwise_blocks(n / N, device.index());
-        dispatch_bool(adaptive, [&](auto A) {
-          SAM_FUSED_LAUNCH(blocks, kThreads, stream, perturb_kernel<T, N, decltype(A)::value>)(
-              w, g, b, status.data_ptr(), status_double, n, static_cast<float>(rho), static_cast<float>(eta),
-              static_cast<float>(norm_eps), normalized, check);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+    for_each_run<T>(runs, {&param, &grad, &backup}, [&](const RunSpan&, int64_t n, const auto& p, auto width) {
+      constexpr int N = decltype(width)::value;
+      const unsigned blocks = elementwise_blocks(n / N, device.index());
+      dispatch_bool(adaptive, [&](auto A) {
+        SAM_FUSED_LAUNCH(blocks, kThreads, stream, perturb_kernel<T, N, decltype(A)::value>)(
+            p[0], p[1], p[2], read, n, static_cast<float>(rho), static_cast<float>(eta),
+            static_cast<float>(norm_eps), normalized);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-    }
+    });
   });
 }
 
@@ -435,79 +444,81 @@ void restore(const at::Tensor& param, const at::Tensor& backup, const at::Tensor
   }
 }
 
+// What one launch of a fused update is given besides its hyperparameters.
+template <typename T>
+struct UpdateLaunch {
+  std::array<T*, kMaxBuffers> p;  // src, param, grad, then the state buffers
+  int64_t n;
+  unsigned blocks;
+  const float* step_count;
+  StatusRead read;
+};
+
+// What the SGD and Adam launchers share: the checks, the device guard, the status reads and
+// one launch(T tag, width, UpdateLaunch<T>, stream) per run.
+template <typename Launch>
+void launch_update(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& steps,
+                   const at::Tensor& status, const at::Tensor& runs_t,
+                   std::initializer_list<std::pair<const char*, const at::Tensor*>> state, int64_t unscale, bool clip,
+                   bool check, const Launch& launch) {
+  check_cuda(param, "param");
+  const auto device = param.device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto runs = check_update_args(src, param, grad, steps, status, runs_t, state, unscale);
+  TORCH_INTERNAL_ASSERT(state.size() <= kMaxBuffers - 3);
+  std::array<const at::Tensor*, kMaxBuffers> buffers{&src, &param, &grad};
+  size_t k = 3;
+  for (const auto& entry : state) buffers[k++] = entry.second;
+  const StatusRead read = status_read(status, unscale, clip, check);
+  auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  dispatch_dtype(param.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    for_each_run<T>(runs, {buffers[0], buffers[1], buffers[2], buffers[3], buffers[4], buffers[5]},
+                    [&](const RunSpan& r, int64_t n, const auto& p, auto width) {
+                      constexpr int N = decltype(width)::value;
+                      const UpdateLaunch<T> l{p, n, elementwise_blocks(n / N, device.index()),
+                                              steps.data_ptr<float>() + r.first, read};
+                      launch(tag, width, l, stream);
+                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                    });
+  });
+}
 
 void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
          const std::optional<at::Tensor>& buf, const at::Tensor& steps, const at::Tensor& status,
          const at::Tensor& runs_t, double lr, double momentum, double one_minus_dampening,
-         double weight_decay, bool nesterov, bool maximize, bool check) {
-  check_cuda(param, "param");
-  const auto device = param.device();
-  const c10::cuda::CUDAGuard guard(device);
-  const auto dtype = param.scalar_type();
+         double weight_decay, bool nesterov, bool maximize, int64_t unscale, bool clip, bool check) {
   const bool has_momentum = buf.has_value();
-  const auto runs = check_update_args(src, param, grad, steps, status, runs_t,
-                                      {{"momentum_buffer", has_momentum ? &*buf : nullptr}});
-  const bool status_double = status.scalar_type() == at::kDouble;
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index());
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    for (const auto& r : runs) {
-      const int64_t n = r.stop - r.start;
-      const T* s = ptr_at<T>(src, r.start);
-      T* w = ptr_at<T>(param, r.start);
-      const T* g = ptr_at<T>(grad, r.start);
-      T* b = has_momentum ? ptr_at<T>(*buf, r.start) : nullptr;
-      with_width<T>(n, {s, w, g, b}, [&](auto width) {
-        constexpr int N = decltype(width)::value;
-        SAM_FUSED_LAUNCH(elementwise_blocks(n / N, device.index()), kThreads, stream, sgd_kernel<T, N>)(
-            s, w, g, b, steps.data_ptr<float>() + r.first, status.data_ptr(), status_double, n,
-            static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(one_minus_dampening),
-            static_cast<float>(weight_decay), weight_decay != 0, has_momentum, nesterov && has_momentum,
-            maximize ? -1.0f : 1.0f, check);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
-  });
+  const math::SgdScalars s = math::sgd_scalars(lr, momentum, one_minus_dampening, weight_decay);
+  launch_update(src, param, grad, steps, status, runs_t, {{"momentum_buffer", has_momentum ? &*buf : nullptr}}, unscale,
+                clip, check, [&](auto tag, auto width, const auto& l, const auto& stream) {
+                  using T = decltype(tag);
+                  constexpr int N = decltype(width)::value;
+                  SAM_FUSED_LAUNCH(l.blocks, kThreads, stream, sgd_kernel<T, N>)(
+                      l.p[0], l.p[1], l.p[2], l.p[3], l.step_count, l.read, l.n, s, weight_decay != 0, has_momentum,
+                      nesterov && has_momentum, maximize);
+                });
 }
 
 void adam(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
           const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
           const at::Tensor& steps, const at::Tensor& status, const at::Tensor& runs_t, double lr,
           double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
-          bool check) {
-  check_cuda(param, "param");
-  const auto device = param.device();
-  const c10::cuda::CUDAGuard guard(device);
-  const auto dtype = param.scalar_type();
+          int64_t unscale, bool clip, bool check) {
   const bool amsgrad = max_exp_avg_sq.has_value();
-  const auto runs = check_update_args(
+  // step_size and bc2_sqrt are filled in by each launch, from its run's step count
+  const math::AdamScalars s = math::adam_scalars(lr, beta1, beta2, eps, weight_decay);
+  const int decay = math::adam_decay(weight_decay, decoupled);
+  launch_update(
       src, param, grad, steps, status, runs_t,
-      {{"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", amsgrad ? &*max_exp_avg_sq : nullptr}});
-  const bool status_double = status.scalar_type() == at::kDouble;
-  const float weight = static_cast<float>(1.0 - beta1);
-  const int decay = weight_decay == 0 ? 0 : (decoupled ? 2 : 1);
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index());
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    for (const auto& r : runs) {
-      const int64_t n = r.stop - r.start;
-      const T* s = ptr_at<T>(src, r.start);
-      T* w = ptr_at<T>(param, r.start);
-      const T* g = ptr_at<T>(grad, r.start);
-      T* m = ptr_at<T>(exp_avg, r.start);
-      T* v = ptr_at<T>(exp_avg_sq, r.start);
-      T* vmax = amsgrad ? ptr_at<T>(*max_exp_avg_sq, r.start) : nullptr;
-      with_width<T>(n, {s, w, g, m, v, vmax}, [&](auto width) {
+      {{"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", amsgrad ? &*max_exp_avg_sq : nullptr}},
+      unscale, clip, check, [&](auto tag, auto width, const auto& l, const auto& stream) {
+        using T = decltype(tag);
         constexpr int N = decltype(width)::value;
-        SAM_FUSED_LAUNCH(elementwise_blocks(n / N, device.index()), kThreads, stream, adam_kernel<T, N>)(
-            s, w, g, m, v, vmax, steps.data_ptr<float>() + r.first, status.data_ptr(), status_double, n, lr,
-            beta1, beta2, weight, std::fabs(weight) < 0.5f, static_cast<float>(1.0 - beta2),
-            static_cast<float>(eps), static_cast<float>(weight_decay),
-            static_cast<float>(1.0 - lr * weight_decay), decay, amsgrad, maximize ? -1.0f : 1.0f, check);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        SAM_FUSED_LAUNCH(l.blocks, kThreads, stream, adam_kernel<T, N>)(
+            l.p[0], l.p[1], l.p[2], l.p[3], l.p[4], l.p[5], l.step_count, l.read, l.n, s, lr, beta1, beta2, decay,
+            amsgrad, math::lerp_weight_is_small(s.weight), maximize);
       });
-    }
-  });
 }
 
 void advance_steps(const at::Tensor& steps, const at::Tensor& mask, const at::Tensor& status, bool check,
@@ -525,8 +536,8 @@ void advance_steps(const at::Tensor& steps, const at::Tensor& mask, const at::Te
   auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
   SAM_FUSED_LAUNCH(blocks, kThreads, stream, advance_steps_kernel)(
-      steps.data_ptr<float>(), mask.data_ptr<float>(), status.data_ptr(), status.scalar_type() == at::kDouble, n,
-      check, count_skip);
+      steps.data_ptr<float>(), mask.data_ptr<float>(), status.data_ptr(), status_read(status, kNoUnscale, false, check),
+      n, count_skip);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

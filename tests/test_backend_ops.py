@@ -88,10 +88,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------- harness
 @dataclass
 class Side:
-    """One bucket with its backend and status, as the optimizer has them."""
+    """One bucket with its backend and status, as the optimizer has them (``unscale``/``clip``:
+    its steps' gradients are read times status[INV_SCALE1/2] / status[CLIP])."""
 
     bucket: Bucket
     status: torch.Tensor
+    unscale: bool = False
+    clip: bool = False
 
     @property
     def backend(self):
@@ -102,7 +105,7 @@ class Side:
         return self.bucket.params
 
     def ctx(self, variant: Variant, check: bool = True, norm_eps: float = 1e-12) -> StepContext:
-        return StepContext(variant, {}, norm_eps, check, self.status)
+        return StepContext(variant, {}, norm_eps, check, self.status, self.unscale, self.clip)
 
     def state_of(self, name: str, i: int) -> torch.Tensor:
         return self.bucket.state_tensor(name, i)

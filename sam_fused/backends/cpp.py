@@ -9,6 +9,10 @@ or on first use, see ``sam_fused/_extension.py``) and register their operations 
 One call covers a whole bucket: the plan's runs go to the library as a small int64 table
 (cached on the plan), so a bucket of 2000 tensors costs one Python call per operation.
 Scalars that change between steps (lr, rho) are plain arguments; nothing is recompiled.
+GradScaler's ``1 / scale`` and the clipping coefficient stay on the device: the operations
+take the status index to unscale by (``-1``: none) and a clip flag, and the kernels read the
+factors from ``status`` and multiply each gradient in float32 as they load it, as the
+Triton kernels and the reference do (the gradient buffers are never written).
 
 Their capabilities: the variants whose ascent direction is the gradient and whose descent
 is plain (SAM, ASAM, USAM, GCSAM, interval SAM), with SGD and Adam/AdamW fused.
@@ -55,9 +59,8 @@ class CppBackend:
     device_type = "cpu"
     dtypes = _DTYPES
     capabilities = _capabilities("cpu")
-    # GradScaler's factor is applied to the gradient buffers themselves (the kernels take
-    # true gradients), so nothing downstream may apply it again
-    unscales_in_place = True
+    # the kernels multiply by 1 / scale as they read a gradient; the buffers keep scale * g
+    unscales_in_place = False
 
     def __init__(self) -> None:
         ops = self.extension().ops()
@@ -106,17 +109,13 @@ class CppBackend:
         raise NotImplementedError("RSAM is not among the compiled backends' capabilities")
 
     @staticmethod
-    def _scale_grads(plan: Plan, factor: Tensor) -> None:
-        # The compiled kernels take true gradients: GradScaler's factor and the clipping
-        # coefficient are applied in place first (one more pass, as scaler.unscale_() does).
-        for run in plan.runs:
-            run.views["grad"].mul_(factor)
+    def _unscale(ctx: StepContext, index: int) -> int:
+        """The status entry whose ``1 / scale`` the kernels multiply gradients by, or -1."""
+        return index if ctx.unscale else -1
 
     def ascent_stats(
         self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
     ) -> None:
-        if ctx.unscale:  # perturb and (on one-pass steps) update read these unscaled values
-            self._scale_grads(plan, ctx.status[S.INV_SCALE1])
         adaptive = bool(group["adaptive"])
         self.ops.stats(
             bucket.grad_flat,
@@ -124,6 +123,8 @@ class CppBackend:
             self._table(plan)[0],
             partials[0],
             partials[1],
+            ctx.status,
+            self._unscale(ctx, S.INV_SCALE1),
             adaptive,
             float(group["eta"]) if adaptive else 0.0,
         )
@@ -139,6 +140,7 @@ class CppBackend:
             float(group["rho"]),
             float(group["eta"]) if adaptive else 0.0,
             float(ctx.norm_eps),
+            self._unscale(ctx, S.INV_SCALE1),
             adaptive,
             bool(ctx.variant.normalized),
             bool(ctx.check),
@@ -150,12 +152,18 @@ class CppBackend:
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
         # the non-finite count of g_p, and ||g_p||^2 for clipping; the inner products belong
         # to GSAM / LookSAM, which are not among these backends' capabilities
-        if ctx.unscale:
-            self._scale_grads(plan, ctx.status[S.INV_SCALE2])
         partials[1:].zero_()
         sumsq = partials[2] if ctx.clip else None
         self.ops.stats(
-            bucket.grad_flat, bucket.param_flat, self._table(plan)[0], sumsq, partials[0], False, 0.0
+            bucket.grad_flat,
+            bucket.param_flat,
+            self._table(plan)[0],
+            sumsq,
+            partials[0],
+            ctx.status,
+            self._unscale(ctx, S.INV_SCALE2),
+            False,
+            0.0,
         )
 
     def restore(self, bucket: Bucket, plan: Plan | None) -> None:
@@ -173,8 +181,6 @@ class CppBackend:
         ctx: StepContext,
         descent: Descent,
     ) -> None:
-        if ctx.clip:
-            self._scale_grads(plan, ctx.status[S.CLIP])
         if perturbed is plan:
             src = bucket.backup_buffer()  # the restore fused into the update
         else:
@@ -184,6 +190,9 @@ class CppBackend:
         if not plan.runs:
             return
         common: tuple[Any, ...] = (bucket.steps, ctx.status, self._table(plan)[0])
+        # the descent gradient: the second pass's (INV_SCALE2; a one-pass step writes both
+        # entries), clipped by status[CLIP] when max_grad_norm is set
+        reads = (self._unscale(ctx, S.INV_SCALE2), bool(ctx.clip), bool(ctx.check))
         lr = float(spec.lr)  # a CUDA tensor lr costs a sync here (the Triton backend reads it on the device)
         if isinstance(spec, SGDSpec):
             buf = bucket.flat_buffer("momentum_buffer") if spec.momentum != 0 else None
@@ -199,7 +208,7 @@ class CppBackend:
                 spec.weight_decay,
                 spec.nesterov,
                 spec.maximize,
-                bool(ctx.check),
+                *reads,
             )
         else:
             assert isinstance(spec, AdamSpec)
@@ -218,7 +227,7 @@ class CppBackend:
                 spec.weight_decay,
                 spec.decoupled,
                 spec.maximize,
-                bool(ctx.check),
+                *reads,
             )
 
     def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
