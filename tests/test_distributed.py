@@ -23,7 +23,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 import _distributed_worker as W  # the problem both sides build
 from _ranks import run_ranks
