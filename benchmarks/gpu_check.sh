@@ -14,7 +14,7 @@
 #   check.txt        versions, toolchain, extension builds, Triton prewarm, the README's
 #                    markdown tables (benchmarks/report.py) and the summary
 #   tests.log        pytest on CUDA
-#   bench.txt        the step table, then the variant table
+#   bench.txt        the step table, the variant table, the FSDP2 rows (one GPU)
 #   bench.json       every step row, written after each row (a killed run keeps what finished)
 #   bench_variants.json, bench_e2e.txt, bench_e2e.json
 #   progress.log     the benchmarks' progress (stderr) and the extension build logs
@@ -23,7 +23,7 @@
 # Knobs: PYTHON, CHECK_BUDGET, EXT_TIMEOUT (default 150), TEST_TIMEOUT (default 75),
 # TEST_WORKERS (pytest-xdist processes where xdist is installed; default 8; pytest-timeout,
 # where installed, stops any one test after 60 s), BENCH_TIMEOUT
-# (default 60), VARIANT_TIMEOUT (default 30), E2E_RESERVE (default 65), GPU_TESTS (the test
+# (default 60), VARIANT_TIMEOUT (default 30), FSDP2_TIMEOUT (default 35), E2E_RESERVE (default 65), GPU_TESTS (the test
 # paths), BENCH_ARGS (extra step-benchmark arguments; default "--quick"; BENCH_ARGS= for the
 # full run), E2E_ARGS, LAUNCHES (a launch record from `bash scripts/test.sh`, default
 # build/launches.json: when present, every kernel specialization the CPU suite ran is
@@ -216,6 +216,20 @@ else
   rc=$?
   [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s (bench_variants.json holds the rows that finished)" | tee -a "$OUT/bench.txt"
   summary+=("variants: exit $rc")
+fi
+
+section "FSDP2 on one GPU: the table layout beside the flat one (bench_fsdp2)"
+t=$(cap "${FSDP2_TIMEOUT:-35}" "$reserve")
+echo >>"$OUT/bench.txt"
+if [ "$t" -lt 20 ]; then
+  echo "FSDP2 rows SKIPPED: only $(left) s left" | tee -a "$OUT/bench.txt"
+  summary+=("fsdp2: skipped (no time left)")
+else
+  timeout -k 10 "$t" "$PYTHON" -m benchmarks.bench_fsdp2 --device cuda --base sgd --reps 5 \
+    --sets resnet50,2000x4096 2>>"$progress" | tee -a "$OUT/bench.txt"
+  rc=$?
+  [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s" | tee -a "$OUT/bench.txt"
+  summary+=("fsdp2: exit $rc")
 fi
 
 section "end-to-end training step (bench_e2e --quick)"

@@ -22,7 +22,7 @@ from .backends import Backend, choose_backend
 from .base_updates import BaseSpec, spec_for
 from .layout import Bucket, flat_layout_refusal
 from .placement import table_layout_refusal
-from .sharding import shard_group
+from .sharding import check_whole_rows, shard_group
 from .variants import Descent, Variant
 
 __all__ = ["check_groups", "fused_specs", "lay_out"]
@@ -38,6 +38,8 @@ def lay_out(
     if len(devices) > 1:
         raise ValueError(options.several_devices(devices))
     shard_group(known + new)  # refuses a mix of DTensors and plain tensors
+    if variant.centralize:
+        check_whole_rows(new, variant.name.upper())
     laid_out = []
     for index, group in enumerate(groups, start):
         options.check_params(group["params"], index)

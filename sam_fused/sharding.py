@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .layout import is_dtensor
 
-__all__ = ["shard_group"]
+__all__ = ["check_whole_rows", "shard_group"]
 
 
 def _sharded_mesh_dims(p: Tensor) -> tuple[int, ...]:
@@ -70,3 +70,21 @@ def shard_group(params: Iterable[Tensor]) -> Any:
             "dimension (FSDP2, or HSDP's replicate x shard mesh)"
         )
     return mesh.get_group(dims[0])
+
+
+def check_whole_rows(params: Iterable[Tensor], variant_name: str) -> None:
+    """GCSAM centralizes each row (``g[i]`` minus its mean over the other dimensions) on the
+    local shard alone: only right when a shard holds whole rows, i.e. a parameter of two or
+    more dimensions is split along dimension 0 (FSDP2's ``fully_shard`` default). Refused
+    otherwise, before anything is built (the local row means would be silently wrong)."""
+    for p in params:
+        if not is_dtensor(p) or p.dim() < 2:
+            continue
+        split = [pl.dim for pl in p.placements if pl.is_shard() and pl.dim != 0]
+        if split:
+            raise ValueError(
+                f"{variant_name} centralizes each row of a gradient over its other dimensions, but a "
+                f"DTensor parameter of shape {tuple(p.shape)} is sharded along dimension {split[0]}, "
+                "so each rank holds parts of rows and their means would be wrong; shard along "
+                "dimension 0 (fully_shard's default, shard_placement_fn=None) or use another variant"
+            )

@@ -251,14 +251,21 @@ def run_fsdp(rank: int) -> dict[str, Any]:
             out[f"overflow/{how}/{backend}"] = run_overflow(rank, backend, how, full)
 
     # what is refused, and how (the messages are checked by the test)
+    from torch.distributed.fsdp import fully_shard as shard_it
+
     from sam_fused.distributed import local_first_pass
 
     half = make_model()
     fully_shard(half[0])  # the first layer's parameters are DTensors, the last layer's are not
     whole = make_model()
     fully_shard(whole)
+    from torch.distributed.tensor import Shard
+
+    columns = make_model()  # weights split along dimension 1: each rank holds parts of rows
+    shard_it(columns, shard_placement_fn=lambda p: Shard(1) if p.dim() > 1 else Shard(0))
     out["errors"] = {
         "mixed": _error(lambda: make_sam(half.parameters(), "sgd", "auto")),
+        "gcsam_rows": _error(lambda: make_sam(columns.parameters(), "sgd", "auto", "gcsam")),
         "cpp": _error(lambda: make_sam(whole.parameters(), "sgd", "cpp")),
         "local_first_pass": _error(lambda: local_first_pass(whole).__enter__()),
         "inner_module": _error(lambda: local_first_pass(make_model()).__enter__()),

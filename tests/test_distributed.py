@@ -274,6 +274,8 @@ def test_refusals_on_two_ranks(ranks):
     for res in ranks:
         errors = res["fsdp"]["errors"]
         assert errors["mixed"].startswith("ValueError") and "all or none" in errors["mixed"]
+        # GCSAM's row means on a shard that holds parts of rows would be wrong: refused
+        assert errors["gcsam_rows"].startswith("ValueError") and "along dimension 1" in errors["gcsam_rows"]
         assert errors["cpp"].startswith("ValueError") and "local shards" in errors["cpp"]
         assert errors["local_first_pass"].startswith("TypeError") and "DTensor" in errors["local_first_pass"]
         assert errors["inner_module"].startswith("TypeError") and "not its .module" in errors["inner_module"]
