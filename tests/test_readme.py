@@ -3,7 +3,7 @@ copy must not rot).
 
 They share one namespace, as a reader's session would, seeded with what the text leaves to
 the reader: ``model``, ``loss_fn``, ``loader``, ``x``, ``y``, ``epochs``, ``example_x``,
-``example_y`` and a checkpoint ``path``. The device in the mixed-precision recipe is the
+``example_y``, a checkpoint ``path`` and a folder ``checkpoint_dir``. The device in the mixed-precision recipe is the
 test device. Not run here: the CUDA-graph recipe off a GPU (``GraphedSAMStep`` needs CUDA
 tensors; its behaviour is tested in tests/test_graph.py), the framework recipes (they need a
 framework's trainer and data; tests/test_integration_<framework>.py runs each of them with
@@ -51,6 +51,7 @@ def test_readme_snippets_run(tmp_path):
         "example_x": x,
         "example_y": y,
         "path": tmp_path / "checkpoint.pt",
+        "checkpoint_dir": tmp_path / "dcp",  # torch.distributed.checkpoint writes a folder
     }
     ran = 0
     for index, code in enumerate(blocks):
