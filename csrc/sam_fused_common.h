@@ -4,7 +4,10 @@
 // a contiguous span [start, stop) of those buffers whose parameters share one update
 // count, read from steps[first]. Python passes the runs of a plan as a CPU int64 tensor
 // of shape (R, 3): start, stop, first. Every operation takes the whole flat buffers plus
-// that table, so one Python call covers a bucket however many runs it has.
+// that table, so one Python call covers a bucket however many runs it has, and `like`, a
+// tensor of the element type. The CPU extension also takes table buckets: each buffer
+// argument is then an int64 table of R tensor addresses and row r is (0, numel, first) of
+// tensor r (sam_fused_cpu.cpp, "layouts"); the CUDA extension refuses those.
 //
 // The gradient-norm statistics are reduced in two fixed stages: each run is cut into a
 // number of slots that depends only on the run's length (stats_slots), each slot writes
@@ -27,7 +30,7 @@ namespace sam_fused {
 
 // Bumped whenever an operation's signature or meaning changes, so that Python can refuse
 // a stale prebuilt library (sam_fused/_extension.py: ABI_VERSION).
-constexpr int64_t kAbiVersion = 3;
+constexpr int64_t kAbiVersion = 4;
 
 // CPU: a slot covers up to 64 Ki elements (256 KiB of float32 gradient), at most 1024
 // slots per run; a run of ResNet-50's 25.6 M elements gives 391 partial sums.
@@ -121,7 +124,16 @@ inline void check_steps(const at::Tensor& steps, const at::Device& device) {
               "sam_fused: steps must be a contiguous float32 tensor on ", device);
 }
 
-// What every fused update (SGD, Adam) is given, checked alike on both devices: the step
+// A flat-only library (the CUDA one) checks that it was given a flat launch: `like`, the
+// tensor that names a table launch's element type (sam_fused_cpu.cpp), is then of the
+// buffers' type, and the buffers themselves are not address tables.
+inline void check_flat_launch(const at::Tensor& like, const at::Tensor& buffer) {
+  TORCH_CHECK(buffer.scalar_type() != at::kLong && like.scalar_type() == buffer.scalar_type(),
+              "sam_fused: this library runs flat buckets only (got ", buffer.scalar_type(),
+              " buffers and an element type of ", like.scalar_type(), ")");
+}
+
+// What every fused update (SGD, Adam) is given, checked by the flat-only CUDA library: the step
 // counts, the run table, the weights (src, param), the gradient, the optional state buffers
 // (nullptr when absent), the status vector and the unscale index. Returns the runs.
 inline std::vector<RunSpan> check_update_args(const at::Tensor& src, const at::Tensor& param,
@@ -195,23 +207,23 @@ void dispatch_bool(bool value, const F& f) {
     using namespace sam_fused;                                                                            \
     m.def("constants() -> int[]", &constants);                                                            \
     m.def(                                                                                                \
-        "stats(Tensor grad, Tensor param, Tensor runs, Tensor(a!)? sumsq, Tensor(b!) bad, Tensor status, " \
+        "stats(Tensor grad, Tensor param, Tensor runs, Tensor like, Tensor(a!)? sumsq, Tensor(b!) bad, Tensor status, " \
         "int unscale, bool adaptive, float eta) -> ()",                                                   \
         &stats);                                                                                          \
     m.def(                                                                                                \
-        "perturb(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor status, Tensor runs, float rho, " \
-        "float eta, float norm_eps, int unscale, bool adaptive, bool normalized, bool check) -> ()",      \
+        "perturb(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor status, Tensor runs, Tensor like, " \
+        "float rho, float eta, float norm_eps, int unscale, bool adaptive, bool normalized, bool check) -> ()",      \
         &perturb);                                                                                        \
-    m.def("restore(Tensor(a!) param, Tensor backup, Tensor runs) -> ()", &restore);                       \
+    m.def("restore(Tensor(a!) param, Tensor backup, Tensor runs, Tensor like) -> ()", &restore);          \
     m.def(                                                                                                \
         "sgd(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!)? buf, Tensor steps, Tensor status, "   \
-        "Tensor runs, float lr, float momentum, float one_minus_dampening, float weight_decay, "          \
+        "Tensor runs, Tensor like, float lr, float momentum, float one_minus_dampening, float weight_decay, "          \
         "bool nesterov, bool maximize, int unscale, bool clip, bool check) -> ()",                        \
         &sgd);                                                                                            \
     m.def(                                                                                                \
         "adam(Tensor src, Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "     \
-        "Tensor(d!)? max_exp_avg_sq, Tensor steps, Tensor status, Tensor runs, float lr, float beta1, "   \
-        "float beta2, float eps, float weight_decay, bool decoupled, bool maximize, int unscale, "        \
+        "Tensor(d!)? max_exp_avg_sq, Tensor steps, Tensor status, Tensor runs, Tensor like, float lr, "   \
+        "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, int unscale, "        \
         "bool clip, bool check) -> ()",                                                                   \
         &adam);                                                                                           \
     m.def(                                                                                                \

@@ -1,4 +1,6 @@
-// The C++ CPU backend of sam_fused: the fused SAM operations over flat buffers.
+// The C++ CPU backend of sam_fused: the fused SAM operations over flat buffers, or over
+// tables of tensor addresses (table buckets: FSDP2 shards, shared-memory parameters and
+// others that stay where they are). The loops are the same for both; see "layouts" below.
 //
 // The same operations as the Triton kernels (sam_fused/kernels/*.py), written as plain
 // loops over raw pointers that GCC vectorises at -O3, spread over ATen's intra-op thread
@@ -24,7 +26,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "sam_fused_common.h"
@@ -65,11 +70,6 @@ inline uint32_t pick(bool cond, uint32_t a, uint32_t b) {
 // (copied into privatised temporaries under `omp simd`) do not.
 template <typename K>
 using Raw = std::conditional_t<std::is_same_v<K, float>, float, uint16_t>;
-
-template <typename K>
-inline Raw<K>* raw_ptr(const at::Tensor& t) {
-  return reinterpret_cast<Raw<K>*>(t.data_ptr());
-}
 
 // Storage -> float32 (exact), by hand as branch-free integer arithmetic so that the loops
 // around it vectorise for the baseline ISA (c10's conversions have branches, or need
@@ -147,6 +147,64 @@ void for_each_span(const std::vector<Span>& spans, const F& body) {
   at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) body(spans[i]);
   });
+}
+
+// ------------------------------------------------------------------ layouts
+// Every run has its own base pointer per role (param, grad, backup, a state buffer), and
+// the loops index base + i for i in [start, stop). A flat bucket passes each role as its
+// flat buffer: every run's base is the buffer's, start and stop are offsets into it. A
+// table bucket (sam_fused/tables.py: tensors left where they are) passes each role as an
+// int64 table of addresses, one entry per run: run r is tensor r, from 0 to its length.
+// So the two layouts share the loops, the element math and the slot reductions, and a
+// flat launch reads exactly the pointers it read before tables existed.
+const at::Device kCpu(at::kCPU);
+
+struct Layout {
+  std::vector<RunSpan> runs;
+  bool table;            // the roles are address tables, not flat buffers
+  at::ScalarType dtype;  // the element type: an address table cannot say it, so `like` does
+  int64_t numel;         // flat: the elements every buffer must hold
+};
+
+// `first_role` is any role argument: an int64 one makes the launch a table launch (the
+// element types these kernels take are floating point).
+Layout read_layout(const at::Tensor& first_role, const at::Tensor& like, const at::Tensor& runs_t,
+                   int64_t num_params) {
+  TORCH_CHECK(first_role.device().is_cpu() && like.device().is_cpu(), "sam_fused cpp backend: CPU tensors only");
+  const bool table = first_role.scalar_type() == at::kLong;
+  // a table run's length is its tensor's, which only the caller knows: no bound to check here
+  const int64_t bound = table ? std::numeric_limits<int64_t>::max() : first_role.numel();
+  return {read_runs(runs_t, bound, num_params), table, like.scalar_type(), first_role.numel()};
+}
+
+// Where one role's elements are: a flat buffer's base, or one address per run.
+struct Role {
+  void* flat = nullptr;
+  const int64_t* addresses = nullptr;
+
+  template <typename T>
+  Raw<T>* ptr(int64_t run) const {
+    void* base = addresses != nullptr ? reinterpret_cast<void*>(static_cast<uintptr_t>(addresses[run])) : flat;
+    return static_cast<Raw<T>*>(base);
+  }
+};
+
+Role role_of(const Layout& layout, const at::Tensor& t, const char* name) {
+  if (!layout.table) {
+    check_flat(t, name, layout.dtype, layout.numel, kCpu);
+    return {t.data_ptr(), nullptr};
+  }
+  const auto runs = static_cast<int64_t>(layout.runs.size());
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous() &&
+                  t.numel() == runs,
+              "sam_fused: in a table launch, ", name, " must be a contiguous CPU int64 table of ", runs,
+              " addresses (one per run)");
+  return {nullptr, t.data_ptr<int64_t>()};
+}
+
+// An optional role (a state buffer that the update does not use): absent, or as above.
+Role role_of(const Layout& layout, const c10::optional<at::Tensor>& t, const char* name) {
+  return t.has_value() ? role_of(layout, *t, name) : Role{};
 }
 
 double status_at(const at::Tensor& status, int64_t i) {
@@ -236,18 +294,19 @@ void stats_slot(const Raw<T>* __restrict g, const Raw<T>* __restrict w, int64_t 
 
 // ascent_stats (want_sumsq) and count_nonfinite (not): one partial per slot. unscale: the
 // status entry whose 1 / scale multiplies the gradients before they are squared, or -1.
-void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& runs_t,
+void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& runs_t, const at::Tensor& like,
            const c10::optional<at::Tensor>& sumsq, const at::Tensor& bad, const at::Tensor& status, int64_t unscale,
            bool adaptive, double eta) {
-  const auto device = grad.device();
-  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
-  const auto runs = read_runs(runs_t, grad.numel(), -1);
-  check_flat(grad, "grad", grad.scalar_type(), grad.numel(), device);
-  check_flat(param, "param", grad.scalar_type(), grad.numel(), device);
+  const Layout layout = read_layout(grad, like, runs_t, -1);
+  const auto& runs = layout.runs;
+  const Role g_role = role_of(layout, grad, "grad");
+  const Role w_role = role_of(layout, param, "param");
+  const auto device = kCpu;
   check_status(status, device);
   check_unscale(unscale);
   const float inv_scale = factor_at(status, unscale, unscale != kNoUnscale);
-  // the slots of every run, in order: (run, slot begin, slot end, output index)
+  // the slots of every run, in order: (slot begin, slot end, run); a table run is one tensor,
+  // so its slots are a function of that tensor's length alone
   std::vector<Span> slots;
   for (size_t r = 0; r < runs.size(); ++r) {
     const int64_t n = runs[r].stop - runs[r].start;
@@ -266,16 +325,16 @@ void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& ru
   check_partials(bad, "bad", total, device);
   if (sumsq.has_value()) check_partials(*sumsq, "sumsq", total, device);
   const bool want = sumsq.has_value();
-  dispatch_dtype(grad.scalar_type(), [&](auto tag) {
+  dispatch_dtype(layout.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto* g = raw_ptr<T>(grad);
-    const auto* w = raw_ptr<T>(param);
     dispatch_bool(want && adaptive, [&](auto A) {
       dispatch_bool(want, [&](auto W) {
         at::parallel_for(0, total, 1, [&](int64_t b, int64_t e) {
           for (int64_t k = b; k < e; ++k) {
             double s = 0.0, nb = 0.0;
-            stats_slot<T, decltype(A)::value, decltype(W)::value>(g, w, slots[k].start, slots[k].stop,
+            const int64_t run = slots[k].run;
+            stats_slot<T, decltype(A)::value, decltype(W)::value>(g_role.ptr<T>(run), w_role.ptr<T>(run),
+                                                                  slots[k].start, slots[k].stop,
                                                                   static_cast<float>(eta), inv_scale, &s, &nb);
             if (want) write_partial(*sumsq, k, s);
             write_partial(bad, k, nb);
@@ -302,53 +361,44 @@ void perturb_span(Raw<T>* __restrict w, const Raw<T>* __restrict g, Raw<T>* __re
 
 // backup = w (always); w <- w + eps unless a non-finite first gradient skips the step.
 void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
-             const at::Tensor& status, const at::Tensor& runs_t, double rho, double eta, double norm_eps,
-             int64_t unscale, bool adaptive, bool normalized, bool check) {
-  const auto device = param.device();
-  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
-  const auto dtype = param.scalar_type();
-  const auto runs = read_runs(runs_t, param.numel(), -1);
-  check_flat(param, "param", dtype, param.numel(), device);
-  check_flat(grad, "grad", dtype, param.numel(), device);
-  check_flat(backup, "backup", dtype, param.numel(), device);
-  check_status(status, device);
+             const at::Tensor& status, const at::Tensor& runs_t, const at::Tensor& like, double rho, double eta,
+             double norm_eps, int64_t unscale, bool adaptive, bool normalized, bool check) {
+  const Layout layout = read_layout(param, like, runs_t, -1);
+  const Role w_role = role_of(layout, param, "param");
+  const Role g_role = role_of(layout, grad, "grad");
+  const Role b_role = role_of(layout, backup, "backup");
+  check_status(status, kCpu);
   check_unscale(unscale);
   const bool skip = check && status_at(status, kStatusBad1) > 0;
   // as the Triton kernel: the norm in float32, then one scale per step
   const float scale = math::perturb_scale(static_cast<float>(rho), static_cast<float>(status_at(status, kStatusSumsq)),
                                           static_cast<float>(norm_eps), normalized);
   const float inv_scale = factor_at(status, unscale, unscale != kNoUnscale);
-  const auto spans = blocks_of(runs);
-  dispatch_dtype(dtype, [&](auto tag) {
+  const auto spans = blocks_of(layout.runs);
+  dispatch_dtype(layout.dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto* w = raw_ptr<T>(param);
-    const auto* g = raw_ptr<T>(grad);
-    auto* b = raw_ptr<T>(backup);
     if (skip) {
-      for_each_span(spans, [&](const Span& s) { copy_span(b, w, s.start, s.stop); });
+      for_each_span(spans, [&](const Span& s) { copy_span(b_role.ptr<T>(s.run), w_role.ptr<T>(s.run), s.start, s.stop); });
       return;
     }
     dispatch_bool(adaptive, [&](auto A) {
       for_each_span(spans, [&](const Span& s) {
-        perturb_span<T, decltype(A)::value>(w, g, b, s.start, s.stop, scale, static_cast<float>(eta), inv_scale);
+        perturb_span<T, decltype(A)::value>(w_role.ptr<T>(s.run), g_role.ptr<T>(s.run), b_role.ptr<T>(s.run), s.start,
+                                            s.stop, scale, static_cast<float>(eta), inv_scale);
       });
     });
   });
 }
 
 // w <- backup, an exact copy.
-void restore(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& runs_t) {
-  const auto device = param.device();
-  TORCH_CHECK(device.is_cpu(), "sam_fused cpp backend: CPU tensors only");
-  const auto runs = read_runs(runs_t, param.numel(), -1);
-  check_flat(backup, "backup", param.scalar_type(), param.numel(), device);
-  check_flat(param, "param", param.scalar_type(), param.numel(), device);
-  const auto spans = blocks_of(runs);
-  dispatch_dtype(param.scalar_type(), [&](auto tag) {
+void restore(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& runs_t, const at::Tensor& like) {
+  const Layout layout = read_layout(param, like, runs_t, -1);
+  const Role w_role = role_of(layout, param, "param");
+  const Role b_role = role_of(layout, backup, "backup");
+  const auto spans = blocks_of(layout.runs);
+  dispatch_dtype(layout.dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto* w = raw_ptr<T>(param);
-    const auto* b = raw_ptr<T>(backup);
-    for_each_span(spans, [&](const Span& s) { copy_span(w, b, s.start, s.stop); });
+    for_each_span(spans, [&](const Span& s) { copy_span(w_role.ptr<T>(s.run), b_role.ptr<T>(s.run), s.start, s.stop); });
   });
 }
 
@@ -371,53 +421,65 @@ void sgd_span(const Raw<T>* src, Raw<T>* param, const Raw<T>* __restrict g, Raw<
   }
 }
 
+// The roles of a fused update: the weights it reads (src) and writes (param), the gradient,
+// and up to three state buffers in the order the entry point names them (absent: empty).
+struct UpdateRoles {
+  Role src, param, grad;
+  std::array<Role, 3> state;
+};
+
 // What the SGD and Adam entry points share: the checks, the skip decision, the gradient
-// factors, and one restore-only pass when the step is skipped. Calls update(T tag, spans,
-// inv_scale, clip) otherwise.
+// factors, and one restore-only pass when the step is skipped. Calls update(T tag, runs,
+// spans, roles, inv_scale, clip) otherwise.
 template <typename F>
 void run_update(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& steps,
-                const at::Tensor& status, const at::Tensor& runs_t,
-                std::initializer_list<std::pair<const char*, const at::Tensor*>> state, int64_t unscale, bool clip,
-                bool check, const F& update) {
-  TORCH_CHECK(param.device().is_cpu(), "sam_fused cpp backend: CPU tensors only");
-  const auto runs = check_update_args(src, param, grad, steps, status, runs_t, state, unscale);
-  const auto spans = blocks_of(runs);
+                const at::Tensor& status, const at::Tensor& runs_t, const at::Tensor& like,
+                std::initializer_list<std::pair<const char*, const c10::optional<at::Tensor>*>> state,
+                int64_t unscale, bool clip, bool check, const F& update) {
+  check_steps(steps, kCpu);
+  const Layout layout = read_layout(param, like, runs_t, steps.numel());
+  UpdateRoles roles{role_of(layout, src, "src"), role_of(layout, param, "param"), role_of(layout, grad, "grad"), {}};
+  TORCH_INTERNAL_ASSERT(state.size() <= roles.state.size());
+  size_t k = 0;
+  for (const auto& [name, tensor] : state) roles.state[k++] = role_of(layout, *tensor, name);
+  check_status(status, kCpu);
+  check_unscale(unscale);
+  const auto spans = blocks_of(layout.runs);
   const bool skip = check && skipped(status);
   const float inv_scale = factor_at(status, unscale, unscale != kNoUnscale);
   const float clip_coef = factor_at(status, kStatusClip, clip);
-  dispatch_dtype(param.scalar_type(), [&](auto tag) {
+  dispatch_dtype(layout.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (skip) {  // only the restore takes effect; the state keeps its bits
-      const auto* s = raw_ptr<T>(src);
-      auto* w = raw_ptr<T>(param);
-      for_each_span(spans, [&](const Span& sp) { copy_span(w, s, sp.start, sp.stop); });
+      for_each_span(spans, [&](const Span& sp) {
+        copy_span(roles.param.ptr<T>(sp.run), roles.src.ptr<T>(sp.run), sp.start, sp.stop);
+      });
       return;
     }
-    update(tag, runs, spans, inv_scale, clip_coef);
+    update(tag, layout.runs, spans, roles, inv_scale, clip_coef);
   });
 }
 
 void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
          const c10::optional<at::Tensor>& buf, const at::Tensor& steps, const at::Tensor& status,
-         const at::Tensor& runs_t, double lr, double momentum, double one_minus_dampening,
+         const at::Tensor& runs_t, const at::Tensor& like, double lr, double momentum, double one_minus_dampening,
          double weight_decay, bool nesterov, bool maximize, int64_t unscale, bool clip, bool check) {
   const bool has_momentum = buf.has_value();
   const math::SgdScalars hyper = math::sgd_scalars(lr, momentum, one_minus_dampening, weight_decay);
-  run_update(src, param, grad, steps, status, runs_t, {{"momentum_buffer", has_momentum ? &*buf : nullptr}},
-             unscale, clip, check, [&](auto tag, const auto& runs, const auto& spans, float inv_scale, float clip_coef) {
+  run_update(src, param, grad, steps, status, runs_t, like, {{"momentum_buffer", &buf}}, unscale, clip, check,
+             [&](auto tag, const auto& runs, const auto& spans, const UpdateRoles& r, float inv_scale,
+                 float clip_coef) {
                using T = decltype(tag);
                const float* step_counts = steps.data_ptr<float>();
-               const auto* s = raw_ptr<T>(src);
-               auto* w = raw_ptr<T>(param);
-               const auto* g = raw_ptr<T>(grad);
-               Raw<T>* b = has_momentum ? raw_ptr<T>(*buf) : nullptr;
                dispatch_bool(weight_decay != 0, [&](auto WD) {
                  dispatch_bool(has_momentum, [&](auto M) {
                    dispatch_bool(nesterov && has_momentum, [&](auto NEST) {
                      for_each_span(spans, [&](const Span& sp) {
                        const bool first = step_counts[runs[sp.run].first] == 0.0f;
                        sgd_span<T, decltype(WD)::value, decltype(M)::value, decltype(NEST)::value>(
-                           s, w, g, b, sp.start, sp.stop, hyper, inv_scale, clip_coef, maximize, first);
+                           r.src.ptr<T>(sp.run), r.param.ptr<T>(sp.run), r.grad.ptr<T>(sp.run),
+                           r.state[0].ptr<T>(sp.run), sp.start, sp.stop, hyper, inv_scale, clip_coef, maximize,
+                           first);
                      });
                    });
                  });
@@ -447,16 +509,17 @@ void adam_span(const Raw<T>* src, Raw<T>* param, const Raw<T>* __restrict g, Raw
 
 void adam(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
           const at::Tensor& exp_avg_sq, const c10::optional<at::Tensor>& max_exp_avg_sq,
-          const at::Tensor& steps, const at::Tensor& status, const at::Tensor& runs_t, double lr,
-          double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
+          const at::Tensor& steps, const at::Tensor& status, const at::Tensor& runs_t, const at::Tensor& like,
+          double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
           int64_t unscale, bool clip, bool check) {
   const bool amsgrad = max_exp_avg_sq.has_value();
   const math::AdamScalars hyper = math::adam_scalars(lr, beta1, beta2, eps, weight_decay);
   const int decay = math::adam_decay(weight_decay, decoupled);
+  const c10::optional<at::Tensor> m_opt = exp_avg, v_opt = exp_avg_sq;
   run_update(
-      src, param, grad, steps, status, runs_t,
-      {{"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", amsgrad ? &*max_exp_avg_sq : nullptr}},
-      unscale, clip, check, [&](auto tag, const auto& runs, const auto& spans, float inv_scale, float clip_coef) {
+      src, param, grad, steps, status, runs_t, like,
+      {{"exp_avg", &m_opt}, {"exp_avg_sq", &v_opt}, {"max_exp_avg_sq", &max_exp_avg_sq}}, unscale, clip, check,
+      [&](auto tag, const auto& runs, const auto& spans, const UpdateRoles& r, float inv_scale, float clip_coef) {
         using T = decltype(tag);
         // per-run bias corrections, from each run's step count
         const float* step_counts = steps.data_ptr<float>();
@@ -465,19 +528,16 @@ void adam(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad
           math::adam_bias_corrections(step_counts[runs[r].first], lr, beta1, beta2, per_run[r].step_size,
                                       per_run[r].bc2_sqrt);
         }
-        const auto* s = raw_ptr<T>(src);
-        auto* w = raw_ptr<T>(param);
-        const auto* g = raw_ptr<T>(grad);
-        auto* m = raw_ptr<T>(exp_avg);
-        auto* v = raw_ptr<T>(exp_avg_sq);
-        Raw<T>* vmax = amsgrad ? raw_ptr<T>(*max_exp_avg_sq) : nullptr;
         auto run_all = [&](auto decay_tag) {
           constexpr int D = decltype(decay_tag)::value;
           dispatch_bool(amsgrad, [&](auto AMS) {
             dispatch_bool(math::lerp_weight_is_small(hyper.weight), [&](auto SMALL) {
               for_each_span(spans, [&](const Span& sp) {
+                const int64_t run = sp.run;
                 adam_span<T, D, decltype(AMS)::value, decltype(SMALL)::value>(
-                    s, w, g, m, v, vmax, sp.start, sp.stop, per_run[sp.run], inv_scale, clip_coef, maximize);
+                    r.src.ptr<T>(run), r.param.ptr<T>(run), r.grad.ptr<T>(run), r.state[0].ptr<T>(run),
+                    r.state[1].ptr<T>(run), r.state[2].ptr<T>(run), sp.start, sp.stop, per_run[run], inv_scale,
+                    clip_coef, maximize);
               });
             });
           });

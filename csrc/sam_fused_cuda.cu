@@ -1,7 +1,9 @@
 // The CUDA C++ backend of sam_fused: the fused SAM operations as hand-written kernels.
 //
 // The same operations and float math as the CPU extension (sam_fused_cpu.cpp) and the
-// Triton kernels (sam_fused/kernels/*.py), over the flat buffers of a bucket:
+// Triton kernels (sam_fused/kernels/*.py), over the flat buffers of a bucket (flat buckets
+// only: table buckets go to the Triton backend on CUDA, and the `like` argument the shared
+// schemas carry for the CPU library's table launches must match the buffers here):
 //
 // * one launch per run (a contiguous span of the flat buffers; usually one per bucket),
 //   grid-stride loops over 16-byte packs (4 float32 or 8 bfloat16/float16 elements) when
@@ -352,12 +354,13 @@ void for_each_run(const std::vector<RunSpan>& runs, std::initializer_list<const 
   }
 }
 
-void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& runs_t,
+void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& runs_t, const at::Tensor& like,
            const std::optional<at::Tensor>& sumsq, const at::Tensor& bad, const at::Tensor& status, int64_t unscale,
            bool adaptive, double eta) {
   check_cuda(grad, "grad");
   const auto device = grad.device();
   const c10::cuda::CUDAGuard guard(device);
+  check_flat_launch(like, grad);
   const auto runs = read_runs(runs_t, grad.numel(), -1);
   check_flat(grad, "grad", grad.scalar_type(), grad.numel(), device);
   check_flat(param, "param", grad.scalar_type(), grad.numel(), device);
@@ -399,12 +402,13 @@ void stats(const at::Tensor& grad, const at::Tensor& param, const at::Tensor& ru
 }
 
 void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
-             const at::Tensor& status, const at::Tensor& runs_t, double rho, double eta, double norm_eps,
-             int64_t unscale, bool adaptive, bool normalized, bool check) {
+             const at::Tensor& status, const at::Tensor& runs_t, const at::Tensor& like, double rho, double eta,
+             double norm_eps, int64_t unscale, bool adaptive, bool normalized, bool check) {
   check_cuda(param, "param");
   const auto device = param.device();
   const c10::cuda::CUDAGuard guard(device);
   const auto dtype = param.scalar_type();
+  check_flat_launch(like, param);
   const auto runs = read_runs(runs_t, param.numel(), -1);
   check_flat(param, "param", dtype, param.numel(), device);
   check_flat(grad, "grad", dtype, param.numel(), device);
@@ -428,10 +432,11 @@ void perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
   });
 }
 
-void restore(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& runs_t) {
+void restore(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& runs_t, const at::Tensor& like) {
   check_cuda(param, "param");
   const auto device = param.device();
   const c10::cuda::CUDAGuard guard(device);
+  check_flat_launch(like, param);
   const auto runs = read_runs(runs_t, param.numel(), -1);
   check_flat(param, "param", param.scalar_type(), param.numel(), device);
   check_flat(backup, "backup", param.scalar_type(), param.numel(), device);
@@ -458,12 +463,13 @@ struct UpdateLaunch {
 // one launch(T tag, width, UpdateLaunch<T>, stream) per run.
 template <typename Launch>
 void launch_update(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& steps,
-                   const at::Tensor& status, const at::Tensor& runs_t,
+                   const at::Tensor& status, const at::Tensor& runs_t, const at::Tensor& like,
                    std::initializer_list<std::pair<const char*, const at::Tensor*>> state, int64_t unscale, bool clip,
                    bool check, const Launch& launch) {
   check_cuda(param, "param");
   const auto device = param.device();
   const c10::cuda::CUDAGuard guard(device);
+  check_flat_launch(like, param);
   const auto runs = check_update_args(src, param, grad, steps, status, runs_t, state, unscale);
   TORCH_INTERNAL_ASSERT(state.size() <= kMaxBuffers - 3);
   std::array<const at::Tensor*, kMaxBuffers> buffers{&src, &param, &grad};
@@ -486,11 +492,11 @@ void launch_update(const at::Tensor& src, const at::Tensor& param, const at::Ten
 
 void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
          const std::optional<at::Tensor>& buf, const at::Tensor& steps, const at::Tensor& status,
-         const at::Tensor& runs_t, double lr, double momentum, double one_minus_dampening,
+         const at::Tensor& runs_t, const at::Tensor& like, double lr, double momentum, double one_minus_dampening,
          double weight_decay, bool nesterov, bool maximize, int64_t unscale, bool clip, bool check) {
   const bool has_momentum = buf.has_value();
   const math::SgdScalars s = math::sgd_scalars(lr, momentum, one_minus_dampening, weight_decay);
-  launch_update(src, param, grad, steps, status, runs_t, {{"momentum_buffer", has_momentum ? &*buf : nullptr}}, unscale,
+  launch_update(src, param, grad, steps, status, runs_t, like, {{"momentum_buffer", has_momentum ? &*buf : nullptr}}, unscale,
                 clip, check, [&](auto tag, auto width, const auto& l, const auto& stream) {
                   using T = decltype(tag);
                   constexpr int N = decltype(width)::value;
@@ -502,15 +508,15 @@ void sgd(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad,
 
 void adam(const at::Tensor& src, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
           const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-          const at::Tensor& steps, const at::Tensor& status, const at::Tensor& runs_t, double lr,
-          double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
+          const at::Tensor& steps, const at::Tensor& status, const at::Tensor& runs_t, const at::Tensor& like,
+          double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
           int64_t unscale, bool clip, bool check) {
   const bool amsgrad = max_exp_avg_sq.has_value();
   // step_size and bc2_sqrt are filled in by each launch, from its run's step count
   const math::AdamScalars s = math::adam_scalars(lr, beta1, beta2, eps, weight_decay);
   const int decay = math::adam_decay(weight_decay, decoupled);
   launch_update(
-      src, param, grad, steps, status, runs_t,
+      src, param, grad, steps, status, runs_t, like,
       {{"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", amsgrad ? &*max_exp_avg_sq : nullptr}},
       unscale, clip, check, [&](auto tag, auto width, const auto& l, const auto& stream) {
         using T = decltype(tag);

@@ -18,6 +18,10 @@ run or by the bucket, so no address outlives its memory.
 
 The norm statistics write one partial sum per chunk; the number of chunks depends only on
 the tensors' lengths, so their sum is as reproducible as the flat layout's.
+
+The C++ CPU backend (``backends/cpp.py``) reads the same role tables but not the chunk
+table: its library takes one row ``(0, numel, count index)`` per tensor and cuts the tensors
+into its own thread-pool blocks and norm slots (again a function of the lengths alone).
 """
 
 from __future__ import annotations

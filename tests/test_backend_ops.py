@@ -50,6 +50,8 @@ def layout_of(case: str) -> str:
 def interpreted(case: str) -> bool:
     """Whether the case runs through the (slow) Triton interpreter."""
     return backend_of(case) == "triton" and DEVICE == "cpu"
+
+
 DTYPES = [
     pytest.param(torch.float32, id="f32"),
     pytest.param(torch.bfloat16, id="bf16"),
@@ -483,3 +485,66 @@ def test_norm_is_bitwise_reproducible(fused, device):
         )
         results.append(bits(partials[:2]))
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+# ---------------------------------------------------------------------- cpp: flat vs table
+@pytest.mark.skipif("cpp" not in FUSED_BACKENDS, reason="the C++ CPU extension is not built here")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [SGD, ADAM_CASES["amsgrad"]], ids=["sgd", "amsgrad"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_cpp_table_launch_is_bitwise_the_flat_one(dtype, spec, adaptive):
+    """The C++ library runs both layouts through the same loops (csrc/sam_fused_cpu.cpp,
+    "layouts"), so given the same status the perturbation, the restore and the update write the
+    same bits over a flat bucket and over a table bucket. The norm statistics agree to float32
+    rounding only: a flat run's slots and 2048-element sub-blocks cut the concatenated (padded)
+    buffer, a table's cut each tensor, so the partial sums are grouped differently."""
+    sizes = [1, 7, 0, 4097, 70_001, 33]  # an empty tensor; 70_001 > one 64 Ki-element slot
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.randn(n, generator=gen) for n in sizes]
+    backend = backend_instance("cpp")
+    buckets = [
+        Bucket([torch.nn.Parameter(v.to(dtype)) for v in values], 0, layout, backend)
+        for layout in ("flat", "table")
+    ]
+    sides = [Side(bucket, torch.zeros(S.SIZE)) for bucket in buckets]
+    flat, table = sides
+    g = group(adaptive=adaptive, eta=0.01 if adaptive else 0.0)
+    variant = VARIANTS["sam"]
+
+    def set_grads(seed: int) -> None:
+        grads = [torch.randn(n, generator=torch.Generator().manual_seed(seed + n)) for n in sizes]
+        for side in sides:
+            for p, grad in zip(side.params, grads):
+                p.grad = grad.to(dtype)
+
+    def assert_same_bits(names: tuple[str, ...]) -> None:
+        for i in range(len(sizes)):
+            assert torch.equal(bits(flat.params[i]), bits(table.params[i])), f"param {i}"
+            for name in names:
+                assert torch.equal(bits(flat.state_of(name, i)), bits(table.state_of(name, i))), f"{name} {i}"
+
+    for step in range(3):
+        set_grads(100 * step)
+        plans = [stats_into([(side, g)], variant)[0] for side in sides]
+        # a slot per tensor of the table, two for the 70_001-element one
+        assert backend.partial_slots(table.bucket, plans[1]) == len(sizes) + 1
+        torch.testing.assert_close(table.status, flat.status, rtol=1e-6, atol=0)
+        table.status.copy_(flat.status)  # the same norm, so the same perturbation
+        for side, plan in zip(sides, plans):
+            side.backend.perturb(side.bucket, plan, g, side.ctx(variant))
+        assert_same_bits(())
+        for i in range(len(sizes)):
+            assert torch.equal(bits(flat.backup_of(i)), bits(table.backup_of(i)))
+        set_grads(100 * step + 50)
+        for side, plan in zip(sides, plans):
+            ctx = side.ctx(variant)
+            partials = torch.full((4, side.backend.partial_slots(side.bucket, plan)), float("nan"))
+            side.backend.descent_stats(side.bucket, plan, ctx, partials)
+            torch.sum(partials, dim=1, out=side.status[S.SECOND_PASS])
+        torch.testing.assert_close(table.status, flat.status, rtol=1e-6, atol=0)
+        table.status.copy_(flat.status)
+        for side, plan in zip(sides, plans):
+            ctx = side.ctx(variant)
+            side.backend.update(side.bucket, plan, plan, spec, ctx, Descent.PLAIN)
+            side.backend.advance_steps(side.bucket, plan, ctx, True, True, False)
+        assert_same_bits(spec.state_names())

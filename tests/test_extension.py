@@ -116,6 +116,18 @@ def test_the_emulated_library_is_the_cuda_source():
     assert backend_instance("cuda").ops is torch.ops.sam_fused_cuda_emulated
 
 
+@pytest.mark.skipif(DEVICE == "cuda" or "cuda" not in COMPILED, reason="the emulated library runs on the CPU")
+def test_the_cuda_library_refuses_a_table_launch():
+    """The operations' schemas are shared with the CPU library, which also takes address tables;
+    the CUDA library runs flat buckets only and refuses one by name instead of reading it."""
+    ops = torch.ops.sam_fused_cuda_emulated
+    weights = torch.zeros(16)
+    addresses = torch.tensor([weights.data_ptr()], dtype=torch.int64)
+    runs = torch.tensor([[0, 16, 0]], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="flat buckets only"):
+        ops.restore(addresses, addresses, runs, weights)
+
+
 _THREADS_SCRIPT = """
 import hashlib, torch
 import torch.nn.functional as F

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_BACKENDS, backends_for
+from conftest import ALL_BACKENDS, COMPILED, backends_for
 
 from sam_fused import FSAM, GSAM, RSAM, SAM, VaSSO
 
@@ -225,7 +225,8 @@ def test_shared_memory_parameters_stay_shared(device):
     opt = SAM(model.parameters(), lr=0.1, momentum=0.9)
     manual_step(model, opt, *batch(device, 0))
     assert all(p.is_shared() for p in model.parameters())
-    assert set(opt.backends) == {"reference"}
+    # left in place: table buckets, which the C++ backend runs where it builds
+    assert set(opt.backends) == {"cpp" if "cpp" in COMPILED else "reference"}
 
 
 # ---------------------------------------------------------------------- edits to param groups

@@ -3,12 +3,12 @@ copy must not rot).
 
 They share one namespace, as a reader's session would, seeded with what the text leaves to
 the reader: ``model``, ``loss_fn``, ``loader``, ``x``, ``y``, ``epochs``, ``example_x``,
-``example_y``, a checkpoint ``path`` and a folder ``checkpoint_dir``. The device in the mixed-precision recipe is the
-test device. Not run here: the CUDA-graph recipe off a GPU (``GraphedSAMStep`` needs CUDA
-tensors; its behaviour is tested in tests/test_graph.py), the framework recipes (they need a
-framework's trainer and data; tests/test_integration_<framework>.py runs each of them with
-the real package) and the DDP recipes (they need a process group; tests/test_distributed.py
-runs them on two ranks).
+``example_y``, a checkpoint ``path`` and a folder ``checkpoint_dir``. The device in the
+mixed-precision recipe is the test device. Not run here: the CUDA-graph recipe off a GPU
+(``GraphedSAMStep`` needs CUDA tensors; its behaviour is tested in tests/test_graph.py),
+the framework recipes (they need a framework's trainer and data;
+tests/test_integration_<framework>.py runs each of them with the real package) and the DDP
+recipes (they need a process group; tests/test_distributed.py runs them on two ranks).
 """
 
 from __future__ import annotations

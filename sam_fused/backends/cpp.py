@@ -1,13 +1,17 @@
-"""The compiled backends: hand-written C++ (CPU) and CUDA kernels over flat buckets.
+"""The compiled backends: hand-written C++ (CPU) and CUDA kernels.
 
-The same operations, over the same flat layout, as the Triton backend: ``cpp`` runs the
-C++/OpenMP kernels of ``csrc/sam_fused_cpu.cpp`` on CPU tensors, ``cuda`` the kernels of
-``csrc/sam_fused_cuda.cu`` on CUDA tensors. Both libraries are compiled once (by setup.py
-or on first use, see ``sam_fused/_extension.py``) and register their operations as
-``torch.ops.sam_fused_cpu`` / ``torch.ops.sam_fused_cuda``.
+The same operations as the Triton backend: ``cpp`` runs the C++/OpenMP kernels of
+``csrc/sam_fused_cpu.cpp`` on CPU tensors, over flat and table buckets; ``cuda`` the
+kernels of ``csrc/sam_fused_cuda.cu`` on CUDA tensors, over flat buckets. Both libraries
+are compiled once (by setup.py or on first use, see ``sam_fused/_extension.py``) and
+register their operations as ``torch.ops.sam_fused_cpu`` / ``torch.ops.sam_fused_cuda``.
 
 One call covers a whole bucket: the plan's runs go to the library as a small int64 table
-(cached on the plan), so a bucket of 2000 tensors costs one Python call per operation.
+(cached on the plan), so a bucket of 2000 tensors costs one Python call per operation. A
+flat bucket passes each buffer (``param``, ``grad``, ``backup``, a state) whole and one
+row ``(start, stop, first)`` per run of it; a table bucket passes each as the run's address
+table (``tables.py``) and one row ``(0, numel, first)`` per tensor, plus a tensor of the
+element type (``like``) to dispatch on.
 Scalars that change between steps (lr, rho) are plain arguments; nothing is recompiled.
 GradScaler's ``1 / scale`` and the clipping coefficient stay on the device: the operations
 take the status index to unscale by (``-1``: none) and a clip flag, and the kernels read the
@@ -31,7 +35,8 @@ from .. import status as S
 from .._extension import BackendInfo, _Extension, cpu_extension, cuda_extension
 from ..base_updates import AdamSpec, BaseSpec, SGDSpec
 from ..context import StepContext
-from ..layout import Bucket, Plan
+from ..layout import Bucket, Plan, Run
+from ..tables import TableRun
 from ..variants import Ascent, Descent
 from .protocol import Capabilities
 from .reference import centralize_each
@@ -45,7 +50,8 @@ def _capabilities(device_type: str) -> Capabilities:
     return Capabilities(
         device_types={device_type},
         dtypes=_DTYPES,
-        layouts={"flat"},
+        # only the CPU library takes address tables (csrc/sam_fused_cpu.cpp, "layouts")
+        layouts={"flat", "table"} if device_type == "cpu" else {"flat"},
         ascents={Ascent.GRAD},
         descents={Descent.PLAIN},
         updates={SGDSpec.name, AdamSpec.name},
@@ -53,7 +59,7 @@ def _capabilities(device_type: str) -> Capabilities:
 
 
 class CppBackend:
-    """Fused flat-buffer operations from the C++ CPU extension (CPU tensors)."""
+    """Fused operations from the C++ CPU extension (CPU tensors, flat and table buckets)."""
 
     name = "cpp"
     device_type = "cpu"
@@ -88,14 +94,44 @@ class CppBackend:
         # the same pure function of the run length as stats_slots() in sam_fused_common.h
         return max(1, min(-(-n // self._chunk), self._max_slots))
 
+    @staticmethod
+    def _rows(runs: list[Run] | list[TableRun]) -> list[tuple[int, int, int]]:
+        """The library's runs: a flat run's span of the buffers, or each tensor of a table run
+        whole (its address is the entry of the same index in every role's table)."""
+        rows: list[tuple[int, int, int]] = []
+        for run in runs:
+            if run.table_mode:
+                rows.extend((0, w.numel(), i) for i, w in zip(run.indices, run.weights))
+            else:
+                rows.append((run.start, run.stop, run.first))
+        return rows
+
     def _table(self, plan: Plan) -> tuple[Tensor, int]:
         """The plan's runs as a CPU int64 (R, 3) table and its number of partial slots."""
         cached = plan.cache.get(self.name)
         if cached is None:
-            rows = [[run.start, run.stop, run.first] for run in plan.runs]
+            rows = self._rows(plan.runs)
             table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
-            cached = plan.cache[self.name] = (table, sum(self._slots(run.numel) for run in plan.runs))
+            slots = sum(self._slots(stop - start) for start, stop, _ in rows)
+            cached = plan.cache[self.name] = (table, slots)
         return cached
+
+    @staticmethod
+    def _buffer(bucket: Bucket, plan: Plan, role: str) -> Tensor:
+        """What the library's argument for ``role`` gets: the flat buffer whole, or the table
+        run's address table (a table bucket's plan is one TableRun)."""
+        if not bucket.flat:
+            return plan.runs[0].tensor(bucket, role)
+        if role == "param":
+            return bucket.param_flat
+        if role == "grad":
+            return bucket.grad_flat
+        return bucket.backup_buffer() if role == "backup" else bucket.flat_buffer(role)
+
+    @staticmethod
+    def _like(bucket: Bucket, plan: Plan) -> Tensor:
+        """A tensor of the element type, which the library dispatches on."""
+        return bucket.param_flat if bucket.flat else plan.runs[0].like
 
     # ------------------------------------------------------------------ operations
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
@@ -118,9 +154,10 @@ class CppBackend:
     ) -> None:
         adaptive = bool(group["adaptive"])
         self.ops.stats(
-            bucket.grad_flat,
-            bucket.param_flat,
+            self._buffer(bucket, plan, "grad"),
+            self._buffer(bucket, plan, "param"),
             self._table(plan)[0],
+            self._like(bucket, plan),
             partials[0],
             partials[1],
             ctx.status,
@@ -132,11 +169,12 @@ class CppBackend:
     def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
         adaptive = bool(group["adaptive"])
         self.ops.perturb(
-            bucket.param_flat,
-            bucket.grad_flat,
-            bucket.backup_buffer(),
+            self._buffer(bucket, plan, "param"),
+            self._buffer(bucket, plan, "grad"),
+            self._buffer(bucket, plan, "backup"),
             ctx.status,
             self._table(plan)[0],
+            self._like(bucket, plan),
             float(group["rho"]),
             float(group["eta"]) if adaptive else 0.0,
             float(ctx.norm_eps),
@@ -155,9 +193,10 @@ class CppBackend:
         partials[1:].zero_()
         sumsq = partials[2] if ctx.clip else None
         self.ops.stats(
-            bucket.grad_flat,
-            bucket.param_flat,
+            self._buffer(bucket, plan, "grad"),
+            self._buffer(bucket, plan, "param"),
             self._table(plan)[0],
+            self._like(bucket, plan),
             sumsq,
             partials[0],
             ctx.status,
@@ -167,10 +206,20 @@ class CppBackend:
         )
 
     def restore(self, bucket: Bucket, plan: Plan | None) -> None:
-        if plan is None:
-            bucket.param_flat.copy_(bucket.backup_buffer())
-        elif plan.runs:
-            self.ops.restore(bucket.param_flat, bucket.backup_buffer(), self._table(plan)[0])
+        if plan is None:  # every parameter
+            if bucket.flat:
+                bucket.param_flat.copy_(bucket.backup_buffer())
+            else:
+                run = bucket.all_run()
+                rows = torch.tensor(self._rows([run]), dtype=torch.int64).reshape(-1, 3)
+                self.ops.restore(run.tensor(bucket, "param"), run.tensor(bucket, "backup"), rows, run.like)
+        elif not plan.empty:
+            self.ops.restore(
+                self._buffer(bucket, plan, "param"),
+                self._buffer(bucket, plan, "backup"),
+                self._table(plan)[0],
+                self._like(bucket, plan),
+            )
 
     def update(
         self,
@@ -182,24 +231,25 @@ class CppBackend:
         descent: Descent,
     ) -> None:
         if perturbed is plan:
-            src = bucket.backup_buffer()  # the restore fused into the update
+            source = "backup"  # the restore fused into the update
         else:
             if perturbed is not None:
                 self.restore(bucket, perturbed)
-            src = bucket.param_flat
-        if not plan.runs:
+            source = "param"
+        if plan.empty:
             return
-        common: tuple[Any, ...] = (bucket.steps, ctx.status, self._table(plan)[0])
+        src, param, grad = (self._buffer(bucket, plan, role) for role in (source, "param", "grad"))
+        common: tuple[Any, ...] = (bucket.steps, ctx.status, self._table(plan)[0], self._like(bucket, plan))
         # the descent gradient: the second pass's (INV_SCALE2; a one-pass step writes both
         # entries), clipped by status[CLIP] when max_grad_norm is set
         reads = (self._unscale(ctx, S.INV_SCALE2), bool(ctx.clip), bool(ctx.check))
         lr = float(spec.lr)  # a CUDA tensor lr costs a sync here (the Triton backend reads it on the device)
         if isinstance(spec, SGDSpec):
-            buf = bucket.flat_buffer("momentum_buffer") if spec.momentum != 0 else None
+            buf = self._buffer(bucket, plan, "momentum_buffer") if spec.momentum != 0 else None
             self.ops.sgd(
                 src,
-                bucket.param_flat,
-                bucket.grad_flat,
+                param,
+                grad,
                 buf,
                 *common,
                 lr,
@@ -214,11 +264,11 @@ class CppBackend:
             assert isinstance(spec, AdamSpec)
             self.ops.adam(
                 src,
-                bucket.param_flat,
-                bucket.grad_flat,
-                bucket.flat_buffer("exp_avg"),
-                bucket.flat_buffer("exp_avg_sq"),
-                bucket.flat_buffer("max_exp_avg_sq") if spec.amsgrad else None,
+                param,
+                grad,
+                self._buffer(bucket, plan, "exp_avg"),
+                self._buffer(bucket, plan, "exp_avg_sq"),
+                self._buffer(bucket, plan, "max_exp_avg_sq") if spec.amsgrad else None,
                 *common,
                 lr,
                 spec.beta1,
@@ -250,6 +300,7 @@ class CudaBackend(CppBackend):
 
     The run table stays on the host: the library launches one kernel per run with the
     run's offsets as arguments, and the kernels read status and step counts on the device.
+    Flat buckets only (table buckets on CUDA go to the Triton backend).
     """
 
     name = "cuda"
