@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .placement import CHEAP_CHECK, LayoutError, dense_view, flat_layout_refusal, is_dtensor, real, use_count
 from .storage import BucketStorage
-from .tables import TableRun
+from .tables import TablePlans, TableRun
 
 __all__ = ["ALIGN", "Bucket", "LayoutError", "Plan", "Run", "flat_layout_refusal", "is_dtensor"]
 
@@ -110,7 +110,7 @@ class Plan:
         return not self.indices
 
 
-class Bucket(BucketStorage):
+class Bucket(TablePlans, BucketStorage):
     """The parameters of one group with one dtype, and everything SAM keeps for them.
 
     Attributes:
@@ -312,7 +312,7 @@ class Bucket(BucketStorage):
                 view = dense_view(self.grad_flat, self.offsets[i], p)
                 view.copy_(p.grad)
                 p.grad = view
-        plan = Plan(self._key(), tuple(taking_part), self._runs(taking_part))
+        plan = self._new_plan(tuple(taking_part), self._runs(taking_part))
         for run in plan.runs:  # cached once per plan: per-step launches then create no tensors
             run.views["param"] = self.param_flat[run.start : run.stop]
             run.views["grad"] = self.grad_flat[run.start : run.stop]
@@ -320,6 +320,9 @@ class Bucket(BucketStorage):
         self._watch = [p for p in self.params if p.grad is None]
         self._expected_counts = (use_count(self.param_flat), use_count(self.grad_flat))
         return plan
+
+    def _new_plan(self, indices: tuple[int, ...], runs: list) -> Plan:
+        return Plan(self._key(), indices, runs)
 
     def _key(self) -> bytes:
         return bytes(0 if p.grad is None else 1 for p in self.params)
@@ -338,79 +341,6 @@ class Bucket(BucketStorage):
                 runs.append(Run(start, stop, i))
             prev = (i, cls)
         return runs
-
-    # ------------------------------------------------------------------ table layout
-    def _addresses(self) -> tuple[list[int], list[int]]:
-        """Where each parameter's and gradient's local memory is now (0: no gradient)."""
-        # one read of p.grad each (on a DTensor parameter it costs a quarter of a microsecond)
-        grads_now = [p.grad for p in self.params]
-        if self.sharded:
-            params = [p._local_tensor.data_ptr() for p in self.params]
-            grads = [0 if g is None else g._local_tensor.data_ptr() for g in grads_now]
-            return params, grads
-        params = [p.data_ptr() for p in self.params]
-        try:
-            grads = [0 if g is None else g.data_ptr() for g in grads_now]
-        except RuntimeError:  # a sparse gradient has no data pointer; the plan check refuses it
-            grads = [
-                0 if p.grad is None else -1 if p.grad.is_sparse else p.grad.data_ptr() for p in self.params
-            ]
-        return params, grads
-
-    def _table_plan(self) -> Plan:
-        """The plan of a table bucket: reused while every parameter and gradient is where it
-        was (O(n) address reads, no per-tensor checks), else validated and rebuilt."""
-        addresses = self._addresses()
-        known = self._plan_addresses
-        if self._plan is not None and addresses == known:
-            return self._plan
-        params_moved = known is None or addresses[0] != known[0]
-        taking_part = self._taking_part(check_all=True, check_params=params_moved)
-        dense = not self.backend.capabilities.strided
-        if params_moved:
-            self._weights = [self.weight(i) for i in range(len(self.params))]
-            self.cache.pop("all_run", None)
-            if dense:
-                self._check_state_layout()
-        weights = [self._weights[i] for i in taking_part]
-        grads = []
-        for i, w in zip(taking_part, weights):
-            g = self.grad(i)
-            if dense and g.stride() != w.stride():
-                g = self._regather_grad(i, w)
-            grads.append(g)
-        indices = tuple(taking_part)
-        self._plan = Plan(self._key(), indices, [TableRun(self, indices, weights, grads)])
-        self._plan_addresses = self._addresses()
-        return self._plan
-
-    def _check_state_layout(self) -> None:
-        """Parameters that moved (``p.data`` replaced) must keep the memory layout their
-        state tensors have: the kernels walk both in memory order."""
-        for name, tensors in self._tensors.items():
-            for i, held in enumerate(tensors):
-                if held is not None and held.stride() != self._weights[i].stride():
-                    raise LayoutError(
-                        f"parameter {i} of param group {self.group_index} changed its memory layout "
-                        f"(strides {self._weights[i].stride()}, its state {name!r} has {held.stride()}) "
-                        "after the optimizer was built; convert the model (e.g. channels_last) first"
-                    )
-
-    def _regather_grad(self, i: int, w: Tensor) -> Tensor:
-        """A gradient laid out unlike its parameter: the kernels walk both in memory order, so it
-        is copied into the parameter's layout and ``p.grad`` re-pointed (as the flat layout
-        gathers foreign gradients)."""
-        p = self.params[i]
-        if self.sharded:
-            raise LayoutError(
-                f"the gradient of parameter {i} of param group {self.group_index} has local strides "
-                f"{p.grad._local_tensor.stride()}, its parameter {p._local_tensor.stride()}; SAM's "
-                "multi-tensor kernels need them equal (FSDP2 makes them so)"
-            )
-        copy = torch.empty_like(p.detach())  # the parameter's strides
-        copy.copy_(p.grad)
-        p.grad = copy
-        return real(copy)
 
     def complement_runs(self, plan: Plan) -> list[Run]:
         """Runs over the parameters the plan leaves out (cached on the plan)."""

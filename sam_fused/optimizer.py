@@ -191,8 +191,7 @@ class SAM(torch.optim.Optimizer):
         engine, st = self._engine, self._engine.step
         if closure is None:  # after first_step(): finish the step (what GradScaler.step(opt) calls)
             if not (st.one_pass_done or st.phase is Phase.PERTURBED):
-                # torch.distributed.checkpoint creating the state: zero gradients, no state yet
-                if st.phase is Phase.IDLE and checkpoint.initialize_state(self):
+                if st.phase is Phase.IDLE and checkpoint.initialize_state(self):  # DCP's state creation
                     return None
                 raise RuntimeError(options.no_closure())
             handed = amp.handed_scale(self, st.scaler)

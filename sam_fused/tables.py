@@ -11,7 +11,7 @@ the role tables, where the block starts in it, the tensor's length, and the inde
 update counts in the bucket's ``steps``/``vsteps``. Nothing is copied or re-pointed.
 
 The tables are built once per plan and cached: a plan lives as long as the gradients keep
-their addresses (``Bucket._table_plan`` compares them every pass), and the state roles as
+their addresses (``TablePlans._table_plan`` compares them every pass), and the state roles as
 long as the bucket's per-parameter state tensors are the same objects
 (``BucketStorage.epoch``). Every tensor whose address is in a table is referenced by the
 run or by the bucket, so no address outlives its memory.
@@ -31,10 +31,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .layout import Bucket
+from .placement import LayoutError, real
 
-__all__ = ["CHUNK", "TableRun"]
+if TYPE_CHECKING:
+    from .layout import Bucket, Plan
+
+__all__ = ["CHUNK", "TablePlans", "TableRun"]
 
 # elements per kernel program. Smaller than the flat kernels' 4096: an address read from a
 # table may not be 16-byte aligned, and then every element needs its own 64-bit pointer in
@@ -131,3 +133,80 @@ class TableRun:
     def count(self, bucket: Bucket, name: str) -> Tensor:
         """``steps`` or ``vsteps`` whole: each chunk row says which entry is its tensor's."""
         return getattr(bucket, name)
+
+
+class TablePlans:
+    """The table layout's part of :class:`~sam_fused.layout.Bucket`: a pass's plan is reused
+    while every parameter and gradient is where it was, else checked and rebuilt."""
+
+    def _addresses(self) -> tuple[list[int], list[int]]:
+        """Where each parameter's and gradient's local memory is now (0: no gradient)."""
+        # one read of p.grad each (on a DTensor parameter it costs a quarter of a microsecond)
+        grads_now = [p.grad for p in self.params]
+        if self.sharded:
+            params = [p._local_tensor.data_ptr() for p in self.params]
+            grads = [0 if g is None else g._local_tensor.data_ptr() for g in grads_now]
+            return params, grads
+        params = [p.data_ptr() for p in self.params]
+        try:
+            grads = [0 if g is None else g.data_ptr() for g in grads_now]
+        except RuntimeError:  # a sparse gradient has no data pointer; the plan check refuses it
+            grads = [
+                0 if p.grad is None else -1 if p.grad.is_sparse else p.grad.data_ptr() for p in self.params
+            ]
+        return params, grads
+
+    def _table_plan(self) -> Plan:
+        """The plan of a table bucket: reused while every parameter and gradient is where it
+        was (O(n) address reads, no per-tensor checks), else validated and rebuilt."""
+        addresses = self._addresses()
+        known = self._plan_addresses
+        if self._plan is not None and addresses == known:
+            return self._plan
+        params_moved = known is None or addresses[0] != known[0]
+        taking_part = self._taking_part(check_all=True, check_params=params_moved)
+        dense = not self.backend.capabilities.strided
+        if params_moved:
+            self._weights = [self.weight(i) for i in range(len(self.params))]
+            self.cache.pop("all_run", None)
+            if dense:
+                self._check_state_layout()
+        weights = [self._weights[i] for i in taking_part]
+        grads = []
+        for i, w in zip(taking_part, weights):
+            g = self.grad(i)
+            if dense and g.stride() != w.stride():
+                g = self._regather_grad(i, w)
+            grads.append(g)
+        indices = tuple(taking_part)
+        self._plan = self._new_plan(indices, [TableRun(self, indices, weights, grads)])
+        self._plan_addresses = self._addresses()
+        return self._plan
+
+    def _check_state_layout(self) -> None:
+        """Parameters that moved (``p.data`` replaced) must keep the memory layout their
+        state tensors have: the kernels walk both in memory order."""
+        for name, tensors in self._tensors.items():
+            for i, held in enumerate(tensors):
+                if held is not None and held.stride() != self._weights[i].stride():
+                    raise LayoutError(
+                        f"parameter {i} of param group {self.group_index} changed its memory layout "
+                        f"(strides {self._weights[i].stride()}, its state {name!r} has {held.stride()}) "
+                        "after the optimizer was built; convert the model (e.g. channels_last) first"
+                    )
+
+    def _regather_grad(self, i: int, w: Tensor) -> Tensor:
+        """A gradient laid out unlike its parameter: the kernels walk both in memory order, so it
+        is copied into the parameter's layout and ``p.grad`` re-pointed (as the flat layout
+        gathers foreign gradients)."""
+        p = self.params[i]
+        if self.sharded:
+            raise LayoutError(
+                f"the gradient of parameter {i} of param group {self.group_index} has local strides "
+                f"{p.grad._local_tensor.stride()}, its parameter {p._local_tensor.stride()}; SAM's "
+                "multi-tensor kernels need them equal (FSDP2 makes them so)"
+            )
+        copy = torch.empty_like(p.detach())  # the parameter's strides
+        copy.copy_(p.grad)
+        p.grad = copy
+        return real(copy)
