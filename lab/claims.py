@@ -129,7 +129,6 @@ def _still_rising(entry: dict[str, Any]) -> bool:
 
 def _noise_row(noisy_summary: dict) -> tuple[str, str, str, str] | None:
     measured, winners_all, smallest_sam_wins, oracle_wins = [], [], [], []
-    won_at: list[set[tuple[str, float]]] = []  # per noise level: the (method, ρ) above SGD in every seed
     for noise in sorted({k[0] for k in noisy_summary if k[0] > 0}):
         sgd = noisy_summary.get((noise, "SGD", 0.0))
         others = {k: e for k, e in noisy_summary.items() if k[0] == noise and "delta_final_test_acc" in e}
@@ -137,7 +136,6 @@ def _noise_row(noisy_summary: dict) -> tuple[str, str, str, str] | None:
             continue
         every = _winners(others)
         winners_all.append([others[k] for k in every])
-        won_at.append({(k[1], k[2]) for k in every})
         top = max(others, key=lambda k: others[k]["delta_final_test_acc"]["mean"])
         sam = sorted(k for k in others if k[1] == "SAM")
         sam_text = ""
@@ -156,15 +154,11 @@ def _noise_row(noisy_summary: dict) -> tuple[str, str, str, str] | None:
         )
     if not measured:
         return None
-    always = set.intersection(*won_at)
-    sometimes = set.union(*won_at) - always
-    verdicts = []
-    keys = lambda configs: [(0.0, *k) for k in configs]  # _names takes (noise, method, ρ)
-    if always:
-        verdicts.append(f"yes in final accuracy at every noise level for {_names(keys(always))}")
-    if sometimes:
-        verdicts.append(f"at some noise levels only for {_names(keys(sometimes))}")
-    if not verdicts:
+    if all(winners_all):
+        verdicts = ["yes in final accuracy, at every noise level, for the configurations listed"]
+    elif any(winners_all):
+        verdicts = ["in final accuracy at some noise levels only"]
+    else:
         verdicts = ["not seen"]
     if smallest_sam_wins and not any(smallest_sam_wins):
         verdicts.append("never for SAM at its smallest radius")
