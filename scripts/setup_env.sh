@@ -21,9 +21,11 @@ else
   # smoke test runs in CI instead of skipping.
   # expecttest: torch's own optimizer-test machinery (torch.testing._internal.common_optimizers,
   # which tests/test_conformance.py uses for torch's configurations and bad inputs) imports it.
-  if ! "$PYTHON" -c "import torch, triton, numpy, pytest, pytest_benchmark, hypothesis, ruff, matplotlib, sklearn, expecttest" 2>/dev/null; then
+  # pytest-xdist: the suite runs on both cores (scripts/test.sh), which halves CI's wall time.
+  if ! "$PYTHON" -c "import torch, triton, numpy, pytest, pytest_benchmark, hypothesis, ruff, matplotlib, sklearn, expecttest, xdist" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet --disable-pip-version-check \
-      "torch==2.13.0" "triton>=3.0" numpy pytest pytest-benchmark hypothesis ninja ruff matplotlib scikit-learn expecttest
+      "torch==2.13.0" "triton>=3.0" numpy pytest pytest-benchmark hypothesis ninja ruff matplotlib scikit-learn expecttest \
+      pytest-xdist
   fi
   # The frameworks tests/test_integration_*.py drive for real (sam_fused/integrations): exact
   # versions, since the Lightning and Trainer glue uses hooks of these releases; the

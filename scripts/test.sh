@@ -20,6 +20,12 @@ export TRITON_INTERPRET=1
 mkdir -p build
 launches=build/launches.json
 rm -f "$launches"
-SAM_FUSED_RECORD_LAUNCHES="$launches" "$PYTHON" -m pytest tests "$@"
+# one pytest-xdist worker per core (SAM_FUSED_TEST_WORKERS overrides; 0 runs in this process);
+# --dist loadfile keeps a module's tests on one worker, so its module-scoped fixtures (the
+# two-rank runs of test_distributed.py, test_dcp.py) run once
+workers="${SAM_FUSED_TEST_WORKERS:-$("$PYTHON" -c "import os; print(min(4, os.cpu_count() or 1))")}"
+xdist=()
+if [ "$workers" -gt 1 ]; then xdist=(-n "$workers" --dist loadfile); fi
+SAM_FUSED_RECORD_LAUNCHES="$launches" "$PYTHON" -m pytest ${xdist[@]+"${xdist[@]}"} tests "$@"
 # a filtered run (extra pytest arguments) may launch no kernel at all
 "$PYTHON" tests/compile_kernels.py "$launches" --target cuda:90 --fail-on-spills ${1:+--allow-empty}

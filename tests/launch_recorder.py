@@ -85,11 +85,15 @@ class LaunchRecorder:
         self.launches.setdefault(key, entry)
 
     def write(self, path: str | Path) -> None:
-        """Merge into ``path`` (several pytest runs may share one file)."""
+        """Merge into ``path`` (several pytest runs, or the workers of one pytest-xdist run, may
+        share one file: the merge holds a lock file beside it)."""
+        from filelock import FileLock  # a dependency of torch
+
         path = Path(path)
-        known = {}
-        if path.exists():
-            for entry in json.loads(path.read_text()):
-                known[json.dumps(entry, sort_keys=True)] = entry
-        known.update(self.launches)
-        path.write_text(json.dumps([known[k] for k in sorted(known)], indent=0))
+        with FileLock(str(path) + ".lock"):
+            known = {}
+            if path.exists():
+                for entry in json.loads(path.read_text()):
+                    known[json.dumps(entry, sort_keys=True)] = entry
+            known.update(self.launches)
+            path.write_text(json.dumps([known[k] for k in sorted(known)], indent=0))
