@@ -70,7 +70,7 @@ class StepEngine:
 
     def _reset_caches(self) -> None:
         self._where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
-        self._partials: dict[int, Tensor] = {}
+        self._partials: dict[tuple, tuple[list[Tensor], Tensor, Tensor]] = {}
         self.contexts_changed()
 
     def contexts_changed(self) -> None:
@@ -146,21 +146,23 @@ class StepEngine:
         """Each bucket writes its partial sums (``fill``); their sums land in ``status[entries]``,
         added up over the ranks' shards under FSDP2. A fixed order: bitwise reproducible."""
         taking = [(b, p, b.backend.partial_slots(b, p)) for b, p in zip(self.buckets, plans) if not p.empty]
-        slots = sum(n for _, _, n in taking)
-        partials = self._partials.get(slots)
-        if partials is None:
+        # the partial sums' buffer and its views, kept per shape: a step slices no tensor
+        key = (tuple(n for _, _, n in taking), entries.start, entries.stop)
+        held = self._partials.get(key)
+        if held is None:
             if len(self._partials) > 8:
                 self._partials.clear()
-            partials = self._partials[slots] = torch.zeros(
-                4, slots, dtype=self.status.dtype, device=self.device
-            )
-        offset = 0
-        for bucket, plan, n in taking:
-            fill(bucket, plan, partials[:, offset : offset + n])
-            offset += n
-        torch.sum(partials[: entries.stop - entries.start], dim=1, out=self.status[entries])
+            partials = torch.zeros(4, sum(key[0]), dtype=self.status.dtype, device=self.device)
+            starts = [sum(key[0][:k]) for k in range(len(key[0]))]
+            slices = [partials[:, a : a + n] for a, n in zip(starts, key[0])]
+            summed = partials[: entries.stop - entries.start]
+            held = self._partials[key] = (slices, summed, self.status[entries])
+        slices, summed, out = held
+        for (bucket, plan, _), part in zip(taking, slices):
+            fill(bucket, plan, part)
+        torch.sum(summed, dim=1, out=out)
         if self.process_group is not None:
-            torch.distributed.all_reduce(self.status[entries], group=self.process_group)
+            torch.distributed.all_reduce(out, group=self.process_group)
 
     # ------------------------------------------------------------------ the step
     def noise(self) -> None:
