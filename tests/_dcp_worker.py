@@ -79,12 +79,7 @@ def make(case: tuple[str, str, dict[str, Any]], backend: str) -> tuple[nn.Module
 
 
 def train(model: nn.Module, opt: Any, data: list[tuple[Tensor, Tensor]], steps: range) -> None:
-    for i in steps:
-        x, y = data[i]
-        W.loss_fn(model(x), y).backward()
-        if opt.first_step(zero_grad=True):
-            W.loss_fn(model(x), y).backward()
-            opt.second_step(zero_grad=True)
+    W.train(model, opt, [data[i] for i in steps])
 
 
 def record(model: nn.Module, opt: Any) -> dict[str, Any]:

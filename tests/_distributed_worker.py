@@ -135,13 +135,13 @@ def make_sam(params, base: str, backend: str, variant: str = "sam", options: dic
     return SAM(params, cls, rho=RHO, backend=backend, variant=variant, variant_options=options, **kwargs)
 
 
-def train(model: nn.Module, opt, data, variant: str) -> list[float]:
+def train(model: nn.Module, opt, data) -> list[float]:
     """The manual SAM loop over ``data``; the norm of each step that perturbed."""
     from sam_fused import status as S
 
     norms = []
     for x, y in data:
-        if variant == "rsam":
+        if opt.variant.noise:  # RSAM
             opt.noise_step()
         loss_fn(model(x), y).backward()
         if opt.first_step(zero_grad=True):
@@ -265,7 +265,7 @@ def run_fsdp(rank: int) -> dict[str, Any]:
         fully_shard(model)
         params = list(model.parameters())
         opt = make_sam(params, base, backend, variant, options)
-        norms = train(model, opt, data, variant)
+        norms = train(model, opt, data)
         key = f"fsdp/{variant}/{base}/{backend}"
         out[key] = snapshot(params, opt, base, full)
         out[key]["norms"] = norms
@@ -290,6 +290,7 @@ def run_fsdp(rank: int) -> dict[str, Any]:
     torch.manual_seed(0)
     columns = nn.Linear(6, 4)  # the weight split along dimension 1: each rank holds parts of rows
     shard_it(columns, shard_placement_fn=lambda p: Shard(1) if p.dim() > 1 else Shard(0))
+    columns_before = [p.to_local().clone() for p in columns.parameters()]
     cpp_runs_shards = "cpp" in table_backends()
     out["errors"] = {
         "mixed": _error(lambda: make_sam(half.parameters(), "sgd", "auto")),
@@ -297,6 +298,10 @@ def run_fsdp(rank: int) -> dict[str, Any]:
         # the C++ backend takes FSDP2's shards as table buckets (no error) where it builds
         "cpp": _error(lambda: make_sam(whole.parameters(), "sgd", "cpp")) if cpp_runs_shards else None,
         "local_first_pass": _error(lambda: local_first_pass(whole).__enter__()),
+        # refused before anything moved: the shards keep their values (and their storage)
+        "gcsam_rows_unchanged": all(
+            torch.equal(p.to_local(), b) for p, b in zip(columns.parameters(), columns_before)
+        ),
         "inner_module": _error(lambda: local_first_pass(make_model()).__enter__()),
     }
     return out

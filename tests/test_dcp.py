@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _dcp_worker as D  # the cases both sides build
 import _distributed_worker as W
 from _ranks import run_ranks
+from conftest import ALL_BACKENDS
 
 WORKER = Path(__file__).resolve().parent / "_dcp_worker.py"
 LAUNCH_TIMEOUT = 300  # seconds; the two ranks take about 30 s on two cores
@@ -77,11 +78,7 @@ def _single_process(case: tuple[str, str, dict[str, Any]], backend: str) -> dict
     model = W.make_model()
     params = list(model.parameters())
     opt = W.make_sam(params, base, backend, variant, options)
-    for x, y in D.batches():
-        W.loss_fn(model(x), y).backward()
-        if opt.first_step(zero_grad=True):
-            W.loss_fn(model(x), y).backward()
-            opt.second_step(zero_grad=True)
+    W.train(model, opt, D.batches())
     return {"params": params, "state": [dict(opt.state[p]) for p in params]}
 
 
@@ -203,12 +200,7 @@ def _model(seed: int) -> nn.Module:
 def _steps(model: nn.Module, opt: SAM, steps: range) -> None:
     gen = torch.Generator().manual_seed(11)
     data = [(torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(steps.stop)]
-    for i in steps:
-        x, y = data[i]
-        W.loss_fn(model(x), y).backward()
-        if opt.first_step(zero_grad=True):
-            W.loss_fn(model(x), y).backward()
-            opt.second_step(zero_grad=True)
+    W.train(model, opt, [data[i] for i in steps])
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -300,13 +292,14 @@ def test_closure_less_zero_gradient_step_leaves_the_schedule_and_noise(variant):
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_closure_less_step_is_refused_otherwise():
+@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b in ("reference", "cpp", "triton")])
+def test_closure_less_step_is_refused_otherwise(backend):
     """No gradient at all, a gradient that is not zero, a learning rate that is not 0 (a loop's
     step() after zero_grad()), existing state: the usual error, and nothing changes (the zero
     check sees every parameter, not only the first)."""
     model = _model(0)
     params = list(model.parameters())
-    opt = W.make_sam(params, "sgd", "auto")
+    opt = W.make_sam(params, "sgd", backend)
     with pytest.raises(RuntimeError, match="needs a closure"):
         opt.step()  # no backward yet
     before = [p.detach().clone() for p in params]
@@ -316,9 +309,11 @@ def test_closure_less_step_is_refused_otherwise():
         opt.step()  # the learning rate is 0.1
     _as_dcp_initializes(opt, params)
     params[-1].grad[0] = 1e-30
+    grads = [p.grad.clone() for p in params]
     with pytest.raises(RuntimeError, match="needs a closure"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before)) and len(opt.state) == 0
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     for group in opt.param_groups:
         group["lr"] = W.BASES["sgd"][1]["lr"]
     _steps(model, opt, range(1))

@@ -52,7 +52,7 @@ def _single_process_sam(
     params = list(model.parameters())
     opt = W.make_sam(params, base, backend, variant, options)
     data = W.batches()
-    norms = W.train(model, opt, data if steps is None else [data[i] for i in steps], variant)
+    norms = W.train(model, opt, data if steps is None else [data[i] for i in steps])
     snap = W.snapshot(params, opt, base, lambda t: t)
     snap["norms"] = norms
     snap["backends"] = opt.backends
@@ -277,6 +277,7 @@ def test_refusals_on_two_ranks(ranks):
         assert errors["mixed"].startswith("ValueError") and "all or none" in errors["mixed"]
         # GCSAM's row means on a shard that holds parts of rows would be wrong: refused
         assert errors["gcsam_rows"].startswith("ValueError") and "along dimension 1" in errors["gcsam_rows"]
+        assert errors["gcsam_rows_unchanged"] is True
         assert errors["cpp"] is None  # backend="cpp" runs the local shards over table buckets
         assert errors["local_first_pass"].startswith("TypeError") and "DTensor" in errors["local_first_pass"]
         assert errors["inner_module"].startswith("TypeError") and "not its .module" in errors["inner_module"]
