@@ -62,7 +62,7 @@ def extensions() -> tuple[list, dict]:
     modules = [
         CppExtension(
             "sam_fused._C_cpu",
-            ["csrc/sam_fused_cpu.cpp"],
+            [f"csrc/{name}" for name in flags.CPU_SOURCES],
             include_dirs=[csrc],
             extra_compile_args=flags.CPU_CFLAGS,
             extra_link_args=flags.CPU_LDFLAGS,
@@ -73,7 +73,7 @@ def extensions() -> tuple[list, dict]:
         modules.append(
             CUDAExtension(
                 "sam_fused._C_cuda",
-                ["csrc/sam_fused_cuda.cu"],
+                [f"csrc/{name}" for name in flags.CUDA_SOURCES],
                 include_dirs=[csrc],
                 extra_compile_args={"cxx": flags.CUDA_CFLAGS, "nvcc": flags.NVCC_FLAGS},
             )

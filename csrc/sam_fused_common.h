@@ -238,9 +238,11 @@ void dispatch_bool(bool value, const F& f) {
 #define SAM_FUSED_CONCAT(a, b) SAM_FUSED_CONCAT_(a, b)
 #define SAM_FUSED_STR_(a) #a
 #define SAM_FUSED_STR(a) SAM_FUSED_STR_(a)
-#define SAM_FUSED_PYTHON_MODULE(doc)                                                                   \
+#define SAM_FUSED_PYTHON_MODULE(doc) SAM_FUSED_PYTHON_MODULE_WITH_METHODS(doc, nullptr)
+// ... with module-level functions (the CPU library's host helpers, sam_fused_host.cpp)
+#define SAM_FUSED_PYTHON_MODULE_WITH_METHODS(doc, methods)                                               \
   static PyModuleDef sam_fused_module = {PyModuleDef_HEAD_INIT, SAM_FUSED_STR(TORCH_EXTENSION_NAME), \
-                                         doc, -1, nullptr, nullptr, nullptr, nullptr, nullptr};     \
+                                         doc, -1, methods, nullptr, nullptr, nullptr, nullptr};     \
   PyMODINIT_FUNC SAM_FUSED_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {                            \
     return PyModule_Create(&sam_fused_module);                                                      \
   }

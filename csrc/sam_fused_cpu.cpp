@@ -572,4 +572,6 @@ std::vector<int64_t> constants() { return {kAbiVersion, kCpuStatsChunk, kCpuMaxS
 }  // namespace sam_fused
 
 SAM_FUSED_REGISTER_OPS(sam_fused_cpu)
-SAM_FUSED_PYTHON_MODULE("sam_fused C++ CPU backend (operations in torch.ops.sam_fused_cpu)")
+extern PyMethodDef sam_fused_host_methods[];  // sam_fused_host.cpp
+SAM_FUSED_PYTHON_MODULE_WITH_METHODS("sam_fused C++ CPU backend (operations in torch.ops.sam_fused_cpu)",
+                                     sam_fused_host_methods)

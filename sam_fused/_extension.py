@@ -89,6 +89,7 @@ class _Extension:
         self._lock = threading.Lock()
         self._done = False
         self._ops: Any = None
+        self._module: Any = None  # the library's Python module (its host helpers)
         self._info = BackendInfo(False, "not loaded yet")
 
     def ops(self) -> Any:
@@ -99,6 +100,10 @@ class _Extension:
     def info(self) -> BackendInfo:
         self.load()
         return self._info
+
+    def loaded_module(self) -> Any:
+        """The library's Python module if it has been loaded already (never builds), else None."""
+        return self._module if self._done and self._ops is not None else None
 
     def load(self) -> None:
         with self._lock:
@@ -142,7 +147,7 @@ class _Extension:
 
     def _import_prebuilt(self) -> str | None:
         try:
-            importlib.import_module(self.module)
+            self._module = importlib.import_module(self.module)
         except ImportError:
             return None
         return f"prebuilt extension {self.module}"
@@ -161,7 +166,7 @@ class _Extension:
         _clear_stale_lock(cpp_extension, self.jit_name)
         _log.info("sam_fused: compiling the %s extension (first use; cached afterwards)", self.kind)
         try:
-            cpp_extension.load(
+            self._module = cpp_extension.load(
                 name=self.jit_name,
                 sources=[str(self.source_dir / s) for s in self.sources],
                 extra_include_paths=list(dict.fromkeys([str(CSRC), str(self.source_dir)])),
@@ -269,8 +274,11 @@ def _toolchain_problem(kind: str) -> str | None:
     return None
 
 
-_CPU = _Extension("cpp", "sam_fused._C_cpu", "sam_fused_cpu", "sam_fused_cpu", ["sam_fused_cpu.cpp"])
-_CUDA = _Extension("cuda", "sam_fused._C_cuda", "sam_fused_cuda", "sam_fused_cuda", ["sam_fused_cuda.cu"])
+# the sources of each library (setup.py builds the same lists)
+CPU_SOURCES = ["sam_fused_cpu.cpp", "sam_fused_host.cpp"]
+CUDA_SOURCES = ["sam_fused_cuda.cu"]
+_CPU = _Extension("cpp", "sam_fused._C_cpu", "sam_fused_cpu", "sam_fused_cpu", CPU_SOURCES)
+_CUDA = _Extension("cuda", "sam_fused._C_cuda", "sam_fused_cuda", "sam_fused_cuda", CUDA_SOURCES)
 
 
 def cpu_extension() -> _Extension:

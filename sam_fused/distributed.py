@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import status as S
-from .layout import is_dtensor
+from .placement import is_dtensor
 
 if TYPE_CHECKING:
     from .optimizer import SAM

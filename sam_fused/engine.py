@@ -29,7 +29,7 @@ from . import amp, grouping, options
 from . import status as S
 from .base_updates import REGISTRY, BaseSpec
 from .context import StepContext
-from .layout import Bucket, Plan
+from .layout import Bucket, LayoutError, Plan
 from .sharding import shard_group
 from .step_state import Phase, StepState
 from .variants import VARIANTS, Descent, Variant
@@ -89,17 +89,15 @@ class StepEngine:
         known = [p for b in self.buckets for p in b.params]
         base = type(self.owner.base_optimizer)
         laid_out = grouping.lay_out(groups, start, known, base, self.variant, self.backend)
-        # ---- validated: from here on the parameters move
-        self.buckets += [Bucket(params, i, layout, backend) for params, i, backend, layout in laid_out]
+        # ---- validated: from here on the optimizer changes (the parameters never move)
+        self.buckets += [Bucket(params, i, backend, layer) for params, i, backend, layer in laid_out]
+        # buckets of parameters that share memory with earlier ones come later: perturbed in
+        # this order, restored in reverse (docs/design.md, "Parameters that share memory")
+        self.buckets.sort(key=lambda b: b.layer)
         for group in groups:
             group["params"] = options.ParamList(group["params"])
         self._laid_out.extend(groups)
-        if self.buckets:
-            self.device = self.buckets[0].device
-        acc = torch.float64 if any(b.dtype == torch.float64 for b in self.buckets) else torch.float32
-        self.status = self.status.to(device=self.device, dtype=acc)
-        self.process_group = shard_group(p for b in self.buckets for p in b.params)
-        self._reset_caches()
+        self._device_changed()
 
     def locate(self, param: Any) -> tuple[Bucket, int] | None:
         found = self._where.get(id(param))
@@ -164,6 +162,62 @@ class StepEngine:
         if self.process_group is not None:
             torch.distributed.all_reduce(out, group=self.process_group)
 
+    # ------------------------------------------------------------------ plans and layout
+    def _validated_plans(self) -> list[Plan]:
+        """Every bucket's plan for this pass (validated: a refusal raises, nothing changed).
+
+        Parameters that moved keep their buckets (the tables follow them) unless they now
+        share memory differently; parameters cast or moved to another device keep their
+        shapes: either way, while no step is in flight, the buckets are laid out again and
+        the state converted (:meth:`relayout`)."""
+        idle = self.step.phase is Phase.IDLE
+        try:
+            plans = [bucket.plan() for bucket in self.buckets]
+        except LayoutError as exc:
+            if not (exc.convertible and idle):
+                raise
+            self.relayout()
+            return [bucket.plan() for bucket in self.buckets]
+        if any(bucket.moved for bucket in self.buckets):
+            for bucket in self.buckets:
+                bucket.moved = False
+            params = [p for group in self._laid_out for p in group["params"]]
+            layers = [self.locate(p)[0].layer for p in params]
+            if grouping.layers_of(params) != layers:
+                if not idle:
+                    raise LayoutError(
+                        "parameters came to share memory differently between first_step() and "
+                        "second_step() (p.data = other.data); abort_step() and step again"
+                    )
+                self.relayout()
+                plans = [bucket.plan() for bucket in self.buckets]
+        return plans
+
+    def relayout(self) -> None:
+        """Lay the buckets out again from the param groups as the parameters are now (cast,
+        moved to another device, sharing memory anew), keeping every parameter's state,
+        converted to its dtype and device as ``load_state_dict`` converts a checkpoint's."""
+        kept = {id(p): b.export_state(i) for b in self.buckets for i, p in enumerate(b.params)}
+        base = type(self.owner.base_optimizer)
+        laid_out = grouping.lay_out(self._laid_out, 0, [], base, self.variant, self.backend)
+        # ---- validated: the new buckets replace the old
+        buckets = [Bucket(params, i, backend, layer) for params, i, backend, layer in laid_out]
+        buckets.sort(key=lambda b: b.layer)
+        for bucket in buckets:
+            for i, p in enumerate(bucket.params):
+                bucket.import_state(i, kept[id(p)])
+        self.buckets = buckets
+        self._device_changed()
+
+    def _device_changed(self) -> None:
+        """The buckets changed: the status vector and the shard group follow them."""
+        if self.buckets:
+            self.device = self.buckets[0].device
+        acc = torch.float64 if any(b.dtype == torch.float64 for b in self.buckets) else torch.float32
+        self.status = self.status.to(device=self.device, dtype=acc)
+        self.process_group = shard_group(p for b in self.buckets for p in b.params)
+        self._reset_caches()
+
     # ------------------------------------------------------------------ the step
     def noise(self) -> None:
         """RSAM: ``w <- w + delta`` for the first pass (backups taken)."""
@@ -171,6 +225,7 @@ class StepEngine:
         if st.phase is not Phase.IDLE:
             raise RuntimeError("noise_step() was called again before first_step()/second_step() finished")
         grouping.check_groups(self.owner.param_groups, self._laid_out, self.keys, self.device)
+        self._validated_plans()  # every parameter where its bucket's tables say (or laid out anew)
         generator = st.generator
         if generator is None:  # seeded before it is kept: a seed that fails leaves none behind
             generator = torch.Generator(device=self.device)
@@ -202,7 +257,7 @@ class StepEngine:
         grouping.check_groups(self.owner.param_groups, self._laid_out, self.keys, self.device)
         if scaler is not None:
             scaler = amp.active_scaler(scaler, key, self.device, first_pass=True)
-        plans = [bucket.plan() for bucket in self.buckets]
+        plans = self._validated_plans()
         perturbs = self.variant.perturbs(st.step_index, self.variant_options)
         specs = self.descent_specs() if not perturbs or self.variant.descent != Descent.PLAIN else None
         # ---- everything is validated: from here on the step changes things
@@ -280,8 +335,10 @@ class StepEngine:
             scaler = st.scaler if scaler_arg is None else self._second_scaler(scaler_arg, key)
             # the param lists only: rho, eta and adaptive are the ascent's, checked in first_step()
             grouping.check_groups(self.owner.param_groups, self._laid_out, None, self.device)
-            plans = [bucket.plan() for bucket in self.buckets]
+            plans = self._validated_plans()
             specs = self.descent_specs()
+            # the first pass's plans, with tables of where the parameters are now
+            st.plans = [bucket.refresh(plan) for bucket, plan in zip(self.buckets, st.plans)]
         except Exception as exc:
             _note(exc, _STILL_PERTURBED)
             raise
@@ -356,25 +413,42 @@ class StepEngine:
         if specs is None:
             self._generic_descend(perturbed, plans, ctx)
             return
+        if perturbed is not None:  # parameters sharing memory with earlier ones: restored first
+            self._restore(perturbed, aliases_only=True)
         counted = False
         state_on_ascent = perturbed is not None and self.variant.ascent_updates_state
         for i, (bucket, plan, spec) in enumerate(zip(self.buckets, plans, specs)):
+            # layer 0 restores fused with the update; later layers update from the weights
             done = None if perturbed is None else perturbed[i]
-            bucket.backend.update(bucket, done, plan, spec, ctx, descent)
+            bucket.backend.update(bucket, done if bucket.layer == 0 else None, plan, spec, ctx, descent)
             variant_counts = descent == Descent.LOOKSAM_FULL or (state_on_ascent and done.key == plan.key)
             if not plan.empty:
                 bucket.backend.advance_steps(bucket, plan, ctx, not counted, bool(spec.names), variant_counts)
+                bucket.counts_moved()
                 counted = True
-                bucket.note_update(plan)
             if state_on_ascent and done.key != plan.key and not done.empty:  # the ascent's own participants
                 bucket.backend.advance_steps(bucket, done, ctx, False, False, True)
-                bucket.note_update(done)
+
+    def _restore(self, plans: list[Plan | None], aliases_only: bool = False) -> None:
+        """``w <- backup`` for the given buckets' plans (None: every parameter), in reverse
+        bucket order, so that memory several parameters share gets back the value it had
+        before the step (the earliest layer's backup is written last). ``aliases_only``: the
+        buckets of layers above 0 only (layer 0 restores fused with its update)."""
+        for bucket, plan in reversed(list(zip(self.buckets, plans))):
+            if (plan is None or not plan.empty) and not (aliases_only and bucket.layer == 0):
+                bucket.backend.restore(bucket, plan)
+
+    def _restore_each(self, plans: list[Plan | None]) -> None:
+        """``w <- backup`` parameter by parameter, converting (a parameter cast mid-step)."""
+        for bucket, plan in reversed(list(zip(self.buckets, plans))):
+            indices = range(len(bucket.params)) if plan is None else plan.indices
+            for i in reversed(indices):
+                bucket.weight(i).copy_(bucket.state_tensor("backup", i))
 
     def _generic_descend(self, perturbed: list[Plan] | None, plans: list[Plan], ctx: StepContext) -> None:
         """Restore, then the base optimizer's own step (a host sync decides a skip)."""
         if perturbed is not None:
-            for bucket, plan in zip(self.buckets, perturbed):
-                bucket.backend.restore(bucket, plan)
+            self._restore(perturbed)
         if ctx.check:
             skip = self.status[S.BAD1] + self.status[S.BAD2] > 0
             self.status[S.SKIPPED] += skip
@@ -416,12 +490,16 @@ class StepEngine:
         if st.phase is Phase.IDLE:
             return False
         ctx = self.context(False)
-        for i, bucket in enumerate(self.buckets[: st.backed_up]):
-            plan = None if self.variant.noise or st.plans is None else st.plans[i]
-            if plan is None or not plan.empty:
-                bucket.backend.restore(bucket, plan)
-            if st.phase is Phase.PERTURBED and self.variant.ascent_updates_state and not st.plans[i].empty:
-                bucket.backend.revert_state(bucket, st.plans[i], ctx, force=True)
+        plans = [None] * len(self.buckets) if self.variant.noise or st.plans is None else st.plans
+        try:  # where the parameters are now (a parameter moved since is restored where it went)
+            plans = [plan if plan is None else b.refresh(plan) for b, plan in zip(self.buckets, plans)]
+        except LayoutError:  # cast since: restored parameter by parameter, converting
+            self._restore_each(plans[: st.backed_up])
+        else:
+            self._restore(plans[: st.backed_up])
+        for bucket, plan in zip(self.buckets[: st.backed_up], plans):
+            if st.phase is Phase.PERTURBED and self.variant.ascent_updates_state and not plan.empty:
+                bucket.backend.revert_state(bucket, plan, ctx, force=True)
         if st.generator is not None and st.generator_before is not None:
             st.generator.set_state(st.generator_before)
         st.step_index = st.index_before

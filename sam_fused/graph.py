@@ -46,7 +46,7 @@ from .optimizer import SAM
 __all__ = ["GraphedSAMStep"]
 
 # The reference backend replaces its state tensors each step (out of place), which a graph
-# cannot follow; the Triton backend updates flat buffers in place.
+# cannot follow; the Triton backend updates the buckets' flat buffers in place.
 CAPTURABLE_BACKENDS = ("triton",)
 
 
@@ -210,15 +210,22 @@ def _move_hyperparameters_to_device(opt: SAM, device: torch.device) -> None:
 
 def _snapshot(model: torch.nn.Module, opt: SAM) -> dict[str, Any]:
     """Copies of what warm-up steps may change besides the weights (kept by lr = 0). On the
-    Triton backend all optimizer state lives in the buckets' flat buffers and counts."""
+    Triton backend all optimizer state lives in the buckets' flat buffers and counts (the
+    gradients and backups there are rewritten by every step)."""
     engine = opt._engine
     return {
         "buffers": [b.detach().clone() for b in model.buffers()],
-        "state": [{k: v.clone() for k, v in b.state_flat.items()} for b in engine.buckets],
+        "state": [_state_buffers(b) for b in engine.buckets],
         "counts": [(b.steps.clone(), b.vsteps.clone()) for b in engine.buckets],
         "status": engine.status.clone(),
         "step_index": engine.step.step_index,
     }
+
+
+def _state_buffers(bucket: Any, copy: bool = True) -> dict[str, Tensor]:
+    """A bucket's flat buffers of optimizer state and running state (copies, or themselves)."""
+    buffers = bucket.storage.buffers
+    return {k: v.clone() if copy else v for k, v in buffers.items() if k not in ("grad", "backup")}
 
 
 def _restore(model: torch.nn.Module, opt: SAM, saved: dict[str, Any]) -> None:
@@ -229,7 +236,7 @@ def _restore(model: torch.nn.Module, opt: SAM, saved: dict[str, Any]) -> None:
         for buf, value in zip(model.buffers(), saved["buffers"]):
             buf.copy_(value)
         for bucket, state, (steps, vsteps) in zip(engine.buckets, saved["state"], saved["counts"]):
-            for name, buf in bucket.state_flat.items():
+            for name, buf in _state_buffers(bucket, copy=False).items():
                 if name in state:
                     buf.copy_(state[name])
                 else:
@@ -237,7 +244,5 @@ def _restore(model: torch.nn.Module, opt: SAM, saved: dict[str, Any]) -> None:
             bucket.steps.copy_(steps)
             bucket.vsteps.copy_(vsteps)
             bucket.counts_moved()
-            # the update classes the warm-up split stay split: a finer split is still exact,
-            # and recomputing them would read the counts on the host (no sync before capture)
         engine.status.copy_(saved["status"])
     engine.step.step_index = saved["step_index"]

@@ -1,13 +1,10 @@
 """Param groups into buckets, and the checks that a group still is what was laid out.
 
-Parameters are split into buckets: one per param group, (real) dtype and layout. A
-parameter that can move into a flat buffer goes with the others of its group and dtype; one
-that cannot (a slice, shared memory, an aliased storage, a DTensor) goes to a table bucket
-beside them (parameters left in place), and one whose memory has gaps to another table
-bucket, which only the reference backend runs. Each bucket gets its backend from
-:func:`~sam_fused.backends.choose_backend`.
-Everything here validates and returns; the step engine then builds the buckets
-(``StepEngine.add``), which is when parameters move.
+Parameters are split into buckets: one per param group, (real) dtype, alias layer
+(``placement.alias_layers``: parameters that share memory go to different layers) and kind
+(dense, or strided with gaps, which only the reference backend runs). Each bucket gets its
+backend from :func:`~sam_fused.backends.choose_backend`. Everything here validates and
+returns; the step engine then builds the buckets (``StepEngine.adopt``). No parameter moves.
 """
 
 from __future__ import annotations
@@ -20,19 +17,24 @@ from torch import Tensor
 from . import options
 from .backends import Backend, choose_backend
 from .base_updates import BaseSpec, spec_for
-from .layout import Bucket, flat_layout_refusal
-from .placement import table_layout_refusal
+from .layout import Bucket
+from .placement import alias_layers, kernel_refusal, local_tensor, memory_span
 from .sharding import check_whole_rows, shard_group
 from .variants import Descent, Variant
 
-__all__ = ["check_groups", "fused_specs", "lay_out"]
+__all__ = ["check_groups", "fused_specs", "lay_out", "layers_of"]
+
+
+def layers_of(params: list[Tensor]) -> list[int]:
+    """Each parameter's alias layer: 0 unless it shares memory with an earlier one."""
+    return alias_layers([memory_span(local_tensor(p)) for p in params])
 
 
 def lay_out(
     groups: list[dict[str, Any]], start: int, known: list[Tensor], base: type, variant: Variant, request: str
-) -> list[tuple[list[Tensor], int, Backend, str]]:
-    """``(params, group index, backend, layout)`` of each bucket the groups (numbered from ``start``)
-    would make, beside the parameters ``known`` already; a refusal raises here."""
+) -> list[tuple[list[Tensor], int, Backend, int]]:
+    """``(params, group index, backend, layer)`` of each bucket the groups (numbered from
+    ``start``) would make, beside the parameters ``known`` already; a refusal raises here."""
     new = [p for g in groups for p in g["params"]]
     devices = {p.device for p in known + new}
     if len(devices) > 1:
@@ -40,22 +42,18 @@ def lay_out(
     shard_group(known + new)  # refuses a mix of DTensors and plain tensors
     if variant.centralize:
         check_whole_rows(new, variant.name.upper())
+    layer_of = dict(zip(map(id, known + new), layers_of(known + new)))
     laid_out = []
     for index, group in enumerate(groups, start):
         options.check_params(group["params"], index)
-        kinds: dict[tuple, list[tuple[Tensor, str | None, str | None]]] = {}
+        kinds: dict[tuple, list[tuple[Tensor, str | None]]] = {}
         for p in group["params"]:
-            flat_refusal = flat_layout_refusal(p)
-            table_refusal = None if flat_refusal is None else table_layout_refusal(p)
+            refusal = kernel_refusal(p)
             dtype = p.real.dtype if p.is_complex() else p.dtype  # a complex one as its real view
-            kind = (dtype, flat_refusal is None, table_refusal is None)
-            kinds.setdefault(kind, []).append((p, flat_refusal, table_refusal))
-        for (dtype, _, _), members in kinds.items():
-            flat_refusal = next((r for _, r, _ in members if r is not None), None)
-            table_refusal = next((r for _, _, r in members if r is not None), None)
-            backend, layout = choose_backend(
-                request, members[0][0].device, dtype, variant, flat_refusal, table_refusal
-            )
+            kinds.setdefault((layer_of[id(p)], dtype, refusal is None), []).append((p, refusal))
+        for (layer, dtype, _), members in kinds.items():
+            refusal = next((r for _, r in members if r is not None), None)
+            backend = choose_backend(request, members[0][0].device, dtype, variant, refusal)
             if variant.descent != Descent.PLAIN:  # refused now, not halfway through a step
                 spec, why = spec_for(base, group)
                 if spec is None or not backend.capabilities.fuses(spec):
@@ -64,7 +62,7 @@ def lay_out(
                         f"torch.optim.SGD, Adam and AdamW only; param group {index} cannot take it "
                         f"({why or f'the {backend.name} backend does not fuse it'})"
                     )
-            laid_out.append(([p for p, _, _ in members], index, backend, layout))
+            laid_out.append(([p for p, _ in members], index, backend, layer))
     return laid_out
 
 

@@ -1,29 +1,29 @@
-"""Parameter buckets: the flat-buffer layout the fused kernels run over, and per-step plans.
+"""Parameter buckets and the per-pass plans the backends launch from.
 
-A *bucket* is the parameters of one param group with one (real) dtype. A **flat** bucket
-moves its parameters into one contiguous buffer: each ``p.data`` becomes a view of it, so
-the model keeps working (``model.state_dict()``, ``load_state_dict``, ``torch.save``) and
-nothing is stored twice. Gradients are gathered once into a flat gradient buffer and
-``p.grad`` is re-pointed to views of it, so the next backward pass accumulates straight
-into the buffer. Each parameter starts at a multiple of :data:`ALIGN` elements (zero padding
-between them), which keeps every kernel pointer 16-byte aligned. A parameter whose storage
-sam_fused must not move (``placement.py``) goes to a **per-parameter** bucket instead:
-nothing is re-pointed and the math runs tensor by tensor. A complex parameter is optimized as its real view
-(``torch.view_as_real``), as torch.optim does.
+A *bucket* is the parameters of one param group with one (real) dtype and one alias layer
+(``placement.alias_layers``; 0 unless parameters share memory). Parameters stay where they
+are: the bucket never re-points ``p.data``, so the model, its ``state_dict()`` and every
+checkpoint tool see exactly the tensors they would see with ``torch.optim``. What the
+bucket owns (backups, optimizer state, the gathered gradients) lives in its flat buffers
+(``storage.py``).
 
-A bucket also owns its optimizer state and update counts (``storage.py``).
+Every pass builds (or reuses) a :class:`Plan`: which parameters take part (those with a
+gradient) and one :class:`~sam_fused.tables.TableRun` over them, the unit of one kernel
+launch. The plan is cached; a pass reuses it after two checks:
 
-Every step builds (or reuses) a :class:`Plan`: which parameters take part (those with a
-gradient) cut into :class:`Run` objects, contiguous spans of the buffer that one kernel
-launch covers. The plan is cached and a step checks in O(1) that nothing moved:
+* the gradients are unchanged in O(1): each taking-part gradient is a view of the bucket's
+  flat gradient buffer (gathered there on first sight, so that backward accumulates into
+  it), and replacing or dropping a ``p.grad`` releases one reference to that buffer's
+  storage; the parameters the plan left out still have no gradient;
+* every parameter is still at the address the run's tables hold (``addresses.py``: one C++
+  walk over the list, about 6 ns a parameter).
 
-* the reference counts of the parameter and gradient storages are unchanged (setting a
-  ``p.grad`` to None or moving a parameter to another tensor drops a reference);
-* the first and last parameters still sit where the plan put them;
-* every parameter the plan left out still has no gradient.
-
-When a check fails, the slow path walks every parameter, gathers foreign gradients into
-the buffer, and builds a new plan. See ``docs/design.md`` for what that check cannot see.
+When a check fails, the slow path validates every parameter and gradient (before anything
+changes), gathers new gradients and builds a new plan. A parameter that moved with its
+shape, dtype, device and strides intact (``model.share_memory()``, ``p.data = p.data.clone()``)
+is followed; one that changed any of them is refused with :class:`LayoutError`.
+FSDP2's DTensor parameters keep their gradients where FSDP2 puts them: their addresses are
+read every pass instead (from Python, as DTensors have no storage of their own).
 """
 
 from __future__ import annotations
@@ -34,75 +34,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .placement import CHEAP_CHECK, LayoutError, dense_view, flat_layout_refusal, is_dtensor, real, use_count
-from .storage import BucketStorage
-from .tables import TablePlans, TableRun
+from .addresses import ParamAddresses
+from .placement import LayoutError, dense_view, is_dtensor, local_tensor, real, use_count
+from .storage import SCRATCH, Storage
+from .tables import TableRun
 
-__all__ = ["ALIGN", "Bucket", "LayoutError", "Plan", "Run", "flat_layout_refusal", "is_dtensor"]
+__all__ = ["Bucket", "LayoutError", "Plan"]
 
-ALIGN = 16  # elements; 16 fp16 elements = 32 bytes, so every run start is 16-byte aligned
-
-
-@dataclass
-class Run:
-    """A contiguous span of a bucket that one kernel launch covers.
-
-    ``first`` is the index of the span's first parameter; every parameter in a run has the
-    same update counts, so the kernels read them once, from ``steps[first]``.
-    """
-
-    start: int
-    stop: int
-    first: int
-    views: dict[str, Tensor] = field(default_factory=dict)
-
-    table_mode = False  # tables.TableRun is the other kind
-    layout_code = 0  # the kernels' TABLE constexpr: a flat run
-
-    @property
-    def numel(self) -> int:
-        return self.stop - self.start
-
-    def tensor(self, bucket: Bucket, role: str) -> Tensor:
-        """What a kernel's pointer argument for ``role`` gets: the run's slice of that buffer."""
-        view = self.views.get(role)
-        return view if view is not None else bucket.run_view(self, role)
-
-    def count(self, bucket: Bucket, name: str) -> Tensor:
-        """The run's update count (``steps`` or ``vsteps``) as a pointer to its first entry."""
-        view = self.views.get(name)
-        if view is None:
-            view = self.views[name] = getattr(bucket, name)[self.first :]
-        return view
-
-    def programs(self, block: int) -> int:
-        """Programs of an elementwise launch: one per block."""
-        return max(1, -(-self.numel // block))
-
-    @staticmethod
-    def block(flat_block: int) -> int:
-        """The kernels' BLOCK for this run."""
-        return flat_block
-
-    @property
-    def table(self) -> Tensor:
-        return self.views["param"]  # a placeholder: flat launches read no chunk table
-
-    @property
-    def like(self) -> Tensor:
-        return self.views["param"]
+_RUN_CACHE = 8  # plans (participation patterns) kept per bucket
 
 
 @dataclass
 class Plan:
-    """Which parameters of a bucket take part in this pass, and how kernels cover them."""
+    """Which parameters of a bucket take part in this pass, and the launch that covers them."""
 
     key: bytes  # one byte per parameter: 1 if it takes part
     indices: tuple[int, ...]
-    runs: list[Run]
+    run: TableRun
+    epoch: int  # the bucket's address epoch the run's tables belong to
     mask: Tensor | None = None  # float 0/1 per parameter, on the device (built lazily)
     rows: tuple | None = None  # gradient-centralization row table (built lazily)
-    complement: list[Run] | None = None  # runs over the parameters left out (built lazily)
+    complement: TableRun | None = None  # the parameters left out (built lazily)
     cache: dict[str, Any] = field(default_factory=dict)  # what a backend derives from the plan
 
     @property
@@ -110,172 +62,197 @@ class Plan:
         return not self.indices
 
 
-class Bucket(TablePlans, BucketStorage):
-    """The parameters of one group with one dtype, and everything SAM keeps for them.
+class Bucket:
+    """The parameters of one group with one dtype and alias layer, and what SAM keeps for them.
 
     Attributes:
         params: the parameters, in group order.
         group_index: which ``param_groups`` entry they belong to.
-        layout: ``"flat"`` (they live in a flat buffer) or ``"table"`` (they stay where they are).
-        flat: ``layout == "flat"``.
+        layer: the alias layer (``placement.alias_layers``): buckets are perturbed in layer
+            order and restored in reverse.
         backend: the backend object that runs this bucket's math.
-        steps, vsteps: float32 per-parameter update counts on the device (see above).
-            Adam's ``state['step']`` entries are 0-d views of ``steps``.
+        storage: the flat buffers, views and update counts (``storage.py``).
     """
 
-    def __init__(self, params: list[Tensor], group_index: int, layout: str, backend) -> None:
+    def __init__(self, params: list[Tensor], group_index: int, backend, layer: int = 0) -> None:
         self.params = params
         self.group_index = group_index
-        self.layout = layout
-        self.flat = layout == "flat"
         self.backend = backend
+        self.layer = layer
         self.sharded = is_dtensor(params[0])
-        local = [self._local(p) for p in params]
+        local = [local_tensor(p) for p in params]
         self.device = local[0].device
-        self.dtype = local[0].dtype  # the real dtype the math and the flat buffers use
-        self.param_dtypes = tuple(p.dtype for p in params)
-        self.numels = [v.numel() for v in local]
-        BucketStorage.__init__(self)
-        self.backup_flat: Tensor | None = None
-        # update classes: parameters with equal update histories share an id, so their
-        # counts are equal and one run can cover them
-        self.update_class: list[int] = [0] * len(params)
-        self.last_update_key: bytes | None = None
+        self.dtype = local[0].dtype  # the real dtype of the math and the buffers
+        # what each parameter must stay: moved memory is followed, nothing else
+        self.built = [(p.dtype, p.device, t.shape, t.stride()) for p, t in zip(params, local)]
+        self.storage = Storage(local, self.device, self.dtype)
+        self.addresses = ParamAddresses(params, self.sharded)
         self._reset_caches()
-        if self.flat:
-            self._flatten()
+        self.addresses.record(self.addresses.now())  # the layout (alias layers) was made for these
 
     def _reset_caches(self) -> None:
+        self.epoch = 0  # bumped whenever a parameter's address changes: older runs are stale
+        self.moved = False  # set with it, cleared by the engine once it has looked (aliases)
         self._plan: Plan | None = None
+        self._runs: dict[bytes, TableRun] = {}  # gathered gradients: a run per participation
         self._watch: list[Tensor] = []  # parameters the plan left out
-        self._expected_counts: tuple[int, int] = (-1, -1)
-        self._valid_index: Tensor | None = None
-        self._plan_addresses: tuple[list[int], list[int]] | None = None  # table layout
-        self._weights: list[Tensor] = []  # table layout: each parameter's local real view
-        self._host_counts: tuple[list[float], list[float]] | None = None
-        self._recount = False  # counts were set from outside: update classes are due
+        self._expected_count = -1
+        self._grad_addresses: list[int] | None = None  # FSDP2: where the plan's gradients were
         self.cache: dict[str, Any] = {}  # what a backend derives from the bucket (device scalars)
 
-    def _local(self, t: Tensor) -> Tensor:
-        """The tensor the math runs on: the local shard of a DTensor, the real view of a complex."""
-        # DTensor._local_tensor is what to_local() returns, without its autograd bookkeeping
-        # (~10 us a call: the table plan reads thousands per pass)
-        return real(t._local_tensor if self.sharded else t)
+    # ------------------------------------------------------------------ per-parameter access
+    @property
+    def steps(self) -> Tensor:
+        return self.storage.steps
 
-    # ------------------------------------------------------------------ flat layout
-    def _flatten(self) -> None:
-        offsets, total = [], 0
-        for n in self.numels:
-            offsets.append(total)
-            total += -(-n // ALIGN) * ALIGN
-        self.offsets = offsets
-        self.total = max(total, ALIGN)
-        flat = torch.zeros(self.total, dtype=self.dtype, device=self.device)
-        for i, p in enumerate(self.params):
-            dense_view(flat, offsets[i], p).copy_(p.detach())
-        self.param_flat = flat
-        self.grad_flat = torch.zeros_like(flat)
-        self._attach_params()
+    @property
+    def vsteps(self) -> Tensor:
+        return self.storage.vsteps
 
-    def _attach_params(self) -> None:
-        for i, p in enumerate(self.params):
-            p.data = dense_view(self.param_flat, self.offsets[i], p)
-        size = self.param_flat.element_size()
-        self.param_ptrs = [p.data_ptr() for p in self.params]
-        self.grad_ptrs = [self.grad_flat.data_ptr() + off * size for off in self.offsets]
+    @property
+    def numels(self) -> list[int]:
+        return self.storage.numels
 
-    def state_view(self, name: str, i: int) -> Tensor:
-        """Parameter ``i``'s slice of flat state buffer ``name``, shaped like the parameter."""
-        return dense_view(self.flat_buffer(name), self.offsets[i], real(self.params[i].detach()))
+    @property
+    def extra(self) -> list[dict[Any, Any]]:
+        return self.storage.extra
 
-    def flat_buffer(self, name: str) -> Tensor:
-        """A zero-initialised flat buffer (allocated on first use)."""
-        buf = self.state_flat.get(name)
-        if buf is None:
-            buf = self.state_flat[name] = torch.zeros_like(self.param_flat)
-        return buf
+    @property
+    def written(self) -> list[bytearray]:
+        return self.storage.written
 
-    def backup_buffer(self) -> Tensor:
-        if self.backup_flat is None:
-            self.backup_flat = torch.empty_like(self.param_flat)
-        return self.backup_flat
+    def weight(self, i: int) -> Tensor:
+        """Parameter ``i`` as the math sees it: detached, its local shard, a real view."""
+        return local_tensor(self.params[i])
 
-    def valid_index(self) -> Tensor:
-        """Flat indices of the real (non-padding) elements, in parameter order (cached)."""
-        if self._valid_index is None:
-            parts = [torch.arange(o, o + n, device=self.device) for o, n in zip(self.offsets, self.numels)]
-            self._valid_index = (
-                torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=self.device)
-            )
-        return self._valid_index
+    def grad(self, i: int) -> Tensor | None:
+        g = self.params[i].grad
+        return None if g is None else local_tensor(g)
 
-    def run_view(self, run: Run, name: str) -> Tensor:
-        """The slice of flat buffer ``name`` that ``run`` covers (cached on the run)."""
-        view = run.views.get(name)
-        if view is None:
-            source = self.backup_buffer() if name == "backup" else self.flat_buffer(name)
-            view = run.views[name] = source[run.start : run.stop]
-        return view
+    def state_tensor(self, name: str, i: int) -> Tensor:
+        """Parameter ``i``'s slice of state or scratch ``name`` (zeros where never written)."""
+        return self.storage.view(name, i)
 
-    def note_update(self, plan: Plan) -> None:
-        """Refine the update classes after an update with ``plan`` (host-side, cheap).
+    def store_state(self, name: str, i: int, value: Tensor) -> None:
+        """Write ``value`` into state ``name`` of parameter ``i``."""
+        self.storage.view(name, i).copy_(value)
 
-        Parameters that took part and those that did not can no longer share a count, so
-        they stop sharing a class. Repeating the same plan changes nothing, so the steady
-        state does no work here.
-        """
-        self._host_counts = None
-        if plan.key == self.last_update_key:
-            return
-        classes_before = len(set(self.update_class))
-        relabel: dict[tuple[int, int], int] = {}
-        self.update_class = [
-            relabel.setdefault((cls, took), len(relabel)) for cls, took in zip(self.update_class, plan.key)
-        ]
-        self.last_update_key = plan.key
-        if len(relabel) != classes_before:
-            self._plan = None  # a class split: runs must be cut again
+    def clear_state(self, name: str, i: int) -> None:
+        """State ``name`` of parameter ``i`` is fresh again: zeros."""
+        if name in self.storage.buffers:
+            self.storage.view(name, i).zero_()
+
+    def host_counts(self) -> tuple[list[float], list[float]]:
+        return self.storage.host_counts()
+
+    def counts_moved(self) -> None:
+        self.storage.counts_moved()
+
+    counts_set = counts_moved  # counts written from outside a step: nothing more is derived from them
 
     # ------------------------------------------------------------------ plans
     def plan(self) -> Plan:
         """The plan for this pass; raises LayoutError/ValueError before changing anything."""
-        if self._recount:
-            self._classes_from_counts()
-        if self.flat:
-            if self._plan is not None and self._intact():
-                return self._plan
-            return self._rebuild_flat_plan()
-        return self._table_plan()
+        if self._plan is not None and self._intact():
+            return self._plan
+        return self._rebuild_plan()
 
     def _intact(self) -> bool:
-        """The O(1) check that the cached plan still describes the parameters."""
-        if not CHEAP_CHECK:
-            return False  # no cheap check available: always take the slow path
-        if (use_count(self.param_flat), use_count(self.grad_flat)) != self._expected_counts:
-            return False
-        plan = self._plan
-        for i in (plan.indices[0], plan.indices[-1]) if plan.indices else ():
-            p = self.params[i]
+        """The cheap check that the cached plan still describes the parameters."""
+        if self.sharded:  # FSDP2 places gradients itself: read where they are
+            return self._sharded_grads() == self._grad_addresses and self.addresses.intact()
+        return self._grads_intact() and self.addresses.intact()
+
+    def _sharded_grads(self) -> list[int]:
+        with torch._C.DisableTorchFunctionSubclass():
+            grads = [p.grad for p in self.params]
+            return [0 if g is None else g._local_tensor.data_ptr() for g in grads]
+
+    def _follow_params(self) -> None:
+        """Validate every parameter; if one moved, the address tables are made anew."""
+        for i, p in enumerate(self.params):
+            self._check_param(i, p)
+        now = self.addresses.now()
+        if now != self.addresses.recorded:  # the first pass, or a parameter moved
+            self.addresses.record(now)
+            self.epoch += 1
+            self.moved = True
+            self._plan = None
+            self._runs.clear()
+            self.cache.pop("all_run", None)
+
+    def _rebuild_plan(self) -> Plan:
+        # validate everything first: a refused pass must change nothing
+        self._follow_params()
+        taking_part = []
+        for i, p in enumerate(self.params):
             g = p.grad
-            if (
-                g is None
-                or g.is_sparse
-                or g.data_ptr() != self.grad_ptrs[i]
-                or p.data_ptr() != self.param_ptrs[i]
-            ):
-                return False
-        return all(p.grad is None for p in self._watch)
+            if g is not None:
+                self._check_grad(i, p, g)
+                taking_part.append(i)
+        indices = tuple(taking_part)
+        key = bytes(1 if p.grad is not None else 0 for p in self.params)
+        weights = [self.weight(i) for i in indices]
+        if self.sharded:
+            run = TableRun(self.storage, indices, weights, [self.grad(i) for i in indices])
+            self._grad_addresses = self._sharded_grads()
+        else:
+            self._gather(indices)
+            run = self._runs.get(key)
+            if run is None:
+                if len(self._runs) >= _RUN_CACHE:
+                    self._runs.clear()
+                run = self._runs[key] = TableRun(
+                    self.storage, indices, weights, self.storage.views("grad", indices)
+                )
+            self._expected_count = use_count(self.storage.buffer("grad"))
+        self._watch = [p for p in self.params if p.grad is None]
+        self._plan = Plan(key, indices, run, self.epoch)
+        return self._plan
+
+    def refresh(self, plan: Plan) -> Plan:
+        """``plan`` (from an earlier pass of this step) with tables of the parameters' current
+        addresses: the plan itself while none moved, else the current plan when it covers the
+        same parameters, else a new run over them (for restores: it reads no gradients)."""
+        if plan.epoch == self.epoch:
+            return plan
+        self._follow_params()
+        current = self._plan
+        if current is not None and current.key == plan.key and current.epoch == self.epoch:
+            return current
+        run = TableRun(self.storage, plan.indices, [self.weight(i) for i in plan.indices], None)
+        return Plan(plan.key, plan.indices, run, self.epoch)
+
+    def _gather(self, indices: tuple[int, ...]) -> None:
+        """Copy each gradient that is not yet a slice of the flat gradient buffer into it, and
+        point ``p.grad`` there (the next backward then accumulates in place). ``p.grad`` gets
+        a view of its own: dropping or replacing it then releases a reference to the
+        buffer's storage, which is what the O(1) check counts."""
+        buffer = self.storage.buffer("grad")
+        for i in indices:
+            p, g = self.params[i], real(self.params[i].grad)
+            slot = self.storage.view("grad", i)
+            if g.data_ptr() == slot.data_ptr() and g.stride() == slot.stride():
+                continue
+            slot.copy_(g)
+            own = dense_view(buffer, self.storage.offsets[i], slot)
+            p.grad = torch.view_as_complex(own) if p.is_complex() else own
 
     def _check_param(self, i: int, p: Tensor) -> None:
-        moved = p.device != self.device or p.dtype != self.param_dtypes[i]
-        if moved or (self.flat and p.data_ptr() != self.param_ptrs[i]):
-            raise LayoutError(
-                f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) is no "
-                f"longer the tensor the optimizer was built on: it is now {p.dtype} on "
-                f"{p.device}, was {self.param_dtypes[i]} on {self.device}. This happens when the model "
-                "is moved or cast (model.to(), .half(), .cuda()) or p.data is replaced after the "
-                "optimizer was created; create the SAM optimizer after moving the model."
+        dtype, device, shape, stride = self.built[i]
+        local = local_tensor(p)
+        if p.dtype != dtype or p.device != device or local.shape != shape or local.stride() != stride:
+            error = LayoutError(
+                f"parameter {i} of param group {self.group_index} is no longer the tensor the optimizer "
+                f"was built on: it is now {p.dtype}{list(local.shape)} (strides {local.stride()}) on "
+                f"{p.device}, was {dtype}{list(shape)} (strides {stride}) on {device}. The optimizer follows "
+                "a parameter whose memory moves (model.share_memory(), p.data = p.data.clone()), but its "
+                "state cannot follow a new shape, dtype, device or memory layout: build the optimizer "
+                "after moving or casting the model (model.to(...), .half(), channels_last), or build a "
+                "new one and load this one's state_dict() into it"
             )
+            error.convertible = local.shape == shape
+            raise error
 
     def _check_grad(self, i: int, p: Tensor, g: Tensor) -> None:
         if g.is_sparse:
@@ -289,119 +266,55 @@ class Bucket(TablePlans, BucketStorage):
                 f"{g.dtype}{list(g.shape)} on {g.device}, but the parameter is "
                 f"{p.dtype}{list(p.shape)} on {p.device}"
             )
+        if self.sharded and local_tensor(g).stride() != local_tensor(p).stride():
+            raise LayoutError(
+                f"the gradient of parameter {i} of param group {self.group_index} has local strides "
+                f"{local_tensor(g).stride()}, its parameter {local_tensor(p).stride()}; SAM's "
+                "multi-tensor kernels need them equal (FSDP2 makes them so)"
+            )
 
-    def _taking_part(self, check_all: bool, check_params: bool = True) -> list[int]:
-        # validate everything first: a refused step must change nothing
-        taking_part = []
-        for i, p in enumerate(self.params):
-            if check_params:
-                self._check_param(i, p)
-            g = p.grad
-            if g is not None:
-                if check_all or g.is_sparse or g.data_ptr() != self.grad_ptrs[i]:
-                    self._check_grad(i, p, g)
-                taking_part.append(i)
-        return taking_part
-
-    def _rebuild_flat_plan(self) -> Plan:
-        taking_part = self._taking_part(check_all=False)
-        # gather foreign gradients into the flat buffer and attach views
-        for i in taking_part:
-            p = self.params[i]
-            if p.grad.data_ptr() != self.grad_ptrs[i] or p.grad.stride() != p.stride():
-                view = dense_view(self.grad_flat, self.offsets[i], p)
-                view.copy_(p.grad)
-                p.grad = view
-        plan = self._new_plan(tuple(taking_part), self._runs(taking_part))
-        for run in plan.runs:  # cached once per plan: per-step launches then create no tensors
-            run.views["param"] = self.param_flat[run.start : run.stop]
-            run.views["grad"] = self.grad_flat[run.start : run.stop]
-        self._plan = plan
-        self._watch = [p for p in self.params if p.grad is None]
-        self._expected_counts = (use_count(self.param_flat), use_count(self.grad_flat))
-        return plan
-
-    def _new_plan(self, indices: tuple[int, ...], runs: list) -> Plan:
-        return Plan(self._key(), indices, runs)
-
-    def _key(self) -> bytes:
-        return bytes(0 if p.grad is None else 1 for p in self.params)
-
-    def _runs(self, taking_part: list[int]) -> list[Run]:
-        """Cut the taking-part parameters into maximal spans of equal update class."""
-        runs: list[Run] = []
-        prev = None
-        for i in taking_part:
-            start = self.offsets[i]
-            stop = start + -(-self.numels[i] // ALIGN) * ALIGN
-            cls = self.update_class[i]
-            if runs and prev is not None and prev[0] == i - 1 and prev[1] == cls:
-                runs[-1].stop = stop
-            else:
-                runs.append(Run(start, stop, i))
-            prev = (i, cls)
-        return runs
-
-    def complement_runs(self, plan: Plan) -> list[Run]:
-        """Runs over the parameters the plan leaves out (cached on the plan)."""
-        if not self.flat:
-            if plan.complement is None:
-                left_out = tuple(i for i in range(len(self.params)) if i not in set(plan.indices))
-                weights = [self.weight(i) for i in left_out]
-                plan.complement = [TableRun(self, left_out, weights, None)] if left_out else []
-            return plan.complement
+    def complement_run(self, plan: Plan) -> TableRun | None:
+        """A run over the parameters the plan leaves out (cached on the plan), or None."""
         if plan.complement is None:
-            taking, runs = set(plan.indices), []
-            for i, n in enumerate(self.numels):
-                if i in taking:
-                    continue
-                start = self.offsets[i]
-                stop = start + -(-n // ALIGN) * ALIGN
-                if runs and runs[-1].stop == start:
-                    runs[-1].stop = stop
-                else:
-                    runs.append(Run(start, stop, i))
-            for run in runs:
-                run.views["param"] = self.param_flat[run.start : run.stop]
-            plan.complement = runs
+            left_out = tuple(i for i in range(len(self.params)) if not plan.key[i])
+            if not left_out:
+                return None
+            plan.complement = TableRun(self.storage, left_out, [self.weight(i) for i in left_out], None)
         return plan.complement
 
     def all_run(self) -> TableRun:
-        """A table run over every parameter (RSAM's noise and its restore move them all)."""
+        """A run over every parameter (RSAM's noise and its restore move them all)."""
+        if not self.addresses.intact():
+            self._follow_params()
         run = self.cache.get("all_run")
         if run is None:
             indices = tuple(range(len(self.params)))
-            run = self.cache["all_run"] = TableRun(self, indices, [self.weight(i) for i in indices], None)
+            run = self.cache["all_run"] = TableRun(
+                self.storage, indices, [self.weight(i) for i in indices], None
+            )
         return run
 
     def row_table(self, plan: Plan) -> tuple[Tensor, Tensor, list[int]]:
-        """Gradient centralization rows of the plan: (starts, lengths, loose params).
+        """Gradient centralization rows of the plan: (byte addresses, lengths, loose params).
 
-        A contiguous parameter of two or more dimensions has ``shape[0]`` rows of
-        ``numel / shape[0]`` consecutive elements. A row starts at an offset into the flat
-        gradient buffer (flat layout) or at a byte address (table layout: the gradient
-        tensors themselves). Parameters of another memory layout (``loose``) are
+        A contiguous gradient of two or more dimensions has ``shape[0]`` rows of
+        ``numel / shape[0]`` consecutive elements (a DTensor's local shard has whole rows:
+        FSDP2 splits dimension 0). Gradients of another memory layout (``loose``) are
         centralized one by one.
         """
         if plan.rows is None:
             starts: list[int] = []
             lengths: list[int] = []
             loose: list[int] = []
-            for i in plan.indices:
-                w = self.weight(i)  # the local shard of a DTensor: its rows are whole (FSDP2 splits dim 0)
-                if w.dim() <= 1 or w.numel() == 0:
+            for i, g in zip(plan.indices, plan.run.grads):
+                if g.dim() <= 1 or g.numel() == 0:
                     continue
-                if not w.is_contiguous():
+                if not g.is_contiguous():
                     loose.append(i)
                     continue
-                n_rows = w.shape[0]
-                row = w.numel() // n_rows
-                if self.flat:
-                    starts.extend(range(self.offsets[i], self.offsets[i] + n_rows * row, row))
-                else:
-                    g = self.grad(i)
-                    base, size = g.data_ptr(), g.element_size()
-                    starts.extend(range(base, base + n_rows * row * size, row * size))
+                n_rows, row = g.shape[0], g.numel() // g.shape[0]
+                base, size = g.data_ptr(), g.element_size()
+                starts.extend(range(base, base + n_rows * row * size, row * size))
                 lengths.extend([row] * n_rows)
             plan.rows = (
                 torch.tensor(starts, dtype=torch.int64, device=self.device),
@@ -423,8 +336,8 @@ class Bucket(TablePlans, BucketStorage):
             for p in self.params:
                 p.grad = None
             return
-        if self.flat and self._plan is not None and self._intact():
-            self.grad_flat.zero_()
+        if not self.sharded and self._plan is not None and self._grads_intact():
+            self.storage.buffers["grad"].zero_()  # every gradient is a view of it
             return
         for p in self.params:
             g = p.grad
@@ -435,22 +348,49 @@ class Bucket(TablePlans, BucketStorage):
                     g.requires_grad_(False)
                 g.zero_()
 
+    def _grads_intact(self) -> bool:
+        """O(1): every taking-part gradient is still its slice of the gradient buffer (one
+        that was replaced or dropped released its reference to the buffer's storage; the
+        first and last are looked at too, in case the caller keeps the old ones alive), and
+        the parameters left out still have none."""
+        grads = self.storage.buffers.get("grad")
+        if grads is None or use_count(grads) != self._expected_count:
+            return False
+        indices = self._plan.indices
+        for i in (indices[0], indices[-1]) if indices else ():
+            g = self.params[i].grad
+            if g is None or g.is_sparse or g.data_ptr() != self.storage.view("grad", i).data_ptr():
+                return False
+        return all(p.grad is None for p in self._watch)
+
+    # ------------------------------------------------------------------ moving state
+    def export_state(self, i: int) -> dict[str, Any]:
+        """Parameter ``i``'s persistent state (copies), for a bucket laid out anew."""
+        buffers = self.storage.buffers
+        return {
+            "tensors": {role: self.storage.view(role, i).clone() for role in buffers if role not in SCRATCH},
+            "counts": (self.steps[i].clone(), self.vsteps[i].clone()),
+            "written": (self.written[0][i], self.written[1][i]),
+            "extra": self.extra[i],
+        }
+
+    def import_state(self, i: int, entry: dict[str, Any]) -> None:
+        """Take :meth:`export_state`'s ``entry`` for parameter ``i``, converted to this bucket's
+        dtype and device as ``load_state_dict`` converts a checkpoint's state."""
+        for role, value in entry["tensors"].items():
+            self.storage.view(role, i).copy_(value)
+        self.steps[i] = entry["counts"][0]
+        self.vsteps[i] = entry["counts"][1]
+        self.written[0][i], self.written[1][i] = entry["written"]
+        self.extra[i] = entry["extra"]
+        self.counts_moved()
+
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict[str, Any]:
-        # addresses, plans and host caches are derived: a copy computes its own
+        # plans and runs hold addresses and host caches: a copy derives its own
         state = self.__dict__.copy()
-        derived = (
-            "_plan",
-            "_watch",
-            "_expected_counts",
-            "_valid_index",
-            "_host_counts",
-            "cache",
-            "param_ptrs",
-            "grad_ptrs",
-            "_plan_addresses",
-            "_weights",
-        )
+        derived = ("_plan", "_runs", "_watch", "_expected_count", "_grad_addresses", "cache")
+        derived += ("epoch", "moved")
         for name in derived:
             state.pop(name, None)
         return state
@@ -458,7 +398,3 @@ class Bucket(TablePlans, BucketStorage):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset_caches()
-        if self.flat:
-            # copy.deepcopy and pickle give the parameters storages of their own: point them
-            # into this bucket's flat buffer again (it holds the same values)
-            self._attach_params()

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .layout import is_dtensor
+from .placement import is_dtensor
 
 __all__ = ["check_whole_rows", "shard_group"]
 

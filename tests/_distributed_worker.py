@@ -51,7 +51,7 @@ def table_backends() -> tuple[str, ...]:
     names = []
     if triton_available() and "cpu" in TritonBackend.capabilities.device_types:
         names.append("triton")
-    if "table" in CppBackend.capabilities.layouts and CppBackend.info():
+    if CppBackend.info():
         names.append("cpp")
     return tuple(names)
 

@@ -121,16 +121,15 @@ def backends_for(
     return [name for name in names if supports(name, variant, dtype)]
 
 
-TABLE_SUFFIX = "-table"  # "<backend>-table": that backend over a table bucket (parameters left in place)
+# "<backend>-table": that backend over parameters that are offset views of larger storages
+# (as FSDP2's shards are): their addresses are not 16-byte aligned, so the kernels take
+# their unaligned path
+TABLE_SUFFIX = "-table"
 
 
 def table_backends_for(variant: str | Variant = "sam", dtype: torch.dtype = torch.float32) -> list[str]:
-    """``"<backend>-table"`` for each fused backend that runs ``variant`` over table buckets."""
-    return [
-        name + TABLE_SUFFIX
-        for name in backends_for(variant, dtype, fused_only=True)
-        if "table" in _CLASSES[name].capabilities.layouts
-    ]
+    """``"<backend>-table"`` for each fused backend that runs ``variant``."""
+    return [name + TABLE_SUFFIX for name in backends_for(variant, dtype, fused_only=True)]
 
 
 def split_backend(name: str) -> tuple[str, bool]:
@@ -139,9 +138,9 @@ def split_backend(name: str) -> tuple[str, bool]:
 
 
 def in_place_parameter(value: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
-    """A parameter holding ``value`` as a slice of a larger storage (offset by one element), so
-    that the flat layout declines it (it would be cut off from that storage) and it runs in a
-    table bucket, on any device: as FSDP2's shards do, whose storage FSDP2 owns."""
+    """A parameter holding ``value`` as a slice of a larger storage (offset by one element, so
+    its address is not 16-byte aligned), on any device: as FSDP2's shards are, whose storage
+    FSDP2 owns."""
     storage = torch.zeros(value.numel() + 1, dtype=value.dtype, device=value.device)
     view = storage[1:].view(value.shape)
     view.copy_(value)

@@ -3,9 +3,9 @@
 Each test runs for every fused backend this process has (``triton`` through the
 interpreter, ``cpp``, and ``cuda``: on the CPU its own source built against the CUDA
 emulation, on a GPU the real kernels). Each operation is called the way the step engine
-calls it, on a flat bucket of the fused backend (and on a table bucket, ``<backend>-table``,
-where the backend runs one) and on a reference bucket holding the same numbers, and the
-results are compared:
+calls it, on a bucket of the fused backend (and, as ``<backend>-table``, on one whose
+parameters are offset views of larger storages, at unaligned addresses) and on a reference
+bucket holding the same numbers, and the results are compared:
 
 * float32 within a few ulps (the norm is summed in another order; the perturbation scales
   ``u`` once instead of dividing every element), bfloat16/float16 within one ulp of the
@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from conftest import DEVICE, FUSED_BACKENDS, backend_instance
+from conftest import DEVICE, FUSED_BACKENDS, backend_instance, in_place_parameter
 
 from sam_fused import status as S
 from sam_fused.base_updates import AdamSpec, SGDSpec
@@ -30,12 +30,10 @@ from sam_fused.context import StepContext
 from sam_fused.layout import Bucket
 from sam_fused.variants import VARIANTS, Descent, Variant
 
-# each fused backend over flat buckets, and over table buckets (parameters left in place:
-# FSDP2 shards, shared memory) where it runs them, as "<backend>-table"
+# each fused backend over parameters of their own, and over offset views of larger storages
+# (FSDP2's shards are such views; their addresses are not 16-byte aligned), as "<backend>-table"
 TABLE = "-table"
-FUSED_CASES = list(FUSED_BACKENDS) + [
-    name + TABLE for name in FUSED_BACKENDS if "table" in backend_instance(name).capabilities.layouts
-]
+FUSED_CASES = list(FUSED_BACKENDS) + [name + TABLE for name in FUSED_BACKENDS]
 FUSED = [pytest.param(name, id=name) for name in FUSED_CASES]
 
 
@@ -43,8 +41,9 @@ def backend_of(case: str) -> str:
     return case.removesuffix(TABLE)
 
 
-def layout_of(case: str) -> str:
-    return "table" if case == "reference" or case.endswith(TABLE) else "flat"
+def parameter(case: str, value: torch.Tensor) -> torch.nn.Parameter:
+    """A parameter holding ``value`` as ``case`` lays it out: an offset view for "-table"."""
+    return in_place_parameter(value) if case.endswith(TABLE) else torch.nn.Parameter(value.clone())
 
 
 def interpreted(case: str) -> bool:
@@ -113,10 +112,7 @@ class Side:
         return self.bucket.state_tensor(name, i)
 
     def backup_of(self, i: int) -> torch.Tensor:
-        b = self.bucket
-        if not b.flat:
-            return b.tensors("backup")[i]
-        return b.backup_flat[b.offsets[i] :][: b.numels[i]]
+        return self.bucket.state_tensor("backup", i)
 
 
 class Pair:
@@ -128,8 +124,8 @@ class Pair:
         self.dtype, self.device, self.sizes = dtype, torch.device(device), sizes
         self.sides = {}
         for name in ("reference", fused):
-            params = [torch.nn.Parameter(v.to(device=device, dtype=dtype)) for v in values]
-            bucket = Bucket(params, 0, layout_of(name), backend_instance(backend_of(name)))
+            params = [parameter(name, v.to(device=device, dtype=dtype)) for v in values]
+            bucket = Bucket(params, 0, backend_instance(backend_of(name)))
             self.sides[name] = Side(bucket, torch.zeros(S.SIZE, device=device))
         self.ref, self.fused = self.sides["reference"], self.sides[fused]
 
@@ -385,14 +381,12 @@ def test_every_low_precision_value_survives_the_float32_round_trip(fused, device
     """All 2^16 bit patterns through an update that changes nothing (lr = 0): the kernels'
     conversions to float32 and back are exact, infinities and signed zeros included."""
     patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).to(device)
-    param = torch.nn.Parameter(patterns.clone())
+    param = parameter(fused, patterns)
     param.grad = torch.ones_like(param)
-    bucket = Bucket([param], 0, layout_of(fused), backend_instance(backend_of(fused)))
+    bucket = Bucket([param], 0, backend_instance(backend_of(fused)))
     plan = bucket.plan()
     spec = replace(SGD, lr=0.0, momentum=0.0, weight_decay=0.0)
-    # the update reads w from the backup
-    backup = bucket.backup_buffer() if bucket.flat else bucket.state_tensor("backup", 0)
-    backup.copy_(param.detach())
+    bucket.state_tensor("backup", 0).copy_(param.detach())  # the update reads w from the backup
     ctx = StepContext(VARIANTS["sam"], {}, 1e-12, False, torch.zeros(S.SIZE, device=device))
     bucket.backend.update(bucket, plan, plan, spec, ctx, Descent.PLAIN)
     out, expected = param.detach().cpu(), patterns.cpu()
@@ -443,7 +437,7 @@ def test_update_after_a_separate_restore(fused, device, spec):
     pair = Pair(fused, [7, 4097, 33, 5], torch.float32, device)
     pair.set_grads(1)
     perturbed = {name: first_step(side, group(), VARIANTS["sam"]) for name, side in pair.sides.items()}
-    original_skipped = pair.ref.bucket.tensors("backup")[1].clone()
+    original_skipped = pair.ref.bucket.state_tensor("backup", 1).clone()
     pair.set_grads(2, skip=(1,))
     for name, side in pair.sides.items():
         second_step(side, perturbed[name], spec)
@@ -487,27 +481,26 @@ def test_norm_is_bitwise_reproducible(fused, device):
     assert all(torch.equal(r, results[0]) for r in results)
 
 
-# ---------------------------------------------------------------------- cpp: flat vs table
+# ---------------------------------------------------------------------- cpp: aligned or not
 @pytest.mark.skipif("cpp" not in FUSED_BACKENDS, reason="the C++ CPU extension is not built here")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", [SGD, ADAM_CASES["amsgrad"]], ids=["sgd", "amsgrad"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
-def test_cpp_table_launch_is_bitwise_the_flat_one(dtype, spec, adaptive):
-    """The C++ library runs both layouts through the same loops (csrc/sam_fused_cpu.cpp,
-    "layouts"), so given the same status the perturbation, the restore and the update write the
-    same bits over a flat bucket and over a table bucket. The norm statistics agree to float32
-    rounding only: a flat run's slots and 2048-element sub-blocks cut the concatenated (padded)
-    buffer, a table's cut each tensor, so the partial sums are grouped differently."""
+def test_cpp_offset_views_run_bitwise_like_parameters_of_their_own(dtype, spec, adaptive):
+    """The C++ library walks every tensor from its own address, aligned or not, cutting its
+    norm slots from the tensor's length alone: parameters that are offset views of larger
+    storages (unaligned, as FSDP2's shards may be) get the same bits as parameters with
+    storages of their own, norm statistics included."""
     sizes = [1, 7, 0, 4097, 70_001, 33]  # an empty tensor; 70_001 > one 64 Ki-element slot
     gen = torch.Generator().manual_seed(3)
     values = [torch.randn(n, generator=gen) for n in sizes]
     backend = backend_instance("cpp")
     buckets = [
-        Bucket([torch.nn.Parameter(v.to(dtype)) for v in values], 0, layout, backend)
-        for layout in ("flat", "table")
+        Bucket([make(v.to(dtype)) for v in values], 0, backend)
+        for make in (lambda v: torch.nn.Parameter(v.clone()), in_place_parameter)
     ]
     sides = [Side(bucket, torch.zeros(S.SIZE)) for bucket in buckets]
-    flat, table = sides
+    own, offset = sides
     g = group(adaptive=adaptive, eta=0.01 if adaptive else 0.0)
     variant = VARIANTS["sam"]
 
@@ -519,30 +512,28 @@ def test_cpp_table_launch_is_bitwise_the_flat_one(dtype, spec, adaptive):
 
     def assert_same_bits(names: tuple[str, ...]) -> None:
         for i in range(len(sizes)):
-            assert torch.equal(bits(flat.params[i]), bits(table.params[i])), f"param {i}"
+            assert torch.equal(bits(own.params[i]), bits(offset.params[i])), f"param {i}"
             for name in names:
-                assert torch.equal(bits(flat.state_of(name, i)), bits(table.state_of(name, i))), f"{name} {i}"
+                assert torch.equal(bits(own.state_of(name, i)), bits(offset.state_of(name, i))), f"{name} {i}"
 
     for step in range(3):
         set_grads(100 * step)
         plans = [stats_into([(side, g)], variant)[0] for side in sides]
-        # a slot per tensor of the table, two for the 70_001-element one
-        assert backend.partial_slots(table.bucket, plans[1]) == len(sizes) + 1
-        torch.testing.assert_close(table.status, flat.status, rtol=1e-6, atol=0)
-        table.status.copy_(flat.status)  # the same norm, so the same perturbation
+        # a slot per tensor of the offset, two for the 70_001-element one
+        assert backend.partial_slots(offset.bucket, plans[1]) == len(sizes) + 1
+        assert torch.equal(bits(offset.status), bits(own.status))
         for side, plan in zip(sides, plans):
             side.backend.perturb(side.bucket, plan, g, side.ctx(variant))
         assert_same_bits(())
         for i in range(len(sizes)):
-            assert torch.equal(bits(flat.backup_of(i)), bits(table.backup_of(i)))
+            assert torch.equal(bits(own.backup_of(i)), bits(offset.backup_of(i)))
         set_grads(100 * step + 50)
         for side, plan in zip(sides, plans):
             ctx = side.ctx(variant)
             partials = torch.full((4, side.backend.partial_slots(side.bucket, plan)), float("nan"))
             side.backend.descent_stats(side.bucket, plan, ctx, partials)
             torch.sum(partials, dim=1, out=side.status[S.SECOND_PASS])
-        torch.testing.assert_close(table.status, flat.status, rtol=1e-6, atol=0)
-        table.status.copy_(flat.status)
+        assert torch.equal(bits(offset.status), bits(own.status))
         for side, plan in zip(sides, plans):
             ctx = side.ctx(variant)
             side.backend.update(side.bucket, plan, plan, spec, ctx, Descent.PLAIN)

@@ -6,8 +6,8 @@ Every backend implements the :class:`~sam_fused.backends.protocol.Backend` opera
 place that decides which backend a bucket gets.
 
 * ``reference``: pure PyTorch, parameter by parameter; any device and dtype.
-* ``triton``: fused kernels over flat buffers; CUDA tensors (or CPU tensors when
-  ``TRITON_INTERPRET=1``), float32/bfloat16/float16.
+* ``triton``: fused multi-tensor kernels (one launch per operation per bucket); CUDA
+  tensors (or CPU tensors when ``TRITON_INTERPRET=1``), float32/bfloat16/float16.
 * ``cpp`` / ``cuda``: the same fused operations as compiled C++/OpenMP (CPU tensors) and
   CUDA kernels (CUDA tensors), float32/bfloat16/float16; built by setup.py or on first use
   (``sam_fused/_extension.py``). They run the variants with the gradient as ascent
@@ -92,41 +92,28 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def _auto(
-    device: torch.device,
-    dtype: torch.dtype,
-    variant: Variant,
-    flat_refusal: str | None,
-    table_refusal: str | None,
-) -> tuple[Backend, str]:
+def _auto(device: torch.device, dtype: torch.dtype, variant: Variant, strided: str | None) -> Backend:
     """Triton for CUDA tensors, the C++ backend for CPU tensors, where they run the bucket;
     the reference backend for everything else."""
     fused, usable = (
         ("triton", triton_available) if device.type == "cuda" else ("cpp", lambda: bool(CppBackend.info()))
     )
-    if device.type in ("cuda", "cpu") and usable():
+    if strided is None and device.type in ("cuda", "cpu") and usable():
         backend = get_backend(fused)
-        layout = backend.capabilities.layout(flat_refusal, table_refusal)
-        if layout is not None and backend.capabilities.refusal(device, dtype, variant) is None:
-            return backend, layout
-    return get_backend("reference"), "table"
+        if backend.capabilities.refusal(device, dtype, variant) is None:
+            return backend
+    return get_backend("reference")
 
 
 def choose_backend(
-    request: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    variant: Variant,
-    flat_refusal: str | None = None,
-    table_refusal: str | None = None,
-) -> tuple[Backend, str]:
-    """The backend and layout for a bucket of ``dtype`` on ``device`` running ``variant``.
+    request: str, device: torch.device, dtype: torch.dtype, variant: Variant, strided: str | None = None
+) -> Backend:
+    """The backend for a bucket of ``dtype`` on ``device`` running ``variant``.
 
     ``request`` is the optimizer's ``backend=`` argument; ``"auto"`` may be replaced by the
-    ``SAM_FUSED_BACKEND`` environment variable. ``flat_refusal`` says why some parameter
-    of the bucket cannot move into a flat buffer (None: they all can), ``table_refusal`` why
-    one is too strided for the multi-tensor kernels (None: all are dense). An explicit request
-    that cannot run the bucket is a clear error, raised when the optimizer is built.
+    ``SAM_FUSED_BACKEND`` environment variable. ``strided`` says why some parameter of the
+    bucket is too strided for the multi-tensor kernels (None: all are dense). An explicit
+    request that cannot run the bucket is a clear error, raised when the optimizer is built.
     """
     name = request
     if name == "auto":
@@ -134,23 +121,16 @@ def choose_backend(
         if name not in BACKEND_NAMES:
             raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
     if name == "auto":
-        return _auto(device, dtype, variant, flat_refusal, table_refusal)
+        return _auto(device, dtype, variant, strided)
     # what the backend declares is checked before it is loaded (or built)
     capabilities = (_INSTANCES.get(name) or _CLASSES[name]).capabilities
     reason = capabilities.refusal(device, dtype, variant)
     if reason is not None and name == "triton" and device.type == "cpu":
         reason += "; set TRITON_INTERPRET=1 to run its kernels on the CPU through the interpreter"
-    layout = capabilities.layout(flat_refusal, table_refusal)
-    if reason is None and layout is None:
-        if "table" in capabilities.layouts:
-            reason = (
-                f"a parameter cannot move into a flat buffer ({flat_refusal}) and its multi-tensor "
-                f"kernels need dense tensors: {table_refusal}"
-            )
-        else:
-            reason = f"it moves parameters into flat buffers, and a parameter cannot move: {flat_refusal}"
+    if reason is None and strided is not None and not capabilities.strided:
+        reason = f"its multi-tensor kernels need dense tensors, and a parameter is not: {strided}"
     if reason is None:
-        return get_backend(name), layout
+        return get_backend(name)
     raise ValueError(
         f"the {name} backend cannot run these parameters ({str(dtype).removeprefix('torch.')} on "
         f"{device}, variant {variant.name!r}): {reason}. Use backend='auto' (it picks a backend per "

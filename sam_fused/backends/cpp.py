@@ -1,22 +1,22 @@
 """The compiled backends: hand-written C++ (CPU) and CUDA kernels.
 
 The same operations as the Triton backend: ``cpp`` runs the C++/OpenMP kernels of
-``csrc/sam_fused_cpu.cpp`` on CPU tensors, over flat and table buckets; ``cuda`` the
-kernels of ``csrc/sam_fused_cuda.cu`` on CUDA tensors, over flat buckets. Both libraries
-are compiled once (by setup.py or on first use, see ``sam_fused/_extension.py``) and
-register their operations as ``torch.ops.sam_fused_cpu`` / ``torch.ops.sam_fused_cuda``.
+``csrc/sam_fused_cpu.cpp`` on CPU tensors, ``cuda`` the kernels of ``csrc/sam_fused_cuda.cu``
+on CUDA tensors. Both libraries are compiled once (by setup.py or on first use, see
+``sam_fused/_extension.py``) and register their operations as ``torch.ops.sam_fused_cpu`` /
+``torch.ops.sam_fused_cuda``.
 
-One call covers a whole bucket: the plan's runs go to the library as a small int64 table
-(cached on the plan), so a bucket of 2000 tensors costs one Python call per operation. A
-flat bucket passes each buffer (``param``, ``grad``, ``backup``, a state) whole and one
-row ``(start, stop, first)`` per run of it; a table bucket passes each as the run's address
-table (``tables.py``) and one row ``(0, numel, first)`` per tensor, plus a tensor of the
-element type (``like``) to dispatch on.
-Scalars that change between steps (lr, rho) are plain arguments; nothing is recompiled.
-GradScaler's ``1 / scale`` and the clipping coefficient stay on the device: the operations
-take the status index to unscale by (``-1``: none) and a clip flag, and the kernels read the
-factors from ``status`` and multiply each gradient in float32 as they load it, as the
-Triton kernels and the reference do (the gradient buffers are never written).
+One call covers a whole bucket: every role (``param``, ``grad``, ``backup``, a state) is the
+plan's table of tensor addresses (``tables.py``), the run table says where each tensor's
+elements are, and ``like``, a tensor of the element type, is what the library dispatches
+on. The CPU library takes one row ``(0, numel, count index)`` per tensor
+(``TableRun.tensor_rows``) and cuts tensors into its own thread-pool blocks; the CUDA
+library takes the device chunk table the Triton kernels use (``TableRun.table``), one
+thread block per chunk. Scalars that change between steps (lr, rho) are plain arguments;
+nothing is recompiled. GradScaler's ``1 / scale`` and the clipping coefficient stay on the
+device: the operations take the status index to unscale by (``-1``: none) and a clip flag,
+and the kernels read the factors from ``status`` and multiply each gradient in float32 as
+they load it, as the Triton kernels and the reference do (gradients are never written).
 
 Their capabilities: the variants whose ascent direction is the gradient and whose descent
 is plain (SAM, ASAM, USAM, GCSAM, interval SAM), with SGD and Adam/AdamW fused.
@@ -35,7 +35,7 @@ from .. import status as S
 from .._extension import BackendInfo, _Extension, cpu_extension, cuda_extension
 from ..base_updates import AdamSpec, BaseSpec, SGDSpec
 from ..context import StepContext
-from ..layout import Bucket, Plan, Run
+from ..layout import Bucket, Plan
 from ..tables import TableRun
 from ..variants import Ascent, Descent
 from .protocol import Capabilities
@@ -50,8 +50,6 @@ def _capabilities(device_type: str) -> Capabilities:
     return Capabilities(
         device_types={device_type},
         dtypes=_DTYPES,
-        # only the CPU library takes address tables (csrc/sam_fused_cpu.cpp, "layouts")
-        layouts={"flat", "table"} if device_type == "cpu" else {"flat"},
         ascents={Ascent.GRAD},
         descents={Descent.PLAIN},
         updates={SGDSpec.name, AdamSpec.name},
@@ -59,7 +57,7 @@ def _capabilities(device_type: str) -> Capabilities:
 
 
 class CppBackend:
-    """Fused operations from the C++ CPU extension (CPU tensors, flat and table buckets)."""
+    """Fused operations from the C++ CPU extension (CPU tensors)."""
 
     name = "cpp"
     device_type = "cpu"
@@ -89,53 +87,24 @@ class CppBackend:
         """Whether the library is here (loading or building it on first call)."""
         return cls.extension().info()
 
-    # ------------------------------------------------------------------ plans
+    # ------------------------------------------------------------------ runs
     def _slots(self, n: int) -> int:
-        # the same pure function of the run length as stats_slots() in sam_fused_common.h
+        # the same pure function of a tensor's length as stats_slots() in sam_fused_common.h
         return max(1, min(-(-n // self._chunk), self._max_slots))
 
-    @staticmethod
-    def _rows(runs: list[Run] | list[TableRun]) -> list[tuple[int, int, int]]:
-        """The library's runs: a flat run's span of the buffers, or each tensor of a table run
-        whole (its address is the entry of the same index in every role's table)."""
-        rows: list[tuple[int, int, int]] = []
-        for run in runs:
-            if run.table_mode:
-                rows.extend((0, w.numel(), i) for i, w in zip(run.indices, run.weights))
-            else:
-                rows.append((run.start, run.stop, run.first))
-        return rows
+    def _rows(self, run: TableRun) -> Tensor:
+        """What the library's ``runs`` argument gets for this run."""
+        return run.tensor_rows()
 
-    def _table(self, plan: Plan) -> tuple[Tensor, int]:
-        """The plan's runs as a CPU int64 (R, 3) table and its number of partial slots."""
-        cached = plan.cache.get(self.name)
-        if cached is None:
-            rows = self._rows(plan.runs)
-            table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
-            slots = sum(self._slots(stop - start) for start, stop, _ in rows)
-            cached = plan.cache[self.name] = (table, slots)
-        return cached
-
-    @staticmethod
-    def _buffer(bucket: Bucket, plan: Plan, role: str) -> Tensor:
-        """What the library's argument for ``role`` gets: the flat buffer whole, or the table
-        run's address table (a table bucket's plan is one TableRun)."""
-        if not bucket.flat:
-            return plan.runs[0].tensor(bucket, role)
-        if role == "param":
-            return bucket.param_flat
-        if role == "grad":
-            return bucket.grad_flat
-        return bucket.backup_buffer() if role == "backup" else bucket.flat_buffer(role)
-
-    @staticmethod
-    def _like(bucket: Bucket, plan: Plan) -> Tensor:
-        """A tensor of the element type, which the library dispatches on."""
-        return bucket.param_flat if bucket.flat else plan.runs[0].like
-
+    def _partials(self, run: TableRun) -> int:
+        """Partial sums a statistics call writes for this run."""
+        return sum(self._slots(n) for n in map(Tensor.numel, run.weights))
     # ------------------------------------------------------------------ operations
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
-        return self._table(plan)[1]
+        slots = plan.cache.get(self.name)
+        if slots is None:
+            slots = plan.cache[self.name] = self._partials(plan.run)
+        return slots
 
     def centralize(self, bucket: Bucket, plan: Plan) -> None:
         # GCSAM's row means: a per-parameter reduction that ATen already does well
@@ -149,32 +118,44 @@ class CppBackend:
         """The status entry whose ``1 / scale`` the kernels multiply gradients by, or -1."""
         return index if ctx.unscale else -1
 
+    def _stats(
+        self,
+        run: TableRun,
+        ctx: StepContext,
+        sumsq: Tensor | None,
+        bad: Tensor,
+        index: int,
+        eta: float | None,
+    ) -> None:
+        self.ops.stats(
+            run.addresses("grad"),
+            run.addresses("param"),
+            self._rows(run),
+            run.like,
+            sumsq,
+            bad,
+            ctx.status,
+            self._unscale(ctx, index),
+            eta is not None,
+            eta or 0.0,
+        )
+
     def ascent_stats(
         self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
     ) -> None:
-        adaptive = bool(group["adaptive"])
-        self.ops.stats(
-            self._buffer(bucket, plan, "grad"),
-            self._buffer(bucket, plan, "param"),
-            self._table(plan)[0],
-            self._like(bucket, plan),
-            partials[0],
-            partials[1],
-            ctx.status,
-            self._unscale(ctx, S.INV_SCALE1),
-            adaptive,
-            float(group["eta"]) if adaptive else 0.0,
-        )
+        eta = float(group["eta"]) if group["adaptive"] else None
+        self._stats(plan.run, ctx, partials[0], partials[1], S.INV_SCALE1, eta)
 
     def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
         adaptive = bool(group["adaptive"])
+        run = plan.run
         self.ops.perturb(
-            self._buffer(bucket, plan, "param"),
-            self._buffer(bucket, plan, "grad"),
-            self._buffer(bucket, plan, "backup"),
+            run.addresses("param"),
+            run.addresses("grad"),
+            run.addresses("backup"),
             ctx.status,
-            self._table(plan)[0],
-            self._like(bucket, plan),
+            self._rows(run),
+            run.like,
             float(group["rho"]),
             float(group["eta"]) if adaptive else 0.0,
             float(ctx.norm_eps),
@@ -191,35 +172,12 @@ class CppBackend:
         # the non-finite count of g_p, and ||g_p||^2 for clipping; the inner products belong
         # to GSAM / LookSAM, which are not among these backends' capabilities
         partials[1:].zero_()
-        sumsq = partials[2] if ctx.clip else None
-        self.ops.stats(
-            self._buffer(bucket, plan, "grad"),
-            self._buffer(bucket, plan, "param"),
-            self._table(plan)[0],
-            self._like(bucket, plan),
-            sumsq,
-            partials[0],
-            ctx.status,
-            self._unscale(ctx, S.INV_SCALE2),
-            False,
-            0.0,
-        )
+        self._stats(plan.run, ctx, partials[2] if ctx.clip else None, partials[0], S.INV_SCALE2, None)
 
     def restore(self, bucket: Bucket, plan: Plan | None) -> None:
-        if plan is None:  # every parameter
-            if bucket.flat:
-                bucket.param_flat.copy_(bucket.backup_buffer())
-            else:
-                run = bucket.all_run()
-                rows = torch.tensor(self._rows([run]), dtype=torch.int64).reshape(-1, 3)
-                self.ops.restore(run.tensor(bucket, "param"), run.tensor(bucket, "backup"), rows, run.like)
-        elif not plan.empty:
-            self.ops.restore(
-                self._buffer(bucket, plan, "param"),
-                self._buffer(bucket, plan, "backup"),
-                self._table(plan)[0],
-                self._like(bucket, plan),
-            )
+        run = bucket.all_run() if plan is None else plan.run  # None: every parameter (RSAM)
+        if not run.empty:
+            self.ops.restore(run.addresses("param"), run.addresses("backup"), self._rows(run), run.like)
 
     def update(
         self,
@@ -238,14 +196,15 @@ class CppBackend:
             source = "param"
         if plan.empty:
             return
-        src, param, grad = (self._buffer(bucket, plan, role) for role in (source, "param", "grad"))
-        common: tuple[Any, ...] = (bucket.steps, ctx.status, self._table(plan)[0], self._like(bucket, plan))
+        run = plan.run
+        src, param, grad = (run.addresses(role) for role in (source, "param", "grad"))
+        common: tuple[Any, ...] = (bucket.steps, ctx.status, self._rows(run), run.like)
         # the descent gradient: the second pass's (INV_SCALE2; a one-pass step writes both
         # entries), clipped by status[CLIP] when max_grad_norm is set
         reads = (self._unscale(ctx, S.INV_SCALE2), bool(ctx.clip), bool(ctx.check))
         lr = float(spec.lr)  # a CUDA tensor lr costs a sync here (the Triton backend reads it on the device)
         if isinstance(spec, SGDSpec):
-            buf = self._buffer(bucket, plan, "momentum_buffer") if spec.momentum != 0 else None
+            buf = run.addresses("momentum_buffer") if spec.momentum != 0 else None
             self.ops.sgd(
                 src,
                 param,
@@ -266,9 +225,9 @@ class CppBackend:
                 src,
                 param,
                 grad,
-                self._buffer(bucket, plan, "exp_avg"),
-                self._buffer(bucket, plan, "exp_avg_sq"),
-                self._buffer(bucket, plan, "max_exp_avg_sq") if spec.amsgrad else None,
+                run.addresses("exp_avg"),
+                run.addresses("exp_avg_sq"),
+                run.addresses("max_exp_avg_sq") if spec.amsgrad else None,
                 *common,
                 lr,
                 spec.beta1,
@@ -298,9 +257,8 @@ class CppBackend:
 class CudaBackend(CppBackend):
     """The same operations from the CUDA extension (CUDA tensors, no host sync).
 
-    The run table stays on the host: the library launches one kernel per run with the
-    run's offsets as arguments, and the kernels read status and step counts on the device.
-    Flat buckets only (table buckets on CUDA go to the Triton backend).
+    The run table is the device chunk table the Triton kernels use (``TableRun.table``):
+    one thread block per chunk, one partial sum per chunk, update counts per tensor.
     """
 
     name = "cuda"
@@ -310,6 +268,12 @@ class CudaBackend(CppBackend):
     @classmethod
     def extension(cls) -> _Extension:
         return cuda_extension()
+
+    def _rows(self, run: TableRun) -> Tensor:
+        return run.table
+
+    def _partials(self, run: TableRun) -> int:
+        return run.programs()
 
 
 def _instance(name: str):

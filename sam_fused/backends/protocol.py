@@ -27,19 +27,15 @@ __all__ = ["Backend", "Capabilities"]
 class Capabilities:
     """What a backend runs; None means "any".
 
-    ``layouts``: the bucket layouts it runs: ``"flat"`` (parameters re-pointed into one
-    buffer; one launch per contiguous run) and/or ``"table"`` (parameters left where they are:
-    the fused backends launch multi-tensor kernels over a table of their addresses, the
-    reference goes parameter by parameter).
-    ``strided``: whether its table layout also runs tensors whose memory has gaps (the
-    reference does; the multi-tensor kernels need each tensor dense).
+    ``strided``: whether it also runs tensors whose memory has gaps (the reference does,
+    parameter by parameter; the multi-tensor kernels walk each tensor as ``numel``
+    consecutive elements from its address, so they need dense tensors).
     ``updates``: the base updates (``BaseSpec.name``) it fuses; groups of another base
     optimizer take the generic path (restore, then the base optimizer's own ``step()``).
     """
 
     device_types: Set[str] | None
     dtypes: Set[torch.dtype] | None
-    layouts: Set[str]
     ascents: Set[Ascent]
     descents: Set[Descent]
     updates: Set[str] | None
@@ -55,16 +51,6 @@ class Capabilities:
             return f"it handles {names}, not {str(dtype).removeprefix('torch.')}"
         if variant.ascent not in self.ascents or variant.descent not in self.descents:
             return f"it has no kernels for variant {variant.name!r}"
-        return None
-
-    def layout(self, flat_refusal: str | None, table_refusal: str | None = None) -> str | None:
-        """The layout for a bucket whose parameters can (``flat_refusal`` None) or cannot move
-        into a flat buffer, and are dense (``table_refusal`` None) or strided; None when this
-        backend runs neither."""
-        if flat_refusal is None and "flat" in self.layouts:
-            return "flat"
-        if "table" in self.layouts and (table_refusal is None or self.strided):
-            return "table"
         return None
 
     def fuses(self, spec: BaseSpec) -> bool:

@@ -148,7 +148,6 @@ class ReferenceBackend:
     capabilities = Capabilities(
         device_types=None,
         dtypes=None,
-        layouts={"table"},
         strided=True,
         ascents=frozenset(Ascent),
         descents=frozenset(Descent),
@@ -176,16 +175,16 @@ class ReferenceBackend:
         offset = 0
         for i in range(len(bucket.params)):
             w = bucket.weight(i)
-            bucket.tensors("backup")[i] = w.clone()
+            bucket.store_state("backup", i, w)
             delta = draw[offset : offset + w.numel()].view(w.shape).mul(std).to(w.dtype)
             offset += w.numel()
-            bucket.tensors("rsam_delta")[i] = delta
+            bucket.store_state("rsam_delta", i, delta)
             compute = math_dtype(w.dtype)
             w.copy_((w.to(compute) + delta.to(compute)).to(w.dtype))
 
     def _aux(self, bucket: Bucket, i: int, ctx: StepContext, compute: torch.dtype) -> Tensor | None:
         if ctx.variant.ascent == Ascent.RSAM:
-            return bucket.tensors("rsam_delta")[i].to(compute)
+            return bucket.state_tensor("rsam_delta", i).to(compute)
         if ctx.variant.ascent_updates_state:
             return bucket.state_tensor(ctx.variant.running_state, i).to(compute)
         return None
@@ -214,18 +213,17 @@ class ReferenceBackend:
         compute = math_dtype(bucket.dtype)
         norm = ctx.status[S.SUMSQ].to(compute).sqrt()
         skip = ctx.skip(bucket.device)
-        backups, first_grads = bucket.tensors("backup"), bucket.tensors("first_grad")
-        for i in range(len(bucket.params)):
-            first_grads[i] = None  # a parameter without a first gradient has g = 0 (GSAM, LookSAM)
+        if variant.keeps_first_grad:  # a parameter without a first gradient has g = 0 (GSAM, LookSAM)
+            for i in set(range(len(bucket.params))) - set(plan.indices):
+                bucket.clear_state("first_grad", i)
         for i in plan.indices:
             w = bucket.weight(i)
-            if variant.noise:  # the backup was taken before the noise; perturb from there
-                src = backups[i]
-            else:
-                src = backups[i] = w.clone()
+            src = bucket.state_tensor("backup", i)
+            if not variant.noise:  # RSAM's backup was taken before the noise: perturb from there
+                src.copy_(w)
             g = ctx.unscaled(bucket.grad(i).to(compute), S.INV_SCALE1)
             if variant.keeps_first_grad:  # a copy: the next pass rewrites the gradient
-                first_grads[i] = g.to(bucket.dtype, copy=True)
+                bucket.store_state("first_grad", i, g)
             aux = self._aux(bucket, i, ctx, compute)
             v, new_state = ascent_direction(variant, ctx.options, g, aux, bucket.vsteps[i] == 0)
             t = ascent_scale(src.to(compute), group["adaptive"], group["eta"])
@@ -233,7 +231,7 @@ class ReferenceBackend:
             w.copy_(torch.where(skip, src, (src.to(compute) + eps).to(w.dtype)))
             if new_state is not None:
                 old = bucket.state_tensor(variant.running_state, i)
-                bucket.tensors("state_prev")[i] = old.clone()  # for revert_state
+                bucket.store_state("state_prev", i, old)  # for revert_state
                 bucket.store_state(variant.running_state, i, torch.where(skip, old, new_state.to(old.dtype)))
         if variant.noise:  # parameters that took no part go back to w (their noise is undone)
             for i in set(range(len(bucket.params))) - set(plan.indices):
@@ -248,11 +246,10 @@ class ReferenceBackend:
         second pass, found later, must still leave it as it was.
         """
         skip = torch.ones((), dtype=torch.bool, device=bucket.device) if force else ctx.skip(bucket.device)
-        name, prev = ctx.variant.running_state, bucket.tensors("state_prev")
+        name = ctx.variant.running_state
         for i in plan.indices:
-            if prev[i] is not None:
-                bucket.store_state(name, i, torch.where(skip, prev[i], bucket.state_tensor(name, i)))
-                prev[i] = None
+            prev = bucket.state_tensor("state_prev", i)
+            bucket.store_state(name, i, torch.where(skip, prev, bucket.state_tensor(name, i)))
 
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
         """``[non-finite count of g_p, <g, g_p>, ||g_p||^2, ||g||^2]`` into ``partials[:, 0]``."""
@@ -265,9 +262,8 @@ class ReferenceBackend:
             gp = ctx.unscaled(gp_raw, S.INV_SCALE2)
             if inner or ctx.clip:
                 sums[2] += sum_of_squares(gp)
-            held = bucket.tensors("first_grad")[i] if inner else None
-            if held is not None:
-                g = held.to(acc)
+            if inner:
+                g = bucket.state_tensor("first_grad", i).to(acc)
                 sums[1] += (g * gp).sum()
                 sums[3] += sum_of_squares(g)
         partials[:, 0] = sums
@@ -278,10 +274,7 @@ class ReferenceBackend:
             self._restore_one(bucket, i)
 
     def _restore_one(self, bucket: Bucket, i: int) -> None:
-        backups = bucket.tensors("backup")
-        if backups[i] is not None:
-            bucket.weight(i).copy_(backups[i])
-            backups[i] = None
+        bucket.weight(i).copy_(bucket.state_tensor("backup", i))
 
     def update(
         self,
@@ -301,8 +294,9 @@ class ReferenceBackend:
         for i in plan.indices:
             w_old = bucket.weight(i)
             w, gp = w_old.to(compute), ctx.unscaled(bucket.grad(i).to(compute), S.INV_SCALE2)
-            held = bucket.tensors("first_grad")[i]
-            first_grad = torch.zeros_like(w) if held is None else held.to(compute)
+            first_grad = None
+            if ctx.variant.keeps_first_grad:
+                first_grad = bucket.state_tensor("first_grad", i).to(compute)
             aux = None
             if descent == Descent.GSAM:
                 aux = first_grad

@@ -1,10 +1,9 @@
-"""The Triton backend: each operation is one kernel launch per run of a bucket.
+"""The Triton backend: each operation is one kernel launch per bucket.
 
-A flat bucket's run is a contiguous span of its flat buffers (usually the whole bucket); a
-table bucket's run is a table of tensor addresses (``tables.py``: FSDP2 shards and other
-parameters that stay in place), one kernel program per 4096-element chunk of a tensor. So a
-model of 2000 tensors costs the same handful of launches as a model of one, in either
-layout: the kernels take a ``TABLE`` constexpr and find their elements accordingly
+A plan's run is a table of tensor addresses (``tables.py``: the parameters where they are,
+the bucket's own buffers for everything else), one kernel program per ``CHUNK``-element
+chunk of a tensor. So a model of 2000 tensors costs the same handful of launches as a model
+of one: the kernels take a ``TABLE`` constexpr and find their elements through the tables
 (``kernels/common.py``). Scalars that change between steps (lr, rho) are plain kernel
 arguments: Triton does not specialise on float values, so changing them recompiles nothing.
 """
@@ -18,13 +17,19 @@ from torch import Tensor
 
 from ..base_updates import AdamSpec, BaseSpec, SGDSpec
 from ..context import StepContext
-from ..layout import Bucket, Plan, Run
-from ..tables import TableRun
+from ..layout import Bucket, Plan
+from ..tables import CHUNK, TableRun
 from ..variants import Ascent, Descent
 from .protocol import Capabilities
 from .reference import centralize_each
 
 __all__ = ["TritonBackend", "interpreting", "triton_available"]
+
+# warps per program of the elementwise and statistics kernels: 128 threads over a CHUNK of
+# 1024 elements give each thread 8 consecutive elements, 16 bytes of a 16-bit dtype, so the
+# aligned specialization (TABLE=2) loads and stores 128-bit vectors for every dtype (float32:
+# two per stream); with 8 warps a bfloat16 thread would hold 4 elements, 64-bit accesses
+WARPS = 4
 
 
 def triton_available() -> bool:
@@ -40,8 +45,7 @@ def interpreting() -> bool:
 
 
 class TritonBackend:
-    """Fused kernels over flat buffers or tensor tables; CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1."""
+    """Fused multi-tensor kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
 
     name = "triton"
     unscales_in_place = False  # the kernels multiply by 1/scale as they read a gradient
@@ -49,7 +53,6 @@ class TritonBackend:
     capabilities = Capabilities(
         device_types={"cuda", "cpu"} if interpreting() else {"cuda"},
         dtypes={torch.float32, torch.bfloat16, torch.float16},
-        layouts={"flat", "table"},
         ascents=frozenset(Ascent),
         descents=frozenset(Descent),
         updates={SGDSpec.name, AdamSpec.name},
@@ -67,15 +70,8 @@ class TritonBackend:
         return (_instance, ())
 
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
-        slots = plan.cache.get("slots")
-        if slots is None:
-            slots = plan.cache["slots"] = sum(self._stats_programs(run) for run in plan.runs)
-        return slots
-
-    def _stats_programs(self, run: Run | TableRun) -> int:
-        """Partial sums (= programs) of a statistics launch: a fixed grid over a flat run,
-        one per chunk of a table."""
-        return run.programs() if run.table_mode else self.ascent.stats_programs(run.numel)
+        """Partial sums (= programs) of a statistics launch: one per chunk."""
+        return plan.run.programs()
 
     @staticmethod
     def _aux_name(ctx: StepContext) -> str | None:
@@ -88,26 +84,22 @@ class TritonBackend:
         starts, lengths, loose = bucket.row_table(plan)
         if starts.numel():
             self.ascent.centralize_kernel[(starts.numel(),)](
-                bucket.grad_flat if bucket.flat else plan.runs[0].like,
-                starts,
-                lengths,
-                TABLE=not bucket.flat,
-                BLOCK=1024,
-                num_warps=4,
+                plan.run.like, starts, lengths, TABLE=True, BLOCK=1024, num_warps=4
             )
-        centralize_each(bucket, loose)  # parameters in another memory layout: one by one
+        centralize_each(bucket, loose)  # gradients in another memory layout: one by one
 
     def noise(self, bucket: Bucket, ctx: StepContext, std: float, generator: torch.Generator) -> None:
-        """RSAM: backup, then ``w <- w + delta`` with the same draw as the reference."""
-        if not bucket.flat:
-            _table_noise(bucket, std, generator)
-            return
-        index = bucket.valid_index()
-        draw = torch.randn(index.numel(), generator=generator, device=bucket.device, dtype=torch.float32)
-        delta = bucket.flat_buffer("rsam_delta")
-        delta.index_copy_(0, index, (draw * std).to(bucket.dtype))
-        bucket.backup_buffer().copy_(bucket.param_flat)
-        bucket.param_flat.add_(delta)
+        """RSAM: backup, then ``w <- w + delta``, with the reference's one draw for the whole
+        bucket split in parameter order (so every backend sees the same delta)."""
+        run = bucket.all_run()
+        draw = torch.randn(sum(bucket.numels), generator=generator, device=bucket.device, dtype=torch.float32)
+        deltas = run.tensors("rsam_delta")
+        offset = 0
+        for w, delta in zip(run.weights, deltas):
+            delta.copy_(draw[offset : offset + w.numel()].view(w.shape).mul(std))
+            offset += w.numel()
+        torch._foreach_copy_(run.tensors("backup"), run.weights)
+        torch._foreach_add_(run.weights, deltas)
 
     def ascent_stats(
         self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
@@ -115,35 +107,30 @@ class TritonBackend:
         adaptive = bool(group["adaptive"])
         aux_name = self._aux_name(ctx)
         c1, c2 = ctx.scalars
-        offset = 0
-        for run in plan.runs:
-            programs = self._stats_programs(run)
-            if not programs:
-                continue
-            grad = run.tensor(bucket, "grad")
-            self.ascent.ascent_stats_kernel[(programs,)](
-                grad,
-                run.tensor(bucket, "param"),
-                run.tensor(bucket, aux_name) if aux_name else grad,
-                run.count(bucket, "vsteps"),
-                ctx.status,
-                partials[0, offset:],
-                partials[1, offset:],
-                run.numel,
-                float(group["eta"]) if adaptive else 0.0,
-                c1,
-                c2,
-                run.table,
-                run.like,
-                RULE=int(ctx.variant.ascent),
-                ADAPTIVE=adaptive,
-                WANT_SUMSQ=True,
-                UNSCALE=ctx.unscale,
-                TABLE=run.layout_code,
-                BLOCK=run.block(self.ascent.BLOCK),
-                num_warps=8,
-            )
-            offset += programs
+        run = plan.run
+        grad = run.addresses("grad")
+        self.ascent.ascent_stats_kernel[(run.programs(),)](
+            grad,
+            run.addresses("param"),
+            run.addresses(aux_name) if aux_name else grad,
+            bucket.vsteps,
+            ctx.status,
+            partials[0],
+            partials[1],
+            0,
+            float(group["eta"]) if adaptive else 0.0,
+            c1,
+            c2,
+            run.table,
+            run.like,
+            RULE=int(ctx.variant.ascent),
+            ADAPTIVE=adaptive,
+            WANT_SUMSQ=True,
+            UNSCALE=ctx.unscale,
+            TABLE=run.layout_code,
+            BLOCK=CHUNK,
+            num_warps=WARPS,
+        )
 
     def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
         variant = ctx.variant
@@ -152,123 +139,100 @@ class TritonBackend:
         has_state = variant.ascent_updates_state
         c1, c2 = ctx.scalars
         rho, rho_on_device = _scalar_arg(group["rho"], bucket.device)
-        for run in plan.runs:
-            programs = run.programs(self.ascent.BLOCK)
-            if not programs:
-                continue
-            param, grad = run.tensor(bucket, "param"), run.tensor(bucket, "grad")
-            backup = run.tensor(bucket, "backup")
-            self.ascent.perturb_kernel[(programs,)](
-                param,
-                backup if variant.noise else param,
-                grad,
-                backup,
-                run.tensor(bucket, aux_name) if aux_name else grad,
-                run.tensor(bucket, "first_grad") if variant.keeps_first_grad else grad,
-                run.tensor(bucket, "state_prev") if has_state else grad,
-                run.count(bucket, "vsteps"),
-                ctx.status,
-                run.numel,
-                rho,
-                float(group["eta"]) if adaptive else 0.0,
-                float(ctx.norm_eps),
-                c1,
-                c2,
-                run.table,
-                run.like,
-                RULE=int(variant.ascent),
-                HAS_STATE=has_state,
-                ADAPTIVE=adaptive,
-                NORMALIZED=variant.normalized,
-                RHO_ON_DEVICE=rho_on_device,
-                CHECK=ctx.check,
-                WRITE_BACKUP=not variant.noise,
-                KEEP_GRAD=variant.keeps_first_grad,
-                UNSCALE=ctx.unscale,
-                TABLE=run.layout_code,
-                BLOCK=run.block(self.ascent.BLOCK),
-                num_warps=8,
-            )
-        if variant.noise or variant.keeps_first_grad:
-            for run in bucket.complement_runs(plan):
-                if variant.noise:  # parameters that took no part lose their noise
-                    self._restore_run(bucket, run)
-                if variant.keeps_first_grad:  # and have g = 0, not last step's
-                    if run.table_mode:
-                        torch._foreach_zero_(run.tensors(bucket, "first_grad"))
-                    else:
-                        bucket.run_view(run, "first_grad").zero_()
+        run = plan.run
+        param, grad, backup = run.addresses("param"), run.addresses("grad"), run.addresses("backup")
+        self.ascent.perturb_kernel[(run.programs(),)](
+            param,
+            backup if variant.noise else param,
+            grad,
+            backup,
+            run.addresses(aux_name) if aux_name else grad,
+            run.addresses("first_grad") if variant.keeps_first_grad else grad,
+            run.addresses("state_prev") if has_state else grad,
+            bucket.vsteps,
+            ctx.status,
+            0,
+            rho,
+            float(group["eta"]) if adaptive else 0.0,
+            float(ctx.norm_eps),
+            c1,
+            c2,
+            run.table,
+            run.like,
+            RULE=int(variant.ascent),
+            HAS_STATE=has_state,
+            ADAPTIVE=adaptive,
+            NORMALIZED=variant.normalized,
+            RHO_ON_DEVICE=rho_on_device,
+            CHECK=ctx.check,
+            WRITE_BACKUP=not variant.noise,
+            KEEP_GRAD=variant.keeps_first_grad,
+            UNSCALE=ctx.unscale,
+            TABLE=run.layout_code,
+            BLOCK=CHUNK,
+            num_warps=WARPS,
+        )
+        left_out = bucket.complement_run(plan)
+        if left_out is not None:
+            if variant.noise:  # parameters that took no part lose their noise
+                self._restore_run(left_out)
+            if variant.keeps_first_grad:  # and have g = 0, not last step's
+                torch._foreach_zero_(left_out.tensors("first_grad"))
 
     # ------------------------------------------------------------------ descent
     def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext, force: bool = False) -> None:
-        name = ctx.variant.running_state
-        for run in plan.runs:
-            programs = run.programs(self.ascent.BLOCK)
-            if not programs:
-                continue
-            self.ascent.revert_state_kernel[(programs,)](
-                run.tensor(bucket, name),
-                run.tensor(bucket, "state_prev"),
-                ctx.status,
-                run.numel,
-                run.table,
-                run.like,
-                FORCE=force,
-                TABLE=run.layout_code,
-                BLOCK=run.block(self.ascent.BLOCK),
-                num_warps=8,
-            )
+        run = plan.run
+        self.ascent.revert_state_kernel[(run.programs(),)](
+            run.addresses(ctx.variant.running_state),
+            run.addresses("state_prev"),
+            ctx.status,
+            0,
+            run.table,
+            run.like,
+            FORCE=force,
+            TABLE=run.layout_code,
+            BLOCK=CHUNK,
+            num_warps=WARPS,
+        )
 
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
         inner = ctx.variant.keeps_first_grad
-        offset = 0
-        for run in plan.runs:
-            programs = self._stats_programs(run)
-            if not programs:
-                continue
-            grad = run.tensor(bucket, "grad")
-            self.descent.descent_stats_kernel[(programs,)](
-                grad,
-                run.tensor(bucket, "first_grad") if inner else grad,
-                partials[0, offset:],
-                partials[1, offset:],
-                partials[2, offset:],
-                partials[3, offset:],
-                ctx.status,
-                run.numel,
-                run.table,
-                run.like,
-                INNER=inner,
-                WANT_GP2=ctx.clip,
-                UNSCALE=ctx.unscale,
-                TABLE=run.layout_code,
-                BLOCK=run.block(self.ascent.BLOCK),
-                num_warps=8,
-            )
-            offset += programs
+        run = plan.run
+        grad = run.addresses("grad")
+        self.descent.descent_stats_kernel[(run.programs(),)](
+            grad,
+            run.addresses("first_grad") if inner else grad,
+            partials[0],
+            partials[1],
+            partials[2],
+            partials[3],
+            ctx.status,
+            0,
+            run.table,
+            run.like,
+            INNER=inner,
+            WANT_GP2=ctx.clip,
+            UNSCALE=ctx.unscale,
+            TABLE=run.layout_code,
+            BLOCK=CHUNK,
+            num_warps=WARPS,
+        )
 
     def restore(self, bucket: Bucket, plan: Plan | None) -> None:
         if plan is None:  # every parameter (RSAM's noise moved them all)
-            if bucket.flat:
-                bucket.param_flat.copy_(bucket.backup_buffer())
-            else:
-                self._restore_run(bucket, bucket.all_run())
-            return
-        for run in plan.runs:
-            self._restore_run(bucket, run)
+            self._restore_run(bucket.all_run())
+        elif not plan.empty:
+            self._restore_run(plan.run)
 
-    def _restore_run(self, bucket: Bucket, run: Run | TableRun) -> None:
-        programs = run.programs(self.descent.BLOCK)
-        if not programs:
-            return
-        self.descent.restore_kernel[(programs,)](
-            run.tensor(bucket, "param") if run.table_mode else bucket.param_flat[run.start : run.stop],
-            run.tensor(bucket, "backup"),
-            run.numel,
+    def _restore_run(self, run: TableRun) -> None:
+        self.descent.restore_kernel[(run.programs(),)](
+            run.addresses("param"),
+            run.addresses("backup"),
+            0,
             run.table,
             run.like,
             TABLE=run.layout_code,
-            BLOCK=run.block(self.descent.BLOCK),
+            BLOCK=CHUNK,
         )
 
     def update(
@@ -286,34 +250,33 @@ class TritonBackend:
             if perturbed is not None:
                 self.restore(bucket, perturbed)
             source = "param"
-        launch = self._updates[type(spec)]
-        for run in plan.runs:
-            if not run.programs(self.descent.BLOCK):
-                continue
-            grad = run.tensor(bucket, "grad")
-            if descent in (Descent.GSAM, Descent.LOOKSAM_FULL):
-                aux = run.tensor(bucket, "first_grad")
-            elif descent == Descent.LOOKSAM_REUSE:
-                aux = run.tensor(bucket, "looksam_gv")
-            else:
-                aux = grad
-            gv = run.tensor(bucket, "looksam_gv") if descent == Descent.LOOKSAM_FULL else grad
-            launch(bucket, run, run.tensor(bucket, source), aux, gv, spec, ctx, int(descent))
+        if plan.empty:
+            return
+        run = plan.run
+        grad = run.addresses("grad")
+        if descent in (Descent.GSAM, Descent.LOOKSAM_FULL):
+            aux = run.addresses("first_grad")
+        elif descent == Descent.LOOKSAM_REUSE:
+            aux = run.addresses("looksam_gv")
+        else:
+            aux = grad
+        gv = run.addresses("looksam_gv") if descent == Descent.LOOKSAM_FULL else grad
+        self._updates[type(spec)](bucket, run, run.addresses(source), aux, gv, spec, ctx, int(descent))
 
     # one launcher per fused base update: the update's own arguments, then the descent's
     def _sgd(self, bucket, run, src, aux, gv, spec: SGDSpec, ctx: StepContext, descent: int) -> None:
         lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
         has_momentum = spec.momentum != 0
-        self.descent.sgd_kernel[(run.programs(self.descent.BLOCK),)](
+        self.descent.sgd_kernel[(run.programs(),)](
             src,
-            run.tensor(bucket, "param"),
-            run.tensor(bucket, "grad"),
-            run.tensor(bucket, "momentum_buffer") if has_momentum else src,
+            run.addresses("param"),
+            run.addresses("grad"),
+            run.addresses("momentum_buffer") if has_momentum else src,
             aux,
             gv,
-            run.count(bucket, "steps"),
+            bucket.steps,
             ctx.status,
-            run.numel,
+            0,
             lr,
             spec.momentum,
             1.0 - spec.dampening,
@@ -331,26 +294,26 @@ class TritonBackend:
             MAXIMIZE=spec.maximize,
             LR_ON_DEVICE=lr_on_device,
             TABLE=run.layout_code,
-            BLOCK=run.block(self.descent.BLOCK),
-            num_warps=8,
+            BLOCK=CHUNK,
+            num_warps=WARPS,
         )
 
     def _adam(self, bucket, run, src, aux, gv, spec: AdamSpec, ctx: StepContext, descent: int) -> None:
         lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
-        v = run.tensor(bucket, "exp_avg_sq")
-        self.descent.adam_kernel[(run.programs(self.descent.BLOCK),)](
+        v = run.addresses("exp_avg_sq")
+        self.descent.adam_kernel[(run.programs(),)](
             src,
-            run.tensor(bucket, "param"),
-            run.tensor(bucket, "grad"),
-            run.tensor(bucket, "exp_avg"),
+            run.addresses("param"),
+            run.addresses("grad"),
+            run.addresses("exp_avg"),
             v,
-            run.tensor(bucket, "max_exp_avg_sq") if spec.amsgrad else v,
+            run.addresses("max_exp_avg_sq") if spec.amsgrad else v,
             aux,
             gv,
-            run.count(bucket, "steps"),
+            bucket.steps,
             _betas(bucket, spec),
             ctx.status,
-            run.numel,
+            0,
             lr,
             spec.beta2,
             1.0 - spec.beta1,
@@ -371,41 +334,36 @@ class TritonBackend:
             MAXIMIZE=spec.maximize,
             LR_ON_DEVICE=lr_on_device,
             TABLE=run.layout_code,
-            BLOCK=run.block(self.descent.BLOCK),
-            num_warps=8,
+            BLOCK=CHUNK,
+            num_warps=WARPS,
         )
 
     def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
         """Sum of squares of state ``name`` over the plan, into ``partials[0]``."""
-        offset = 0
-        for run in plan.runs:
-            programs = self._stats_programs(run)
-            if not programs:
-                continue
-            view = run.tensor(bucket, name)
-            self.ascent.ascent_stats_kernel[(programs,)](
-                view,
-                view,
-                view,
-                run.count(bucket, "vsteps"),
-                partials,  # status: not read without UNSCALE
-                partials[0, offset:],
-                partials[1, offset:],  # non-finite count of the state: not needed
-                run.numel,
-                0.0,
-                0.0,
-                0.0,
-                run.table,
-                run.like,
-                RULE=int(Ascent.GRAD),
-                ADAPTIVE=False,
-                WANT_SUMSQ=True,
-                UNSCALE=False,
-                TABLE=run.layout_code,
-                BLOCK=run.block(self.ascent.BLOCK),
-                num_warps=8,
-            )
-            offset += programs
+        run = plan.run
+        view = run.addresses(name)
+        self.ascent.ascent_stats_kernel[(run.programs(),)](
+            view,
+            view,
+            view,
+            bucket.vsteps,
+            partials,  # status: not read without UNSCALE
+            partials[0],
+            partials[1],  # non-finite count of the state: not needed
+            0,
+            0.0,
+            0.0,
+            0.0,
+            run.table,
+            run.like,
+            RULE=int(Ascent.GRAD),
+            ADAPTIVE=False,
+            WANT_SUMSQ=True,
+            UNSCALE=False,
+            TABLE=run.layout_code,
+            BLOCK=CHUNK,
+            num_warps=WARPS,
+        )
 
     def advance_steps(
         self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool, base: bool, variant: bool
@@ -423,21 +381,6 @@ class TritonBackend:
             COUNT_SKIP=count_skip,
             BLOCK=1024,
         )
-
-
-def _table_noise(bucket: Bucket, std: float, generator: torch.Generator) -> None:
-    """RSAM on a table bucket: the reference's one draw for the whole bucket, split in
-    parameter order; backups and deltas go into the bucket's per-parameter tensors (their
-    addresses stay those of the kernels' tables)."""
-    run = bucket.all_run()
-    draw = torch.randn(sum(bucket.numels), generator=generator, device=bucket.device, dtype=torch.float32)
-    deltas, backups = run.tensors(bucket, "rsam_delta"), run.tensors(bucket, "backup")
-    offset = 0
-    for w, delta in zip(run.weights, deltas):
-        delta.copy_(draw[offset : offset + w.numel()].view(w.shape).mul(std))
-        offset += w.numel()
-    torch._foreach_copy_(backups, run.weights)
-    torch._foreach_add_(run.weights, deltas)
 
 
 def _betas(bucket: Bucket, spec: AdamSpec) -> Tensor:
