@@ -7,8 +7,10 @@ tables say: ``model.share_memory()`` moves a parameter's storage to shared memor
 longer uses, or no longer owns.
 
 Reading 2000 addresses from Python costs about 100 us (``Tensor.data_ptr`` is a method call
-each); the C++ library does the same walk over the Python list in about 12 us, so it is
-used whenever it is loaded (``sam_fused_host.cpp``), and the Python walk otherwise. Both
+each); the C++ library does the same walk over the Python list in about 12 us
+(``csrc/sam_fused_host.cpp``). It is used whenever the CPU library is loaded, and a bucket of
+:data:`NATIVE_FROM` parameters or more loads it (building it on first use, as the ``cpp``
+backend does); smaller buckets, and machines without a compiler, walk in Python. Both
 answer the same question for the same inputs (``tests/test_storage.py``). A DTensor
 (FSDP2) has no storage of its own: its local shard's address is read from Python.
 """
@@ -23,7 +25,9 @@ from torch import Tensor
 
 from ._extension import cpu_extension
 
-__all__ = ["ParamAddresses"]
+__all__ = ["NATIVE_FROM", "ParamAddresses"]
+
+NATIVE_FROM = 128  # parameters: from here on the Python walk costs more than 10 us a pass
 
 
 def _native() -> Callable[[list[Tensor], Tensor], bool] | None:
@@ -40,6 +44,9 @@ class ParamAddresses:
         self.sharded = sharded
         self.recorded: list[int] = []
         self._host = torch.zeros(0, dtype=torch.int64)  # the same, for the C++ walk
+        if len(params) >= NATIVE_FROM and not sharded:
+            cpu_extension().info()  # loads the CPU library (its walk), building it on first use
+        self._native = None if sharded else _native()
 
     def now(self) -> list[int]:
         """Every parameter's address now (its local shard's, for a DTensor)."""
@@ -56,10 +63,8 @@ class ParamAddresses:
 
     def intact(self) -> bool:
         """Whether every parameter is still at its recorded address."""
-        if not self.sharded:
-            native = _native()
-            if native is not None:
-                return native(self.params, self._host)
+        if self._native is not None:
+            return self._native(self.params, self._host)
         return self.now() == self.recorded
 
     def __getstate__(self) -> dict[str, Any]:
@@ -70,3 +75,7 @@ class ParamAddresses:
             "recorded": [],
             "_host": torch.zeros(0, dtype=torch.int64),
         }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._native = None if self.sharded else _native()

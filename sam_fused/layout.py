@@ -277,10 +277,9 @@ class Bucket:
         """A run over the parameters the plan leaves out (cached on the plan), or None."""
         if plan.complement is None:
             left_out = tuple(i for i in range(len(self.params)) if not plan.key[i])
-            if not left_out:
-                return None
-            plan.complement = TableRun(self.storage, left_out, [self.weight(i) for i in left_out], None)
-        return plan.complement
+            weights = [self.weight(i) for i in left_out]
+            plan.complement = TableRun(self.storage, left_out, weights, None)
+        return None if plan.complement.empty else plan.complement
 
     def all_run(self) -> TableRun:
         """A run over every parameter (RSAM's noise and its restore move them all)."""
