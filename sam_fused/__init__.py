@@ -8,12 +8,14 @@ from . import family
 from .backends import available_backends
 from .batchnorm import frozen_bn_stats
 from .family import *  # noqa: F403  (one class per variant: family.__all__)
+from .lion import Lion
 from .optimizer import SAM
 from .variants import VARIANTS, Variant
 
 __all__ = [
     *family.__all__,
     "SAM",
+    "Lion",
     "VARIANTS",
     "Variant",
     "__version__",

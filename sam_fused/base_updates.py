@@ -29,9 +29,16 @@ Adam / AdamW (``lr, betas, eps, weight_decay, amsgrad, maximize``), step count `
     v_max = max(v_max, v) if amsgrad
     w = w - (lr / (1 - beta1^t)) * m / (sqrt(v or v_max) / sqrt(1 - beta2^t) + eps)
 
-A new fused base update is a spec class here (with its registry line), its kernel in
-``kernels/descent.py`` and its launcher in ``backends/triton.py``; backends that lack it
-say so through their capabilities, and groups using it run the generic path there.
+Lion (``sam_fused/lion.py``) registers itself the same way, from its own module.
+
+**A spec drives the kernels.** Every fused backend runs one generic update over the
+bucket's tensors; what it needs of a base is its ``kernel`` number (the element math in
+``kernels/bases.py`` and ``csrc/sam_fused_math.h`` under the same number), up to six float32
+``kernel_scalars()`` in a documented order, an ``kernel_options()`` bit mask, and for Adam
+the float64 ``device_scalars()`` of its bias corrections. So a new fused base is a spec (with
+its ``register`` call), its Triton math in ``kernels/bases.py`` and its C++ functor in
+``csrc/sam_fused_math.h``; no backend changes. A backend whose library lacks a kernel
+says so through its capabilities, and groups using it run the generic path there.
 """
 
 from __future__ import annotations
@@ -42,14 +49,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["REGISTRY", "AdamSpec", "BaseSpec", "SGDSpec", "spec_for"]
+__all__ = ["REGISTRY", "AdamSpec", "BaseSpec", "SGDSpec", "lr_of", "register", "scalar_of", "spec_for"]
 
 
 class _NotFusable(Exception):
     pass
 
 
-def _scalar(value: Any, name: str) -> float:
+def scalar_of(value: Any, name: str) -> float:
     """A hyperparameter as a Python float, without a device sync.
 
     A CPU tensor is read directly; a tensor on an accelerator would need a sync to read,
@@ -62,7 +69,7 @@ def _scalar(value: Any, name: str) -> float:
     return float(value)
 
 
-def _lr(value: Any) -> float | Tensor:
+def lr_of(value: Any) -> float | Tensor:
     """The learning rate: a float, or a one-element tensor kept as a 0-d view of itself, so
     that the fused kernels read its current value on the device (no sync, and a captured
     CUDA graph sees what a scheduler writes into it)."""
@@ -77,6 +84,7 @@ class BaseSpec:
     """A fused base update read from one param group (one frozen dataclass per update)."""
 
     name: ClassVar[str]
+    kernel: ClassVar[int]  # the number of its element math in kernels/bases.py and sam_fused_math.h
     names: tuple[str, ...]  # state_names(), set when the spec is made
     # True: the update count is exposed as torch.optim's state["step"] (Adam's bias correction)
     counts_steps: ClassVar[bool] = False
@@ -101,6 +109,18 @@ class BaseSpec:
         (the number of earlier updates; the state holds zeros where it is fresh)."""
         raise NotImplementedError
 
+    def kernel_scalars(self) -> tuple[float, ...]:
+        """The float32 scalars of the kernels' element math (at most six, in its order)."""
+        raise NotImplementedError
+
+    def kernel_options(self) -> int:
+        """The kernels' option bits (which branches of the element math run)."""
+        raise NotImplementedError
+
+    def device_scalars(self) -> tuple[float, ...]:
+        """float64 scalars the kernels read from the device (none but Adam's betas)."""
+        return ()
+
 
 @dataclass(frozen=True)
 class SGDSpec(BaseSpec):
@@ -111,11 +131,12 @@ class SGDSpec(BaseSpec):
     nesterov: bool
     maximize: bool
     name: ClassVar[str] = "sgd"
+    kernel: ClassVar[int] = 0  # SGD in kernels/bases.py and csrc/sam_fused_math.h
 
     @classmethod
     def from_group(cls, base: type, group: dict[str, Any]) -> SGDSpec:
         return cls(
-            lr=_lr(group["lr"]),
+            lr=lr_of(group["lr"]),
             momentum=float(group["momentum"]),
             dampening=float(group["dampening"]),
             weight_decay=float(group["weight_decay"]),
@@ -126,6 +147,19 @@ class SGDSpec(BaseSpec):
     @classmethod
     def names_for_group(cls, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def kernel_scalars(self) -> tuple[float, ...]:
+        return (self.momentum, 1.0 - self.dampening, self.weight_decay)
+
+    def kernel_options(self) -> int:
+        # bit 0: weight decay, 1: momentum, 2: nesterov, 3: maximize
+        has_momentum = self.momentum != 0
+        return (
+            (self.weight_decay != 0)
+            | has_momentum << 1
+            | (self.nesterov and has_momentum) << 2
+            | self.maximize << 3
+        )
 
     def reference_update(self, w, d, state, step):
         if self.maximize:
@@ -150,15 +184,16 @@ class AdamSpec(BaseSpec):
     maximize: bool
     decoupled: bool  # True for AdamW: decay multiplies w instead of joining g
     name: ClassVar[str] = "adam"
+    kernel: ClassVar[int] = 1  # ADAM in kernels/bases.py and csrc/sam_fused_math.h
     counts_steps: ClassVar[bool] = True
 
     @classmethod
     def from_group(cls, base: type, group: dict[str, Any]) -> AdamSpec:
         beta1, beta2 = group["betas"]
         return cls(
-            lr=_lr(group["lr"]),
-            beta1=_scalar(beta1, "beta1"),
-            beta2=_scalar(beta2, "beta2"),
+            lr=lr_of(group["lr"]),
+            beta1=scalar_of(beta1, "beta1"),
+            beta2=scalar_of(beta2, "beta2"),
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),
             amsgrad=bool(group.get("amsgrad", False)),
@@ -169,6 +204,19 @@ class AdamSpec(BaseSpec):
     @classmethod
     def names_for_group(cls, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad", False) else ())
+
+    def kernel_scalars(self) -> tuple[float, ...]:
+        # 1 - lr wd in double on the host, as torch forms it (the kernels form it from a
+        # device lr themselves)
+        decay = 1.0 - float(self.lr) * self.weight_decay if not isinstance(self.lr, Tensor) else 0.0
+        return (1.0 - self.beta1, self.beta2, 1.0 - self.beta2, self.eps, self.weight_decay, decay)
+
+    def kernel_options(self) -> int:
+        # bit 0: weight decay, 1: decoupled (AdamW), 2: amsgrad, 3: maximize
+        return (self.weight_decay != 0) | self.decoupled << 1 | self.amsgrad << 2 | self.maximize << 3
+
+    def device_scalars(self) -> tuple[float, ...]:
+        return (self.beta1, self.beta2)  # the bias corrections 1 - beta^t, formed in float64
 
     def reference_update(self, w, d, state, step):
         if self.maximize:
@@ -191,13 +239,18 @@ class AdamSpec(BaseSpec):
         return w - step_size * (m / denom), new
 
 
-# torch.optim classes whose update sam_fused runs itself (exact classes: a subclass may
+# optimizer classes whose update sam_fused runs itself (exact classes: a subclass may
 # override step(), so it runs its own)
 REGISTRY: dict[type, type[BaseSpec]] = {
     torch.optim.SGD: SGDSpec,
     torch.optim.Adam: AdamSpec,
     torch.optim.AdamW: AdamSpec,
 }
+
+
+def register(optimizer: type, spec: type[BaseSpec]) -> None:
+    """Fuse ``optimizer``'s update (an exact class) with ``spec`` (sam_fused.Lion registers here)."""
+    REGISTRY[optimizer] = spec
 
 
 def spec_for(base: type, group: dict[str, Any]) -> tuple[BaseSpec | None, str | None]:
@@ -209,7 +262,8 @@ def spec_for(base: type, group: dict[str, Any]) -> tuple[BaseSpec | None, str | 
     """
     spec_class = REGISTRY.get(base)
     if spec_class is None:
-        return None, f"{base.__name__} is not one of the updates sam_fused fuses (SGD, Adam, AdamW)"
+        fused = ", ".join(sorted({cls.__name__ for cls in REGISTRY}))
+        return None, f"{base.__name__} is not one of the updates sam_fused fuses ({fused})"
     if group.get("differentiable", False):
         return None, "the group is differentiable"
     try:

@@ -213,7 +213,9 @@ class StepEngine:
         """The buckets changed: the status vector and the shard group follow them."""
         if self.buckets:
             self.device = self.buckets[0].device
-        acc = torch.float64 if any(b.dtype == torch.float64 for b in self.buckets) else torch.float32
+        # float64: a sum of squares of finite float32 gradients can exceed float32's range
+        # (|g| > 1.8e19); MPS has no float64 (there the norm overflows as torch.norm would)
+        acc = torch.float32 if self.device.type == "mps" else torch.float64
         self.status = self.status.to(device=self.device, dtype=acc)
         self.process_group = shard_group(p for b in self.buckets for p in b.params)
         self._reset_caches()

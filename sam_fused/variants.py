@@ -139,12 +139,15 @@ class Variant:
     # whether the perturbation updates the running state (VaSSO's d, F-SAM's m)
     noise: bool = field(init=False, repr=False)
     ascent_updates_state: bool = field(init=False, repr=False)
+    aux_role: str | None = field(init=False, repr=False)  # the role the direction reads besides g
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "noise", self.ascent == Ascent.RSAM)
         object.__setattr__(
             self, "ascent_updates_state", self.running_state is not None and self.ascent != Ascent.GRAD
         )
+        aux = "rsam_delta" if self.noise else self.running_state if self.ascent_updates_state else None
+        object.__setattr__(self, "aux_role", aux)
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The variant's options: defaults overridden by ``given``, each checked."""

@@ -35,7 +35,7 @@ import pytest
 import torch
 from conftest import backends_for, in_place_parameter, split_backend, table_backends_for
 
-from sam_fused import ASAM, FSAM, GCSAM, GSAM, RSAM, SAM, USAM, IntervalSAM, LookSAM, VaSSO
+from sam_fused import ASAM, FSAM, GCSAM, GSAM, RSAM, SAM, USAM, IntervalSAM, Lion, LookSAM, VaSSO
 
 SHAPES = (((1,), (7,), (33, 65)), ((4097,), (5, 3, 3, 3)))  # group 0, group 1
 SMALL_SHAPES = (((1,), (7,), (6, 5)), ((37,), (3, 2, 2, 2)))  # for the bit-exact API tests
@@ -50,6 +50,7 @@ BASES = {
         dict(lr=0.02, weight_decay=4e-3),
     ),
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05), dict(lr=3e-3, weight_decay=0.02)),
+    "lion": (Lion, dict(lr=2e-3, weight_decay=0.1), dict(lr=1e-3, betas=(0.95, 0.98), weight_decay=0.2)),
 }
 
 
@@ -188,7 +189,8 @@ def centralize(g: torch.Tensor) -> torch.Tensor:
 
 
 class BaseSim:
-    """torch.optim.SGD / AdamW, textbook form, float64 (checked against torch below)."""
+    """torch.optim.SGD / AdamW and Lion (the authors' update), textbook form, float64
+    (checked against torch.optim and sam_fused.Lion below)."""
 
     def __init__(self, base: str, hps: list[dict], n: int) -> None:
         self.base, self.hps = base, hps
@@ -206,6 +208,12 @@ class BaseSim:
                 self.buf[i] = d.clone() if prev is None else hp["momentum"] * prev + d
                 d = self.buf[i]
             return w - hp["lr"] * d
+        if self.base == "lion":  # w (1 - lr wd) - lr sign(beta1 m + (1 - beta1) d); m <- beta2 m + ...
+            beta1, beta2 = hp.get("betas", (0.9, 0.99))
+            m = torch.zeros_like(w) if self.m[i] is None else self.m[i]
+            w = w * (1 - hp["lr"] * hp["weight_decay"]) - hp["lr"] * torch.sign(beta1 * m + (1 - beta1) * d)
+            self.m[i] = beta2 * m + (1 - beta2) * d
+            return w
         beta1, beta2 = hp.get("betas", (0.9, 0.999))
         eps = hp.get("eps", 1e-8)
         self.t[i] += 1
@@ -366,7 +374,8 @@ def test_simulated_base_update_is_torch_optim(base):
     gen = torch.Generator().manual_seed(11)
     ws = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((7,), (4, 3))]
     params = [w.clone().requires_grad_() for w in ws]
-    ref = base_cls([{"params": params[:1]}, {"params": params[1:], **kw1}], foreach=False, **kw)
+    extra = {} if base_cls is Lion else {"foreach": False}
+    ref = base_cls([{"params": params[:1]}, {"params": params[1:], **kw1}], **extra, **kw)
     sim = BaseSim(base, [kw, {**kw, **kw1}], 2)
     for _ in range(5):
         grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in ws]

@@ -4,7 +4,7 @@ Parameters keep their own storage, so every kernel finds them through a table of
 (``sam_fused/tables.py``). An address loaded from memory tells the compiler nothing about
 its alignment; the aligned specialization (``TABLE=2``, every address 16-byte aligned, the
 usual case) says it, and then each thread must move its elements as 128-bit vectors, as a
-kernel over one flat buffer would. This compiles the SGD and Adam update kernels for an
+kernel over one flat buffer would. This compiles the update kernel (SGD, Adam, Lion) for an
 H100/H200 (sm_90) without a GPU (``compile_kernels.py``'s compile-only driver; ptxas ships
 in the triton wheel) and counts the global loads and stores in the PTX.
 """
@@ -33,27 +33,29 @@ import torch
 from compile_kernels import _install_driver
 _install_driver(("cuda", 90, 32))
 from sam_fused.backends.triton import WARPS
+from sam_fused.base_updates import AdamSpec, SGDSpec
 from sam_fused.kernels import descent
+from sam_fused.lion import LionSpec
 from sam_fused.tables import CHUNK
 
 table = torch.empty(64, dtype=torch.int64)
-status = torch.empty(64, dtype=torch.float32)
+status = torch.empty(64, dtype=torch.float64)
+steps = torch.empty(64, dtype=torch.float32)
+# (spec, option bits, states): SGD with momentum, AdamW, Lion with weight decay
+cases = {"sgd": (SGDSpec, 0b0010, 1), "adam": (AdamSpec, 0b0011, 2), "lion": (LionSpec, 0b01, 1)}
 out = {}
-for kernel in ("sgd", "adam"):
+for kernel, (spec, options, states) in cases.items():
     for dtype in ("float32", "bfloat16"):
         for layout in (1, 2):
             like = torch.empty(64, dtype=getattr(torch, dtype))
-            flags = dict(DESCENT=0, UNSCALE=False, CLIP_GRAD=False, CHECK=True, HAS_WEIGHT_DECAY=False,
-                         MAXIMIZE=False, LR_ON_DEVICE=False, TABLE=layout, BLOCK=CHUNK, num_warps=WARPS,
-                         grid=(1,))
-            if kernel == "sgd":
-                compiled = descent.sgd_kernel.warmup(
-                    *[table] * 6, status, status, 0, 0.1, 0.9, 1.0, 0.0, 0.0, table, like,
-                    HAS_MOMENTUM=True, NESTEROV=False, **flags)
-            else:
-                compiled = descent.adam_kernel.warmup(
-                    *[table] * 8, status, torch.empty(2, dtype=torch.float64), status, 0, 0.1, 0.999, 0.1,
-                    0.001, 1e-8, 0.0, 1.0, 0.0, table, like, DECOUPLED=True, AMSGRAD=False, **flags)
+            compiled = descent.update_kernel.warmup(
+                src=table, param=table, grad=table,
+                state0=table if states > 0 else None, state1=table if states > 1 else None, state2=None,
+                aux=None, gv=None, steps=steps, status=status, lr_arg=0.1,
+                device_scalars=torch.empty(2, dtype=torch.float64) if spec is AdamSpec else None,
+                h0=0.1, h1=0.9, h2=0.1, h3=1e-8, h4=0.0, h5=1.0, alpha=0.0, table=table, like=like,
+                BASE=spec.kernel, OPTIONS=options, DESCENT=0, UNSCALE=False, CLIP_GRAD=False, CHECK=True,
+                LR_ON_DEVICE=False, TABLE=layout, BLOCK=CHUNK, num_warps=WARPS, grid=(1,))
             ptx = compiled.asm["ptx"]
             out[f"{kernel}/{dtype}/{layout}"] = {
                 "v4_loads": len(re.findall(r"ld\.global(\.[a-z]+)*\.v4\.b32", ptx)),
@@ -63,10 +65,10 @@ for kernel in ("sgd", "adam"):
 json.dump(out, sys.stdout)
 """
 
-# streams each update kernel reads and writes per element (SGD with momentum: backup, grad,
+# streams the update kernel reads and writes per element (SGD with momentum: backup, grad,
 # momentum in; weight, momentum out. Adam: backup, grad, exp_avg, exp_avg_sq in; weight,
-# exp_avg, exp_avg_sq out)
-STREAMS = {"sgd": (3, 2), "adam": (4, 3)}
+# exp_avg, exp_avg_sq out. Lion: backup, grad, exp_avg in; weight, exp_avg out)
+STREAMS = {"sgd": (3, 2), "adam": (4, 3), "lion": (3, 2)}
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ not move). It reads top to bottom as the math of ``docs/variants.md``:
 
 1. ``centralize`` (GCSAM): subtract each row's mean from the gradient.
 2. ``ascent_stats``: the sum of squares of ``u = T * v`` over every parameter with a
-   gradient (accumulated in float32, float64 for float64 parameters), and a count of
-   non-finite gradient entries.
+   gradient (``u`` in the math dtype, float32 or float64, its squares summed in float64: a
+   finite float32 gradient's square can overflow float32), and a count of non-finite
+   gradient entries.
 3. ``perturb``: back ``w`` up, then ``w <- w + eps`` with
    ``eps = rho * T * u / (||u|| + norm_eps)``; update the variant's running state.
 4. ``descent_stats``: non-finite entries of the second-pass gradient ``g_p``, and the
@@ -128,14 +129,14 @@ def descent_gradient(
     """
     if rule in (Descent.PLAIN, Descent.LOOKSAM_FULL):
         return gp
-    dt = gp.dtype
+    dt = gp.dtype  # ratios of the status's sums formed in its dtype (float64), then cast
     if rule == Descent.GSAM:
-        gp2 = status[S.GP2].to(dt)
-        coef = torch.where(gp2 > 0, status[S.DOT].to(dt) / gp2, 0)
+        gp2 = status[S.GP2]
+        coef = torch.where(gp2 > 0, status[S.DOT] / gp2, 0).to(dt)
         return gp - options["alpha"] * (aux - coef * gp)
     if rule == Descent.LOOKSAM_REUSE:
-        gv_norm = status[S.GV2].to(dt).sqrt()
-        scale = torch.where(gv_norm > 0, status[S.SUMSQ].to(dt).sqrt() / gv_norm, 0)
+        gv_norm = status[S.GV2].sqrt()
+        scale = torch.where(gv_norm > 0, status[S.SUMSQ].sqrt() / gv_norm, 0).to(dt)
         return gp + options["alpha"] * scale * aux
     raise NotImplementedError(f"descent rule {rule}")
 
@@ -193,16 +194,16 @@ class ReferenceBackend:
         self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
     ) -> None:
         """Write ``[sum of u^2, non-finite count]`` of this bucket into ``partials[:2, 0]``."""
-        acc = partials.dtype
+        acc, compute = partials.dtype, math_dtype(bucket.dtype)
         sumsq = torch.zeros((), dtype=acc, device=bucket.device)
         bad = torch.zeros((), dtype=acc, device=bucket.device)
         for i in plan.indices:
-            g_raw = bucket.grad(i).to(acc)
+            g_raw = bucket.grad(i).to(compute)
             g = ctx.unscaled(g_raw, S.INV_SCALE1)
             first = bucket.vsteps[i] == 0
-            v, _ = ascent_direction(ctx.variant, ctx.options, g, self._aux(bucket, i, ctx, acc), first)
-            u = ascent_scale(bucket.weight(i).to(acc), group["adaptive"], group["eta"]) * v
-            sumsq += sum_of_squares(u)
+            v, _ = ascent_direction(ctx.variant, ctx.options, g, self._aux(bucket, i, ctx, compute), first)
+            u = ascent_scale(bucket.weight(i).to(compute), group["adaptive"], group["eta"]) * v
+            sumsq += sum_of_squares(u.to(acc))
             bad += (~torch.isfinite(g_raw)).sum()
         partials[0, 0] = sumsq
         partials[1, 0] = bad
@@ -211,7 +212,7 @@ class ReferenceBackend:
         """Back every taking-part parameter up and move it to ``w + eps``."""
         variant = ctx.variant
         compute = math_dtype(bucket.dtype)
-        norm = ctx.status[S.SUMSQ].to(compute).sqrt()
+        norm = ctx.status[S.SUMSQ].sqrt().to(compute)  # the root in float64: the sum may exceed float32
         skip = ctx.skip(bucket.device)
         if variant.keeps_first_grad:  # a parameter without a first gradient has g = 0 (GSAM, LookSAM)
             for i in set(range(len(bucket.params))) - set(plan.indices):
@@ -253,13 +254,13 @@ class ReferenceBackend:
 
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
         """``[non-finite count of g_p, <g, g_p>, ||g_p||^2, ||g||^2]`` into ``partials[:, 0]``."""
-        acc = partials.dtype
+        acc, compute = partials.dtype, math_dtype(bucket.dtype)
         sums = torch.zeros(4, dtype=acc, device=bucket.device)
         inner = ctx.variant.keeps_first_grad
         for i in plan.indices:
-            gp_raw = bucket.grad(i).to(acc)
+            gp_raw = bucket.grad(i).to(compute)
             sums[0] += (~torch.isfinite(gp_raw)).sum()
-            gp = ctx.unscaled(gp_raw, S.INV_SCALE2)
+            gp = ctx.unscaled(gp_raw, S.INV_SCALE2).to(acc)
             if inner or ctx.clip:
                 sums[2] += sum_of_squares(gp)
             if inner:
@@ -303,8 +304,8 @@ class ReferenceBackend:
             elif descent == Descent.LOOKSAM_REUSE:
                 aux = bucket.state_tensor("looksam_gv", i).to(compute)
             elif descent == Descent.LOOKSAM_FULL:  # store g_v = g_p - (<g_p, g> / ||g||^2) g
-                g2 = ctx.status[S.G2].to(compute)
-                gv = gp - torch.where(g2 > 0, ctx.status[S.DOT].to(compute) / g2, 0) * first_grad
+                g2 = ctx.status[S.G2]
+                gv = gp - torch.where(g2 > 0, ctx.status[S.DOT] / g2, 0).to(compute) * first_grad
                 old = bucket.state_tensor("looksam_gv", i)
                 bucket.store_state("looksam_gv", i, torch.where(skip, old, gv.to(old.dtype)))
             d = descent_gradient(descent, ctx.options, gp, aux, ctx.status)

@@ -15,7 +15,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..base_updates import AdamSpec, BaseSpec, SGDSpec
+from ..base_updates import BaseSpec
 from ..context import StepContext
 from ..layout import Bucket, Plan
 from ..tables import CHUNK, TableRun
@@ -45,17 +45,22 @@ def interpreting() -> bool:
 
 
 class TritonBackend:
-    """Fused multi-tensor kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    """Fused multi-tensor kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+
+    Every launch passes its arguments by name; a role the launch lacks is None (the kernels
+    leave it out at compile time). ``_launch`` adds what every launch over a run shares.
+    """
 
     name = "triton"
     unscales_in_place = False  # the kernels multiply by 1/scale as they read a gradient
-    # CPU tensors only through the interpreter, which must be on before triton is imported
+    # CPU tensors only through the interpreter, which must be on before triton is imported;
+    # every base update with a spec has its math in kernels/bases.py (updates=None: all)
     capabilities = Capabilities(
         device_types={"cuda", "cpu"} if interpreting() else {"cuda"},
         dtypes={torch.float32, torch.bfloat16, torch.float16},
         ascents=frozenset(Ascent),
         descents=frozenset(Descent),
-        updates={SGDSpec.name, AdamSpec.name},
+        updates=None,
     )
 
     def __init__(self) -> None:
@@ -63,8 +68,6 @@ class TritonBackend:
 
         self.ascent = ascent
         self.descent = descent
-        # the fused base updates: a new one is a spec, a kernel and a launcher here
-        self._updates = {SGDSpec: self._sgd, AdamSpec: self._adam}
 
     def __reduce__(self):
         return (_instance, ())
@@ -74,17 +77,18 @@ class TritonBackend:
         return plan.run.programs()
 
     @staticmethod
-    def _aux_name(ctx: StepContext) -> str | None:
-        if ctx.variant.ascent == Ascent.RSAM:
-            return "rsam_delta"
-        return ctx.variant.running_state if ctx.variant.ascent_updates_state else None
+    def _launch(kernel, run: TableRun, **args) -> None:
+        """One program per chunk of ``run``, with its chunk table and element type."""
+        kernel[(run.programs(),)](
+            table=run.table, like=run.like, TABLE=run.layout_code, BLOCK=CHUNK, num_warps=WARPS, **args
+        )
 
     # ------------------------------------------------------------------ ascent
     def centralize(self, bucket: Bucket, plan: Plan) -> None:
         starts, lengths, loose = bucket.row_table(plan)
         if starts.numel():
             self.ascent.centralize_kernel[(starts.numel(),)](
-                plan.run.like, starts, lengths, TABLE=True, BLOCK=1024, num_warps=4
+                like=plan.run.like, row_start=starts, row_len=lengths, BLOCK=1024, num_warps=4
             )
         centralize_each(bucket, loose)  # gradients in another memory layout: one by one
 
@@ -104,73 +108,56 @@ class TritonBackend:
     def ascent_stats(
         self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
     ) -> None:
+        run, variant = plan.run, ctx.variant
         adaptive = bool(group["adaptive"])
-        aux_name = self._aux_name(ctx)
         c1, c2 = ctx.scalars
-        run = plan.run
-        grad = run.addresses("grad")
-        self.ascent.ascent_stats_kernel[(run.programs(),)](
-            grad,
-            run.addresses("param"),
-            run.addresses(aux_name) if aux_name else grad,
-            bucket.vsteps,
-            ctx.status,
-            partials[0],
-            partials[1],
-            0,
-            float(group["eta"]) if adaptive else 0.0,
-            c1,
-            c2,
-            run.table,
-            run.like,
-            RULE=int(ctx.variant.ascent),
+        self._launch(
+            self.ascent.ascent_stats_kernel,
+            run,
+            grad=run.addresses("grad"),
+            param=run.addresses("param") if adaptive else None,
+            aux=run.addresses(variant.aux_role) if variant.aux_role else None,
+            vsteps=bucket.vsteps,
+            status=ctx.status,
+            sumsq_out=partials[0],
+            bad_out=partials[1],
+            eta=float(group["eta"]) if adaptive else 0.0,
+            c1=c1,
+            c2=c2,
+            RULE=int(variant.ascent),
             ADAPTIVE=adaptive,
-            WANT_SUMSQ=True,
             UNSCALE=ctx.unscale,
-            TABLE=run.layout_code,
-            BLOCK=CHUNK,
-            num_warps=WARPS,
         )
 
     def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
-        variant = ctx.variant
+        run, variant = plan.run, ctx.variant
         adaptive = bool(group["adaptive"])
-        aux_name = self._aux_name(ctx)
-        has_state = variant.ascent_updates_state
         c1, c2 = ctx.scalars
         rho, rho_on_device = _scalar_arg(group["rho"], bucket.device)
-        run = plan.run
-        param, grad, backup = run.addresses("param"), run.addresses("grad"), run.addresses("backup")
-        self.ascent.perturb_kernel[(run.programs(),)](
-            param,
-            backup if variant.noise else param,
-            grad,
-            backup,
-            run.addresses(aux_name) if aux_name else grad,
-            run.addresses("first_grad") if variant.keeps_first_grad else grad,
-            run.addresses("state_prev") if has_state else grad,
-            bucket.vsteps,
-            ctx.status,
-            0,
-            rho,
-            float(group["eta"]) if adaptive else 0.0,
-            float(ctx.norm_eps),
-            c1,
-            c2,
-            run.table,
-            run.like,
+        backup = run.addresses("backup")
+        self._launch(
+            self.ascent.perturb_kernel,
+            run,
+            param=run.addresses("param"),
+            src=backup if variant.noise else run.addresses("param"),  # RSAM: from w before the noise
+            grad=run.addresses("grad"),
+            backup=None if variant.noise else backup,
+            aux=run.addresses(variant.aux_role) if variant.aux_role else None,
+            keep=run.addresses("first_grad") if variant.keeps_first_grad else None,
+            prev=run.addresses("state_prev") if variant.ascent_updates_state else None,
+            vsteps=bucket.vsteps,
+            status=ctx.status,
+            rho_arg=rho,
+            eta=float(group["eta"]) if adaptive else 0.0,
+            norm_eps=float(ctx.norm_eps),
+            c1=c1,
+            c2=c2,
             RULE=int(variant.ascent),
-            HAS_STATE=has_state,
             ADAPTIVE=adaptive,
             NORMALIZED=variant.normalized,
-            RHO_ON_DEVICE=rho_on_device,
             CHECK=ctx.check,
-            WRITE_BACKUP=not variant.noise,
-            KEEP_GRAD=variant.keeps_first_grad,
             UNSCALE=ctx.unscale,
-            TABLE=run.layout_code,
-            BLOCK=CHUNK,
-            num_warps=WARPS,
+            RHO_ON_DEVICE=rho_on_device,
         )
         left_out = bucket.complement_run(plan)
         if left_out is not None:
@@ -182,40 +169,29 @@ class TritonBackend:
     # ------------------------------------------------------------------ descent
     def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext, force: bool = False) -> None:
         run = plan.run
-        self.ascent.revert_state_kernel[(run.programs(),)](
-            run.addresses(ctx.variant.running_state),
-            run.addresses("state_prev"),
-            ctx.status,
-            0,
-            run.table,
-            run.like,
+        self._launch(
+            self.ascent.revert_state_kernel,
+            run,
+            state=run.addresses(ctx.variant.running_state),
+            prev=run.addresses("state_prev"),
+            status=ctx.status,
             FORCE=force,
-            TABLE=run.layout_code,
-            BLOCK=CHUNK,
-            num_warps=WARPS,
         )
 
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
-        inner = ctx.variant.keeps_first_grad
         run = plan.run
-        grad = run.addresses("grad")
-        self.descent.descent_stats_kernel[(run.programs(),)](
-            grad,
-            run.addresses("first_grad") if inner else grad,
-            partials[0],
-            partials[1],
-            partials[2],
-            partials[3],
-            ctx.status,
-            0,
-            run.table,
-            run.like,
-            INNER=inner,
+        self._launch(
+            self.descent.descent_stats_kernel,
+            run,
+            grad=run.addresses("grad"),
+            first_grad=run.addresses("first_grad") if ctx.variant.keeps_first_grad else None,
+            bad_out=partials[0],
+            dot_out=partials[1],
+            gp2_out=partials[2],
+            g2_out=partials[3],
+            status=ctx.status,
             WANT_GP2=ctx.clip,
             UNSCALE=ctx.unscale,
-            TABLE=run.layout_code,
-            BLOCK=CHUNK,
-            num_warps=WARPS,
         )
 
     def restore(self, bucket: Bucket, plan: Plan | None) -> None:
@@ -225,14 +201,8 @@ class TritonBackend:
             self._restore_run(plan.run)
 
     def _restore_run(self, run: TableRun) -> None:
-        self.descent.restore_kernel[(run.programs(),)](
-            run.addresses("param"),
-            run.addresses("backup"),
-            0,
-            run.table,
-            run.like,
-            TABLE=run.layout_code,
-            BLOCK=CHUNK,
+        self._launch(
+            self.descent.restore_kernel, run, param=run.addresses("param"), backup=run.addresses("backup")
         )
 
     def update(
@@ -253,116 +223,66 @@ class TritonBackend:
         if plan.empty:
             return
         run = plan.run
-        grad = run.addresses("grad")
+        states = [run.addresses(name) for name in spec.state_names()]
+        states += [None] * (3 - len(states))
         if descent in (Descent.GSAM, Descent.LOOKSAM_FULL):
             aux = run.addresses("first_grad")
         elif descent == Descent.LOOKSAM_REUSE:
             aux = run.addresses("looksam_gv")
         else:
-            aux = grad
-        gv = run.addresses("looksam_gv") if descent == Descent.LOOKSAM_FULL else grad
-        self._updates[type(spec)](bucket, run, run.addresses(source), aux, gv, spec, ctx, int(descent))
-
-    # one launcher per fused base update: the update's own arguments, then the descent's
-    def _sgd(self, bucket, run, src, aux, gv, spec: SGDSpec, ctx: StepContext, descent: int) -> None:
+            aux = None
         lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
-        has_momentum = spec.momentum != 0
-        self.descent.sgd_kernel[(run.programs(),)](
-            src,
-            run.addresses("param"),
-            run.addresses("grad"),
-            run.addresses("momentum_buffer") if has_momentum else src,
-            aux,
-            gv,
-            bucket.steps,
-            ctx.status,
-            0,
-            lr,
-            spec.momentum,
-            1.0 - spec.dampening,
-            spec.weight_decay,
-            ctx.alpha,
-            run.table,
-            run.like,
-            DESCENT=descent,
+        h = (*spec.kernel_scalars(), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)[:6]
+        self._launch(
+            self.descent.update_kernel,
+            run,
+            src=run.addresses(source),
+            param=run.addresses("param"),
+            grad=run.addresses("grad"),
+            state0=states[0],
+            state1=states[1],
+            state2=states[2],
+            aux=aux,
+            gv=run.addresses("looksam_gv") if descent == Descent.LOOKSAM_FULL else None,
+            steps=bucket.steps,
+            status=ctx.status,
+            lr_arg=lr,
+            device_scalars=_device_scalars(bucket, spec),
+            h0=h[0],
+            h1=h[1],
+            h2=h[2],
+            h3=h[3],
+            h4=h[4],
+            h5=h[5],
+            alpha=ctx.alpha,
+            BASE=spec.kernel,
+            OPTIONS=spec.kernel_options(),
+            DESCENT=int(descent),
             UNSCALE=ctx.unscale,
             CLIP_GRAD=ctx.clip,
             CHECK=ctx.check,
-            HAS_WEIGHT_DECAY=spec.weight_decay != 0,
-            HAS_MOMENTUM=has_momentum,
-            NESTEROV=spec.nesterov,
-            MAXIMIZE=spec.maximize,
             LR_ON_DEVICE=lr_on_device,
-            TABLE=run.layout_code,
-            BLOCK=CHUNK,
-            num_warps=WARPS,
-        )
-
-    def _adam(self, bucket, run, src, aux, gv, spec: AdamSpec, ctx: StepContext, descent: int) -> None:
-        lr, lr_on_device = _scalar_arg(spec.lr, bucket.device)
-        v = run.addresses("exp_avg_sq")
-        self.descent.adam_kernel[(run.programs(),)](
-            src,
-            run.addresses("param"),
-            run.addresses("grad"),
-            run.addresses("exp_avg"),
-            v,
-            run.addresses("max_exp_avg_sq") if spec.amsgrad else v,
-            aux,
-            gv,
-            bucket.steps,
-            _betas(bucket, spec),
-            ctx.status,
-            0,
-            lr,
-            spec.beta2,
-            1.0 - spec.beta1,
-            1.0 - spec.beta2,
-            spec.eps,
-            spec.weight_decay,
-            0.0 if lr_on_device else 1.0 - lr * spec.weight_decay,
-            ctx.alpha,
-            run.table,
-            run.like,
-            DESCENT=descent,
-            UNSCALE=ctx.unscale,
-            CLIP_GRAD=ctx.clip,
-            CHECK=ctx.check,
-            HAS_WEIGHT_DECAY=spec.weight_decay != 0,
-            DECOUPLED=spec.decoupled,
-            AMSGRAD=spec.amsgrad,
-            MAXIMIZE=spec.maximize,
-            LR_ON_DEVICE=lr_on_device,
-            TABLE=run.layout_code,
-            BLOCK=CHUNK,
-            num_warps=WARPS,
         )
 
     def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
         """Sum of squares of state ``name`` over the plan, into ``partials[0]``."""
         run = plan.run
-        view = run.addresses(name)
-        self.ascent.ascent_stats_kernel[(run.programs(),)](
-            view,
-            view,
-            view,
-            bucket.vsteps,
-            partials,  # status: not read without UNSCALE
-            partials[0],
-            partials[1],  # non-finite count of the state: not needed
-            0,
-            0.0,
-            0.0,
-            0.0,
-            run.table,
-            run.like,
+        self._launch(
+            self.ascent.ascent_stats_kernel,
+            run,
+            grad=run.addresses(name),
+            param=None,
+            aux=None,
+            vsteps=bucket.vsteps,
+            status=partials,  # not read without UNSCALE
+            sumsq_out=partials[0],
+            bad_out=partials[1],  # the state's non-finite count: not needed
+            eta=0.0,
+            c1=0.0,
+            c2=0.0,
             RULE=int(Ascent.GRAD),
             ADAPTIVE=False,
-            WANT_SUMSQ=True,
             UNSCALE=False,
-            TABLE=run.layout_code,
-            BLOCK=CHUNK,
-            num_warps=WARPS,
         )
 
     def advance_steps(
@@ -370,11 +290,11 @@ class TritonBackend:
     ) -> None:
         n = len(bucket.params)
         self.descent.advance_steps_kernel[(_grid(n, 1024),)](
-            bucket.steps,
-            bucket.vsteps,
-            bucket.mask_of(plan),
-            ctx.status,
-            n,
+            steps=bucket.steps,
+            vsteps=bucket.vsteps,
+            taking_part=bucket.mask_of(plan),
+            status=ctx.status,
+            n=n,
             BASE=base,
             VARIANT=variant,
             CHECK=ctx.check,
@@ -383,14 +303,20 @@ class TritonBackend:
         )
 
 
-def _betas(bucket: Bucket, spec: AdamSpec) -> Tensor:
-    """Adam's betas in float64 on the device, for the bias corrections: one small tensor per
-    bucket, rewritten in place only when the values change (a schedule that cycles the
-    betas, such as OneCycleLR, costs one tiny copy per change, and nothing accumulates)."""
-    held = bucket.cache.get("betas")
-    values = (spec.beta1, spec.beta2)
-    if held is None:
-        held = bucket.cache["betas"] = [None, torch.empty(2, dtype=torch.float64, device=bucket.device)]
+def _device_scalars(bucket: Bucket, spec: BaseSpec) -> Tensor | None:
+    """The spec's float64 ``device_scalars`` (Adam's betas, for the bias corrections) on the
+    device: one small tensor per bucket, rewritten in place only when the values change (a
+    schedule that cycles the betas, such as OneCycleLR, costs one tiny copy per change, and
+    nothing accumulates); None when the base has none."""
+    values = spec.device_scalars()
+    if not values:
+        return None
+    held = bucket.cache.get("device_scalars")
+    if held is None or held[1].numel() != len(values):
+        held = bucket.cache["device_scalars"] = [
+            None,
+            torch.empty(len(values), dtype=torch.float64, device=bucket.device),
+        ]
     if held[0] != values:
         held[1].copy_(torch.tensor(values, dtype=torch.float64))
         held[0] = values

@@ -1,5 +1,5 @@
 """Pieces every kernel family shares: the status layout, the rule names, the skip predicate,
-and how a program finds its elements in either bucket layout.
+and how a program finds its elements through the address tables.
 
 The status entries (``sam_fused/status.py``) and the variants' rule numbers
 (``sam_fused/variants.py``) are imported from their one definition and become
@@ -43,14 +43,19 @@ def status_f32(status_ptr, index):
     return tl.load(status_ptr + index).to(tl.float32)
 
 
-# ---------------------------------------------------------------------- layouts
-# Every elementwise kernel runs over one of two layouts (sam_fused/layout.py, tables.py):
-# flat (TABLE=0): each pointer argument is a run of one buffer and program p covers
-# elements [p*BLOCK, (p+1)*BLOCK) of n; table (TABLE=1, or 2 when every address in the
-# tables is 16-byte aligned): each pointer argument is an int64 table of tensor addresses,
-# and program p reads row p of the chunk table (slot, start, numel, count index) to find its
-# tensor, its block in it, and its update counts. An address read from memory tells the
-# compiler nothing about its alignment: TABLE=2 says it, so that loads are 16-byte vectors.
+@triton.jit
+def status_f64(status_ptr, index):
+    """An entry as float64: sums of squares may exceed float32's range (|g| > 1.8e19)."""
+    return tl.load(status_ptr + index).to(tl.float64)
+
+
+# ---------------------------------------------------------------------- address tables
+# Every kernel runs over a run of tensors (sam_fused/tables.py): each pointer argument of a
+# role is an int64 table of tensor addresses, and program p reads row p of the chunk table
+# (slot, start, numel, count index) to find its tensor, its block in it, and its update
+# counts. An address read from memory tells the compiler nothing about its alignment:
+# TABLE=2 says that every address is 16-byte aligned, so that loads are 128-bit vectors;
+# TABLE=1 makes no such promise (offset views of larger tensors).
 TABLE_ALIGNED = tl.constexpr(2)
 
 
@@ -63,36 +68,27 @@ def chunk_of(table_ptr):
 
 @triton.jit
 def address(ptr, slot, like_ptr, TABLE: tl.constexpr):
-    """A role's pointer for this program: the flat run itself, or the slot's tensor (an int64
-    address turned into a pointer of ``like_ptr``'s element type)."""
-    # one return statement: the compiler types a function by all of its returns, even
-    # those a constexpr branch leaves out
-    if TABLE:
-        resolved = tl.load(ptr + slot).to(like_ptr.dtype)
+    """A role's pointer for this program: the slot's tensor (an int64 address turned into a
+    pointer of ``like_ptr``'s element type); None stays None (a role the launch lacks)."""
+    if ptr is not None:
+        ptr = tl.load(ptr + slot).to(like_ptr.dtype)
         if TABLE == TABLE_ALIGNED:
-            resolved = tl.multiple_of(resolved, 16)
-    else:
-        resolved = ptr
-    return resolved
+            ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
-def block_of(n, table_ptr, BLOCK: tl.constexpr, TABLE: tl.constexpr):
+def block_of(table_ptr, BLOCK: tl.constexpr):
     """This program's (slot, count index, offsets, mask) in an elementwise launch."""
-    if TABLE:
-        slot, start, n, index = chunk_of(table_ptr)
-        offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)  # chunks start at multiples of BLOCK
-    else:
-        slot = 0
-        index = 0
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    slot, start, n, index = chunk_of(table_ptr)
+    offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)  # chunks start at multiples of BLOCK
     return slot, index, offs, offs < n
 
 
 @triton.jit
-def copy_block(dst_ptr, src_ptr, n, table_ptr, like_ptr, TABLE: tl.constexpr, BLOCK: tl.constexpr):
+def copy_block(dst_ptr, src_ptr, table_ptr, like_ptr, TABLE: tl.constexpr, BLOCK: tl.constexpr):
     """``dst <- src`` over this program's block (restores, reverted running state)."""
-    slot, _, offs, mask = block_of(n, table_ptr, BLOCK, TABLE)
+    slot, _, offs, mask = block_of(table_ptr, BLOCK)
     dst_ptr = address(dst_ptr, slot, like_ptr, TABLE)
     src_ptr = address(src_ptr, slot, like_ptr, TABLE)
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
