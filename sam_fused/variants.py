@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import status as S
 
-__all__ = ["VARIANTS", "Ascent", "Descent", "Option", "Variant", "get_variant"]
+__all__ = ["VARIANTS", "Ascent", "Descent", "Option", "Variant", "descent_gradient", "get_variant"]
 
 
 class Ascent(IntEnum):
@@ -171,6 +171,17 @@ class Variant:
         """The two scalars ``c1, c2`` the ascent kernels take for this variant."""
         return 0.0, 0.0
 
+    def direction(
+        self, options: Mapping[str, Any], g: Tensor, aux: Tensor | None, first: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """The ascent direction ``v`` and the new running state (None: the variant keeps none),
+        in PyTorch: the specification of ``kernels/variants.py`` and ``csrc/sam_fused_math.h``.
+
+        ``aux`` is the variant's running state before this step (VaSSO's ``d``, F-SAM's ``m``)
+        or RSAM's noise ``delta``; ``first`` is True while the running state was never updated.
+        """
+        return g, None  # SAM, ASAM, USAM, GSAM, LookSAM, GCSAM (after centralization)
+
     def perturbs(self, step_index: int, options: Mapping[str, Any]) -> bool:
         """Whether the step with this 0-based index takes the full two-pass SAM step."""
         return True
@@ -185,17 +196,33 @@ class _VaSSO(Variant):
     def kernel_scalars(self, options: Mapping[str, Any]) -> tuple[float, float]:
         return float(options["theta"]), 0.0
 
+    def direction(self, options, g, aux, first):
+        # d <- (1 - theta) d + theta g, with d = g on the first update
+        theta = options["theta"]
+        d = torch.where(first, g, (1 - theta) * aux + theta * g)
+        return d, d
+
 
 @dataclass(frozen=True)
 class _FSAM(Variant):
     def kernel_scalars(self, options: Mapping[str, Any]) -> tuple[float, float]:
         return float(options["sigma"]), float(options["lam"])
 
+    def direction(self, options, g, aux, first):
+        # v = g - sigma m (the previous m), then m <- lam m + (1 - lam) g; the first update
+        # takes v = g and m = g (the official code)
+        lam = options["lam"]
+        v = torch.where(first, g, g - options["sigma"] * aux)
+        return v, torch.where(first, g, lam * aux + (1 - lam) * g)
+
 
 @dataclass(frozen=True)
 class _RSAM(Variant):
     def kernel_scalars(self, options: Mapping[str, Any]) -> tuple[float, float]:
         return float(options["lam"]), 0.0
+
+    def direction(self, options, g, aux, first):
+        return aux + options["lam"] * g, None  # v = delta + lam g_hat, g_hat taken at w + delta
 
 
 @dataclass(frozen=True)
@@ -285,6 +312,30 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
+
+
+def descent_gradient(
+    rule: Descent, options: Mapping[str, Any], gp: Tensor, aux: Tensor | None, status: Tensor
+) -> Tensor:
+    """The gradient the base update receives, in PyTorch (the specification of
+    ``kernels/variants.py`` and ``csrc/sam_fused_math.h``).
+
+    GSAM: ``g_p - alpha g_perp`` with ``g_perp = g - (<g, g_p> / ||g_p||^2) g_p`` (aux = g).
+    LookSAM reuse steps: ``g + alpha (||g|| / ||g_v||) g_v`` (aux = g_v, gp = this pass's g).
+    Ratios of the status's sums are formed in its dtype (float64), then cast.
+    """
+    if rule in (Descent.PLAIN, Descent.LOOKSAM_FULL):
+        return gp
+    dt = gp.dtype
+    if rule == Descent.GSAM:
+        gp2 = status[S.GP2]
+        coef = torch.where(gp2 > 0, status[S.DOT] / gp2, 0).to(dt)
+        return gp - options["alpha"] * (aux - coef * gp)
+    if rule == Descent.LOOKSAM_REUSE:
+        gv_norm = status[S.GV2].sqrt()
+        scale = torch.where(gv_norm > 0, status[S.SUMSQ].sqrt() / gv_norm, 0).to(dt)
+        return gp + options["alpha"] * scale * aux
+    raise NotImplementedError(f"descent rule {rule}")
 
 
 def get_variant(name: str) -> Variant:

@@ -36,7 +36,6 @@ rounding, by thread count).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -46,10 +45,17 @@ from .. import status as S
 from ..base_updates import BaseSpec
 from ..context import StepContext
 from ..layout import Bucket, Plan
-from ..variants import Ascent, Descent, Variant
+from ..variants import Ascent, Descent, Variant, descent_gradient
 from .protocol import Capabilities
 
-__all__ = ["ReferenceBackend", "centralize_each", "math_dtype", "sum_of_squares"]
+__all__ = [
+    "ReferenceBackend",
+    "ascent_scale",
+    "centralize_each",
+    "math_dtype",
+    "perturbation",
+    "sum_of_squares",
+]
 
 ROW = 4096
 
@@ -70,30 +76,6 @@ def sum_of_squares(u: Tensor) -> Tensor:
 def ascent_scale(weight: Tensor, adaptive: bool, eta: float) -> Tensor | float:
     """ASAM's ``T = |w| + eta`` (elementwise), or 1 for a non-adaptive group."""
     return weight.abs() + eta if adaptive else 1.0
-
-
-def ascent_direction(
-    variant: Variant, options: Mapping[str, Any], g: Tensor, aux: Tensor | None, first: Tensor
-) -> tuple[Tensor, Tensor | None]:
-    """The variant's ascent direction ``v`` and its new running state (or None).
-
-    ``aux`` is the variant's state before this step (VaSSO's ``d``, F-SAM's ``m``) or RSAM's
-    noise ``delta``; ``first`` is True while that running state has never been updated.
-    """
-    rule = variant.ascent
-    if rule == Ascent.GRAD:
-        return g, None
-    if rule == Ascent.VASSO:  # d <- (1 - theta) d + theta g, with d = g on the first update
-        theta = options["theta"]
-        d = torch.where(first, g, (1 - theta) * aux + theta * g)
-        return d, d
-    if rule == Ascent.FSAM:  # v = g - sigma m (previous m), then m <- lam m + (1 - lam) g;
-        lam = options["lam"]  # the first update takes v = g and m = g (the official code)
-        v = torch.where(first, g, g - options["sigma"] * aux)
-        return v, torch.where(first, g, lam * aux + (1 - lam) * g)
-    if rule == Ascent.RSAM:  # v = delta + lam g_hat, g_hat taken at w + delta
-        return aux + options["lam"] * g, None
-    raise NotImplementedError(f"ascent rule {rule}")
 
 
 def perturbation(
@@ -117,28 +99,6 @@ def centralize_each(bucket: Bucket, indices) -> None:
     for i in indices:
         g = bucket.grad(i)
         g.copy_(centralized(g.to(math_dtype(bucket.dtype))))
-
-
-def descent_gradient(
-    rule: Descent, options: Mapping[str, Any], gp: Tensor, aux: Tensor | None, status: Tensor
-) -> Tensor:
-    """The gradient the base update receives.
-
-    GSAM: ``g_p - alpha g_perp`` with ``g_perp = g - (<g, g_p> / ||g_p||^2) g_p`` (aux = g).
-    LookSAM reuse steps: ``g + alpha (||g|| / ||g_v||) g_v`` (aux = g_v, gp = this pass's g).
-    """
-    if rule in (Descent.PLAIN, Descent.LOOKSAM_FULL):
-        return gp
-    dt = gp.dtype  # ratios of the status's sums formed in its dtype (float64), then cast
-    if rule == Descent.GSAM:
-        gp2 = status[S.GP2]
-        coef = torch.where(gp2 > 0, status[S.DOT] / gp2, 0).to(dt)
-        return gp - options["alpha"] * (aux - coef * gp)
-    if rule == Descent.LOOKSAM_REUSE:
-        gv_norm = status[S.GV2].sqrt()
-        scale = torch.where(gv_norm > 0, status[S.SUMSQ].sqrt() / gv_norm, 0).to(dt)
-        return gp + options["alpha"] * scale * aux
-    raise NotImplementedError(f"descent rule {rule}")
 
 
 class ReferenceBackend:
@@ -201,7 +161,7 @@ class ReferenceBackend:
             g_raw = bucket.grad(i).to(compute)
             g = ctx.unscaled(g_raw, S.INV_SCALE1)
             first = bucket.vsteps[i] == 0
-            v, _ = ascent_direction(ctx.variant, ctx.options, g, self._aux(bucket, i, ctx, compute), first)
+            v, _ = ctx.variant.direction(ctx.options, g, self._aux(bucket, i, ctx, compute), first)
             u = ascent_scale(bucket.weight(i).to(compute), group["adaptive"], group["eta"]) * v
             sumsq += sum_of_squares(u.to(acc))
             bad += (~torch.isfinite(g_raw)).sum()
@@ -226,7 +186,7 @@ class ReferenceBackend:
             if variant.keeps_first_grad:  # a copy: the next pass rewrites the gradient
                 bucket.store_state("first_grad", i, g)
             aux = self._aux(bucket, i, ctx, compute)
-            v, new_state = ascent_direction(variant, ctx.options, g, aux, bucket.vsteps[i] == 0)
+            v, new_state = variant.direction(ctx.options, g, aux, bucket.vsteps[i] == 0)
             t = ascent_scale(src.to(compute), group["adaptive"], group["eta"])
             eps = perturbation(t * v, t, group["rho"], norm, variant, ctx.norm_eps)
             w.copy_(torch.where(skip, src, (src.to(compute) + eps).to(w.dtype)))
