@@ -1,8 +1,8 @@
 """The compiled backends: hand-written C++ (CPU) and CUDA kernels.
 
 The same operations as the Triton backend: ``cpp`` runs the C++/OpenMP kernels of
-``csrc/sam_fused_cpu.cpp`` on CPU tensors, over flat and table buckets; ``cuda`` the
-kernels of ``csrc/sam_fused_cuda.cu`` on CUDA tensors, over flat buckets. Both libraries
+``csrc/sam_fused_cpu.cpp`` on CPU tensors, ``cuda`` the kernels of ``csrc/sam_fused_cuda.cu``
+on CUDA tensors, both over flat and table buckets. Both libraries
 are compiled once (by setup.py or on first use, see ``sam_fused/_extension.py``) and
 register their operations as ``torch.ops.sam_fused_cpu`` / ``torch.ops.sam_fused_cuda``.
 
@@ -50,8 +50,8 @@ def _capabilities(device_type: str) -> Capabilities:
     return Capabilities(
         device_types={device_type},
         dtypes=_DTYPES,
-        # only the CPU library takes address tables (csrc/sam_fused_cpu.cpp, "layouts")
-        layouts={"flat", "table"} if device_type == "cpu" else {"flat"},
+        # both libraries take address tables ("layouts" in csrc/sam_fused_cpu.cpp and .cu)
+        layouts={"flat", "table"},
         ascents={Ascent.GRAD},
         descents={Descent.PLAIN},
         updates={SGDSpec.name, AdamSpec.name},
@@ -298,9 +298,11 @@ class CppBackend:
 class CudaBackend(CppBackend):
     """The same operations from the CUDA extension (CUDA tensors, no host sync).
 
-    The run table stays on the host: the library launches one kernel per run with the
-    run's offsets as arguments, and the kernels read status and step counts on the device.
-    Flat buckets only (table buckets on CUDA go to the Triton backend).
+    A flat bucket's run table stays on the host: the library launches one kernel per run with
+    the run's offsets as arguments. A table bucket's launch takes the table run's device chunk
+    table (``TableRun.table``, one thread block per row) in place of the run table, so one
+    kernel covers every tensor, with one partial sum per chunk; the kernels read status, step
+    counts and the tables on the device.
     """
 
     name = "cuda"
@@ -310,6 +312,20 @@ class CudaBackend(CppBackend):
     @classmethod
     def extension(cls) -> _Extension:
         return cuda_extension()
+
+    def _table(self, plan: Plan) -> tuple[Tensor, int]:
+        """A flat plan's host run table, or a table run's chunk table: one partial per row."""
+        if plan.runs and plan.runs[0].table_mode:
+            run = plan.runs[0]
+            return run.table, run.programs()
+        return super()._table(plan)
+
+    def restore(self, bucket: Bucket, plan: Plan | None) -> None:
+        if plan is None and not bucket.flat:  # every parameter of a table bucket
+            run = bucket.all_run()
+            self.ops.restore(run.tensor(bucket, "param"), run.tensor(bucket, "backup"), run.table, run.like)
+            return
+        super().restore(bucket, plan)
 
 
 def _instance(name: str):
