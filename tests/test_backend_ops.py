@@ -28,6 +28,7 @@ from sam_fused import status as S
 from sam_fused.base_updates import AdamSpec, SGDSpec
 from sam_fused.context import StepContext
 from sam_fused.layout import Bucket
+from sam_fused.tables import CHUNK
 from sam_fused.variants import VARIANTS, Descent, Variant
 
 # each fused backend over flat buckets, and over table buckets (parameters left in place:
@@ -119,16 +120,38 @@ class Side:
         return b.backup_flat[b.offsets[i] :][: b.numels[i]]
 
 
-class Pair:
-    """The same parameters and gradients in a reference bucket and a fused one."""
+def placed(value: torch.Tensor, offset: int) -> torch.nn.Parameter:
+    """A parameter holding ``value`` ``offset`` elements into a larger storage: where a table
+    launch addresses it in place, an offset that is not a multiple of 16 bytes misaligns it."""
+    storage = torch.zeros(value.numel() + offset, dtype=value.dtype, device=value.device)
+    view = storage[offset:]
+    view.copy_(value)
+    return torch.nn.Parameter(view)
 
-    def __init__(self, fused: str, sizes: list[int], dtype: torch.dtype, device: str, seed: int = 0) -> None:
+
+class Pair:
+    """The same parameters and gradients in a reference bucket and a fused one (``offsets``:
+    each parameter that many elements into a storage of its own, see ``placed``)."""
+
+    def __init__(
+        self,
+        fused: str,
+        sizes: list[int],
+        dtype: torch.dtype,
+        device: str,
+        seed: int = 0,
+        offsets: list[int] | None = None,
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
         values = [torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes]
         self.dtype, self.device, self.sizes = dtype, torch.device(device), sizes
         self.sides = {}
         for name in ("reference", fused):
-            params = [torch.nn.Parameter(v.to(device=device, dtype=dtype)) for v in values]
+            values_here = [v.to(device=device, dtype=dtype) for v in values]
+            if offsets is None:
+                params = [torch.nn.Parameter(v) for v in values_here]
+            else:
+                params = [placed(v, k) for v, k in zip(values_here, offsets)]
             bucket = Bucket(params, 0, layout_of(name), backend_instance(backend_of(name)))
             self.sides[name] = Side(bucket, torch.zeros(S.SIZE, device=device))
         self.ref, self.fused = self.sides["reference"], self.sides[fused]
@@ -487,23 +510,44 @@ def test_norm_is_bitwise_reproducible(fused, device):
     assert all(torch.equal(r, results[0]) for r in results)
 
 
-# ---------------------------------------------------------------------- cpp: flat vs table
-@pytest.mark.skipif("cpp" not in FUSED_BACKENDS, reason="the C++ CPU extension is not built here")
+# ---------------------------------------------------------------------- table launches
+# The compiled backends' table launches (parameters left in place), beyond the parity table
+# above: the flat launch's bits, chunk edges, per-tensor update counts, mixed alignment, one
+# launch per operation. The CUDA library cuts each tensor into CHUNK-element rows of the chunk
+# table (sam_fused/tables.py), one thread block each; the C++ library into its own slots.
+TABLE_CASES = [name for name in FUSED_CASES if name.endswith(TABLE) and not interpreted(name)]
+COMPILED_TABLES = [
+    pytest.param(name, id=name)
+    for name in ("cpp", "cuda")
+    if name in FUSED_BACKENDS and "table" in backend_instance(name).capabilities.layouts
+]
+
+
+def table_slots(backend: str, sizes: list[int]) -> int:
+    """The partial sums of a table launch: the C++ library's slots per tensor (one per 64 Ki
+    elements, at least one), the CUDA library's chunk rows (none for an empty tensor)."""
+    if backend == "cpp":
+        return sum(max(1, -(-n // 65536)) for n in sizes)
+    return sum(-(-n // CHUNK) for n in sizes)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU library, or the CUDA one emulated on the CPU")
+@pytest.mark.parametrize("backend", COMPILED_TABLES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", [SGD, ADAM_CASES["amsgrad"]], ids=["sgd", "amsgrad"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
-def test_cpp_table_launch_is_bitwise_the_flat_one(dtype, spec, adaptive):
-    """The C++ library runs both layouts through the same loops (csrc/sam_fused_cpu.cpp,
-    "layouts"), so given the same status the perturbation, the restore and the update write the
-    same bits over a flat bucket and over a table bucket. The norm statistics agree to float32
-    rounding only: a flat run's slots and 2048-element sub-blocks cut the concatenated (padded)
-    buffer, a table's cut each tensor, so the partial sums are grouped differently."""
-    sizes = [1, 7, 0, 4097, 70_001, 33]  # an empty tensor; 70_001 > one 64 Ki-element slot
+def test_table_launch_is_bitwise_the_flat_one(backend, dtype, spec, adaptive):
+    """Each library runs both layouts through the same loops and element math (csrc/, "layouts"),
+    so given the same status the perturbation, the restore and the update write the same bits
+    over a flat bucket and over a table bucket. The norm statistics agree to float32 rounding
+    only: a flat run's slots cut the concatenated (padded) buffer, a table's cut each tensor,
+    so the partial sums are grouped differently."""
+    sizes = [1, 7, 0, 4097, 70_001, 33, 1023, 1025]  # an empty tensor; 70_001 > one 64 Ki slot
     gen = torch.Generator().manual_seed(3)
     values = [torch.randn(n, generator=gen) for n in sizes]
-    backend = backend_instance("cpp")
+    instance = backend_instance(backend)
     buckets = [
-        Bucket([torch.nn.Parameter(v.to(dtype)) for v in values], 0, layout, backend)
+        Bucket([torch.nn.Parameter(v.to(dtype)) for v in values], 0, layout, instance)
         for layout in ("flat", "table")
     ]
     sides = [Side(bucket, torch.zeros(S.SIZE)) for bucket in buckets]
@@ -526,8 +570,7 @@ def test_cpp_table_launch_is_bitwise_the_flat_one(dtype, spec, adaptive):
     for step in range(3):
         set_grads(100 * step)
         plans = [stats_into([(side, g)], variant)[0] for side in sides]
-        # a slot per tensor of the table, two for the 70_001-element one
-        assert backend.partial_slots(table.bucket, plans[1]) == len(sizes) + 1
+        assert instance.partial_slots(table.bucket, plans[1]) == table_slots(backend, sizes)
         torch.testing.assert_close(table.status, flat.status, rtol=1e-6, atol=0)
         table.status.copy_(flat.status)  # the same norm, so the same perturbation
         for side, plan in zip(sides, plans):
@@ -548,3 +591,121 @@ def test_cpp_table_launch_is_bitwise_the_flat_one(dtype, spec, adaptive):
             side.backend.update(side.bucket, plan, plan, spec, ctx, Descent.PLAIN)
             side.backend.advance_steps(side.bucket, plan, ctx, True, True, False)
         assert_same_bits(spec.state_names())
+
+
+# one and two chunks and their edges, an empty tensor, and many tiny tensors (a block each)
+CHUNK_EDGES = [1023, 1024, 1025, 0, 1, 7, 2048, 4097] + [1, 2, 3, 5] * 16
+TABLE_UPDATE_CASES = [
+    pytest.param(SGD_CASES[k], id=f"sgd-{k}") for k in ("momentum", "nesterov", "maximize", "wd")
+] + [pytest.param(ADAM_CASES[k], id=k) for k in ("adamw", "adam-l2", "amsgrad", "maximize")]
+
+
+@pytest.mark.parametrize("fused", TABLE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", TABLE_UPDATE_CASES)
+def test_table_launch_at_chunk_edges(fused, device, dtype, spec):
+    """Three SAM steps over tensors that end just before, at and after a chunk's edge, with an
+    empty one and 64 tiny ones, against the reference: the norm, every weight, every state."""
+    pair = Pair(fused, CHUNK_EDGES, dtype, device, seed=4)
+    run_steps(pair, spec, 3, group(adaptive=True, eta=0.01))
+    torch.testing.assert_close(pair.fused.status[S.SUMSQ], pair.ref.status[S.SUMSQ], rtol=2e-6, atol=0)
+    pair.compare_params(steps=3)
+    for name in spec.state_names():
+        for i in range(len(CHUNK_EDGES)):
+            assert_close(pair.fused.state_of(name, i), pair.ref.state_of(name, i), dtype, steps=3)
+    counted = 3.0 if spec.state_names() else 0.0  # counts move only for updates that keep state
+    assert pair.fused.bucket.steps.tolist() == [counted] * len(CHUNK_EDGES)
+
+
+@pytest.mark.parametrize("fused", TABLE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [SGD, ADAM_CASES["amsgrad"]], ids=["sgd", "amsgrad"])
+def test_table_launch_reads_each_tensor_s_own_update_count(fused, device, dtype, spec):
+    """Tensors whose update counts differ in one launch: some take no part in a step (no
+    gradient), so they are left out of its plan, and a chunk row's tensor slot (its place in
+    the role tables) differs from its count index (its place in the bucket). SGD's first-step
+    rule and Adam's bias corrections read each tensor's own count."""
+    sizes = [5, 1030, 7, 600, 2049, 3]
+    pair = Pair(fused, sizes, dtype, device, seed=5)
+    g = group()
+    for step, skip in enumerate([(1, 3), (0,), (), (2, 5)]):
+        pair.set_grads(300 + step, skip=skip)
+        perturbed = {name: first_step(side, g, VARIANTS["sam"]) for name, side in pair.sides.items()}
+        pair.set_grads(400 + step, skip=skip)
+        for name, side in pair.sides.items():
+            second_step(side, perturbed[name], spec)
+        pair.compare_params(steps=step + 1)
+        for name in spec.state_names():
+            for i in range(len(sizes)):
+                assert_close(pair.fused.state_of(name, i), pair.ref.state_of(name, i), dtype, steps=step + 1)
+        assert torch.equal(pair.fused.bucket.steps, pair.ref.bucket.steps)
+    assert pair.fused.bucket.steps.tolist() == [3.0, 3.0, 3.0, 3.0, 4.0, 3.0]
+
+
+@pytest.mark.parametrize("fused", TABLE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [SGD, ADAM_CASES["amsgrad"]], ids=["sgd", "amsgrad"])
+def test_table_launch_mixes_aligned_and_unaligned_tensors(fused, device, dtype, spec):
+    """Parameters at element offsets 0, 1, 3, 8 and 16 of their storages: some addresses are
+    16-byte aligned (a block loads 16-byte packs), some are not (a block falls back to single
+    elements), in one launch; the results are the reference's either way."""
+    sizes = [1025, 7, 2051, 33, 4097]
+    offsets = [0, 1, 3, 8, 16]
+    pair = Pair(fused, sizes, dtype, device, seed=6, offsets=offsets)
+    addresses = [p.data_ptr() % 16 for p in pair.fused.params]
+    assert 0 in addresses and any(addresses), addresses  # both kinds are in the launch
+    run_steps(pair, spec, 2, group(adaptive=True, eta=0.01))
+    pair.compare_params(steps=2)
+    for name in spec.state_names():
+        for i in range(len(sizes)):
+            assert_close(pair.fused.state_of(name, i), pair.ref.state_of(name, i), dtype, steps=2)
+
+
+@pytest.mark.parametrize("fused", TABLE_CASES)
+def test_table_launch_of_no_tensor_changes_nothing(fused, device):
+    """A bucket none of whose parameters has a gradient: the plan is empty, the statistics
+    have no partial sum, and the perturbation, restore and update leave everything as it was."""
+    pair = Pair(fused, [7, 1025], torch.float32, device)
+    pair.set_grads(1, skip=(0, 1))
+    side = pair.fused
+    before = [bits(p) for p in side.params]
+    plan = side.bucket.plan()
+    assert plan.empty and side.backend.partial_slots(side.bucket, plan) == 0
+    perturbed = first_step(side, group(), VARIANTS["sam"])
+    side.backend.restore(side.bucket, perturbed)
+    second_step(side, perturbed, ADAM_CASES["amsgrad"])
+    assert all(torch.equal(bits(p), b) for p, b in zip(side.params, before))
+    assert side.bucket.steps.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.skipif(
+    DEVICE != "cpu" or "cuda" not in FUSED_BACKENDS, reason="counts the emulated CUDA library's launches"
+)
+@pytest.mark.parametrize("n_tensors", [3, 300])
+def test_cuda_table_bucket_takes_one_launch_per_operation(n_tensors):
+    """However many tensors a table bucket holds, each operation of the CUDA library is one
+    kernel launch over the chunk table (the emulation counts launches)."""
+    sizes = [1 + (37 * i) % 3000 for i in range(n_tensors)]  # tiny to three-chunk tensors
+    pair = Pair("cuda" + TABLE, sizes, torch.float32, "cpu", seed=7)
+    side = pair.fused
+    backend, bucket = side.backend, side.bucket
+    counter = torch.ops.sam_fused_cuda_emulated.emulated_launches
+
+    def launches(operation, *args) -> int:
+        before = counter()
+        operation(bucket, *args)
+        return counter() - before
+
+    pair.set_grads(1)
+    plan = bucket.plan()
+    ctx = side.ctx(VARIANTS["sam"])
+    partials = torch.zeros(4, backend.partial_slots(bucket, plan))
+    assert partials.shape[1] == sum(-(-n // CHUNK) for n in sizes) >= n_tensors
+    assert launches(backend.ascent_stats, plan, group(adaptive=True), ctx, partials) == 1
+    assert launches(backend.perturb, plan, group(adaptive=True), ctx) == 1
+    assert launches(backend.restore, plan) == 1
+    assert launches(backend.perturb, plan, group(), ctx) == 1
+    assert launches(backend.descent_stats, plan, ctx, partials) == 1
+    for spec in (SGD, ADAM_CASES["amsgrad"]):
+        assert launches(backend.update, plan, plan, spec, ctx, Descent.PLAIN) == 1
+    assert launches(backend.advance_steps, plan, ctx, True, True, False) == 1
