@@ -5,14 +5,18 @@
 // count, read from steps[first]. Python passes the runs of a plan as a CPU int64 tensor
 // of shape (R, 3): start, stop, first. Every operation takes the whole flat buffers plus
 // that table, so one Python call covers a bucket however many runs it has, and `like`, a
-// tensor of the element type. The CPU extension also takes table buckets: each buffer
-// argument is then an int64 table of R tensor addresses and row r is (0, numel, first) of
-// tensor r (sam_fused_cpu.cpp, "layouts"); the CUDA extension refuses those.
+// tensor of the element type. Both extensions also take table buckets (sam_fused/tables.py):
+// each buffer argument is then an int64 table of tensor addresses and `like` names the
+// element type. The CPU extension reads a host row (0, numel, first) per tensor
+// (sam_fused_cpu.cpp, "layouts"); the CUDA extension reads the device chunk table, one
+// row (slot, start, numel, count index) per kCudaTableChunk elements of a tensor
+// (sam_fused_cuda.cu, "layouts").
 //
 // The gradient-norm statistics are reduced in two fixed stages: each run is cut into a
-// number of slots that depends only on the run's length (stats_slots), each slot writes
-// one partial sum, and the caller sums the partials with one torch.sum. Nothing depends
-// on the thread count or on scheduling, so the same gradients give bitwise the same norm.
+// number of slots that depends only on the run's length (stats_slots; a CUDA table launch:
+// one slot per chunk row), each slot writes one partial sum, and the caller sums the
+// partials with one torch.sum. Nothing depends on the thread count or on scheduling, so the
+// same gradients give bitwise the same norm.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -30,7 +34,7 @@ namespace sam_fused {
 
 // Bumped whenever an operation's signature or meaning changes, so that Python can refuse
 // a stale prebuilt library (sam_fused/_extension.py: ABI_VERSION).
-constexpr int64_t kAbiVersion = 4;
+constexpr int64_t kAbiVersion = 5;
 
 // CPU: a slot covers up to 64 Ki elements (256 KiB of float32 gradient), at most 1024
 // slots per run; a run of ResNet-50's 25.6 M elements gives 391 partial sums.
@@ -40,6 +44,9 @@ constexpr int64_t kCpuMaxSlots = 1024;
 // at most 1024 blocks that stride over the run).
 constexpr int64_t kCudaStatsChunk = 4096;
 constexpr int64_t kCudaMaxSlots = 1024;
+// CUDA table launches: the elements of one chunk row, one thread block each; CHUNK in
+// sam_fused/tables.py, which builds the rows (tests/test_extension.py checks the two agree).
+constexpr int64_t kCudaTableChunk = 1024;
 
 // The number of partial sums a run of n elements produces: a pure function of n.
 inline int64_t stats_slots(int64_t n, int64_t chunk, int64_t max_slots) {
@@ -122,39 +129,6 @@ inline void check_status(const at::Tensor& status, const at::Device& device) {
 inline void check_steps(const at::Tensor& steps, const at::Device& device) {
   TORCH_CHECK(steps.device() == device && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
               "sam_fused: steps must be a contiguous float32 tensor on ", device);
-}
-
-// A flat-only library (the CUDA one) checks that it was given a flat launch: `like`, the
-// tensor that names a table launch's element type (sam_fused_cpu.cpp), is then of the
-// buffers' type, and the buffers themselves are not address tables.
-inline void check_flat_launch(const at::Tensor& like, const at::Tensor& buffer) {
-  TORCH_CHECK(buffer.scalar_type() != at::kLong && like.scalar_type() == buffer.scalar_type(),
-              "sam_fused: this library runs flat buckets only (got ", buffer.scalar_type(),
-              " buffers and an element type of ", like.scalar_type(), ")");
-}
-
-// What every fused update (SGD, Adam) is given, checked by the flat-only CUDA library: the step
-// counts, the run table, the weights (src, param), the gradient, the optional state buffers
-// (nullptr when absent), the status vector and the unscale index. Returns the runs.
-inline std::vector<RunSpan> check_update_args(const at::Tensor& src, const at::Tensor& param,
-                                              const at::Tensor& grad, const at::Tensor& steps,
-                                              const at::Tensor& status, const at::Tensor& runs_t,
-                                              std::initializer_list<std::pair<const char*, const at::Tensor*>> state,
-                                              int64_t unscale) {
-  const auto device = param.device();
-  const auto dtype = param.scalar_type();
-  const int64_t numel = param.numel();
-  check_steps(steps, device);
-  auto runs = read_runs(runs_t, numel, steps.numel());
-  check_flat(param, "param", dtype, numel, device);
-  check_flat(src, "src", dtype, numel, device);
-  check_flat(grad, "grad", dtype, numel, device);
-  for (const auto& [name, buffer] : state) {
-    if (buffer != nullptr) check_flat(*buffer, name, dtype, numel, device);
-  }
-  check_status(status, device);
-  check_unscale(unscale);
-  return runs;
 }
 
 inline void check_partials(const at::Tensor& t, const char* name, int64_t slots, const at::Device& device) {

@@ -41,7 +41,7 @@ import torch
 __all__ = ["NO_BUILD_ENV", "BackendInfo", "cpu_extension", "cuda_extension"]
 
 NO_BUILD_ENV = "SAM_FUSED_NO_BUILD"
-ABI_VERSION = 4  # kAbiVersion in csrc/sam_fused_common.h
+ABI_VERSION = 5  # kAbiVersion in csrc/sam_fused_common.h
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # Compiler flags shared by setup.py and the JIT loader. -O3 without -march: a cached or
 # installed build must run on any x86-64/aarch64 machine, and GCC vectorises the plain

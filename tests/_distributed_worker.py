@@ -44,6 +44,16 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+def emulated_cuda() -> type | None:
+    """The cuda backend with its library emulated on the CPU (tests/emulated_cuda_backend.py),
+    where it builds and the tests run on the CPU; None elsewhere."""
+    if os.environ.get("SAM_FUSED_TEST_DEVICE", "cpu") != "cpu":
+        return None
+    from emulated_cuda_backend import EmulatedCudaBackend  # tests/ is on the path of both sides
+
+    return EmulatedCudaBackend if EmulatedCudaBackend.info() else None
+
+
 def table_backends() -> tuple[str, ...]:
     """The fused backends that run FSDP2's shards here (multi-tensor kernels over tables)."""
     from sam_fused.backends import CppBackend, TritonBackend, triton_available
@@ -53,6 +63,9 @@ def table_backends() -> tuple[str, ...]:
         names.append("triton")
     if CppBackend.info():
         names.append("cpp")
+    cuda = emulated_cuda()
+    if cuda is not None:
+        names.append("cuda")
     return tuple(names)
 
 
@@ -61,7 +74,7 @@ def runs_variant(backend: str, variant: str) -> bool:
     from sam_fused.backends import CppBackend, TritonBackend
     from sam_fused.variants import VARIANTS
 
-    capabilities = {"triton": TritonBackend, "cpp": CppBackend}[backend].capabilities
+    capabilities = {"triton": TritonBackend, "cpp": CppBackend, "cuda": emulated_cuda()}[backend].capabilities
     rule = VARIANTS["sam" if variant == "asam" else variant]
     return capabilities.refusal(torch.device("cpu"), torch.float32, rule) is None
 
@@ -364,6 +377,10 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    if "cuda" in table_backends():  # backend="cuda" gets the emulated library, as in conftest
+        from sam_fused import backends
+
+        backends._INSTANCES["cuda"] = emulated_cuda()()
     try:
         results = {"ddp": run_ddp(rank), "fsdp": run_fsdp(rank)}
         dist.barrier()

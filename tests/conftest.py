@@ -158,10 +158,11 @@ def backend_instance(name: str):
 
 @pytest.fixture(autouse=True)
 def _emulated_cuda(request, monkeypatch):
-    """A test parametrized with backend/fused "cuda" on the CPU gets the emulated library
-    wherever the optimizer asks for backend="cuda"."""
+    """A test parametrized with backend/fused "cuda" (or "cuda-table") on the CPU gets the
+    emulated library wherever the optimizer asks for backend="cuda"."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if DEVICE != "cuda" and "cuda" in (params.get("backend"), params.get("fused")):
+    named = (params.get("backend"), params.get("fused"))
+    if DEVICE != "cuda" and "cuda" in (split_backend(n)[0] for n in named if isinstance(n, str)):
         if "cuda" not in COMPILED:
             if BUILDS:
                 pytest.fail("the emulated CUDA library did not build")

@@ -29,6 +29,7 @@ from sam_fused.base_updates import AdamSpec, SGDSpec
 from sam_fused.context import StepContext
 from sam_fused.layout import Bucket
 from sam_fused.lion import LionSpec
+from sam_fused.tables import CHUNK
 from sam_fused.variants import VARIANTS, Descent, Variant
 
 # each fused backend over parameters of their own, and over offset views of larger storages
@@ -116,18 +117,40 @@ class Side:
         return self.bucket.state_tensor("backup", i)
 
 
-class Pair:
-    """The same parameters and gradients in a reference bucket and a fused one."""
+def placed(value: torch.Tensor, offset: int) -> torch.nn.Parameter:
+    """A parameter holding ``value`` ``offset`` elements into a larger storage: where a table
+    launch addresses it in place, an offset that is not a multiple of 16 bytes misaligns it."""
+    storage = torch.zeros(value.numel() + offset, dtype=value.dtype, device=value.device)
+    view = storage[offset:]
+    view.copy_(value)
+    return torch.nn.Parameter(view)
 
-    def __init__(self, fused: str, sizes: list[int], dtype: torch.dtype, device: str, seed: int = 0) -> None:
+
+class Pair:
+    """The same parameters and gradients in a reference bucket and a fused one (``offsets``:
+    each parameter that many elements into a storage of its own, see ``placed``)."""
+
+    def __init__(
+        self,
+        fused: str,
+        sizes: list[int],
+        dtype: torch.dtype,
+        device: str,
+        seed: int = 0,
+        offsets: list[int] | None = None,
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
         values = [torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes]
         self.dtype, self.device, self.sizes = dtype, torch.device(device), sizes
         self.sides = {}
         for name in ("reference", fused):
-            params = [parameter(name, v.to(device=device, dtype=dtype)) for v in values]
+            values_here = [v.to(device=device, dtype=dtype) for v in values]
+            if offsets is None:
+                params = [parameter(name, v) for v in values_here]
+            else:
+                params = [placed(v, k) for v, k in zip(values_here, offsets)]
             bucket = Bucket(params, 0, backend_instance(backend_of(name)))
-            self.sides[name] = Side(bucket, torch.zeros(S.SIZE, device=device))
+            self.sides[name] = Side(bucket, torch.zeros(S.SIZE, dtype=torch.float64, device=device))
         self.ref, self.fused = self.sides["reference"], self.sides[fused]
 
     def set_grads(self, seed: int, scale: float = 1.0, poison: float | None = None, skip: tuple = ()) -> None:
@@ -150,7 +173,7 @@ def stats_into(sides: list[tuple[Side, dict]], variant: Variant) -> list:
     plans = [side.bucket.plan() for side, _ in sides]
     slots = [side.backend.partial_slots(side.bucket, plan) for (side, _), plan in zip(sides, plans)]
     status = sides[0][0].status
-    partials = torch.zeros(4, sum(slots), device=status.device)
+    partials = torch.zeros(4, sum(slots), dtype=status.dtype, device=status.device)
     offset = 0
     for (side, group), plan, n in zip(sides, plans, slots):
         side.backend.ascent_stats(
@@ -172,7 +195,7 @@ def second_step(side: Side, perturbed, spec, check: bool = True) -> None:
     ctx = side.ctx(VARIANTS["sam"], check)
     if check:
         n = side.backend.partial_slots(side.bucket, plan)
-        partials = torch.full((4, n), float("nan"), device=side.status.device)
+        partials = torch.full((4, n), float("nan"), dtype=torch.float64, device=side.status.device)
         side.backend.descent_stats(side.bucket, plan, ctx, partials)
         torch.sum(partials, dim=1, out=side.status[S.SECOND_PASS])
     side.backend.update(side.bucket, perturbed, plan, spec, ctx, Descent.PLAIN)
@@ -221,7 +244,8 @@ def test_nonfinite_counts(fused, device, sizes, dtype, poison):
     for side in pair.sides.values():
         stats_into([(side, group())], VARIANTS["sam"])
         plan = side.bucket.plan()
-        partials = torch.full((4, side.backend.partial_slots(side.bucket, plan)), float("nan"), device=device)
+        slots = side.backend.partial_slots(side.bucket, plan)
+        partials = torch.full((4, slots), float("nan"), dtype=torch.float64, device=device)
         side.backend.descent_stats(side.bucket, plan, side.ctx(VARIANTS["sam"]), partials)
         side.status[S.SECOND_PASS] = partials.sum(dim=1)
     for side in (pair.fused, pair.ref):
@@ -397,7 +421,8 @@ def test_every_low_precision_value_survives_the_float32_round_trip(fused, device
     plan = bucket.plan()
     spec = replace(SGD, lr=0.0, momentum=0.0, weight_decay=0.0)
     bucket.state_tensor("backup", 0).copy_(param.detach())  # the update reads w from the backup
-    ctx = StepContext(VARIANTS["sam"], {}, 1e-12, False, torch.zeros(S.SIZE, device=device))
+    status = torch.zeros(S.SIZE, dtype=torch.float64, device=device)
+    ctx = StepContext(VARIANTS["sam"], {}, 1e-12, False, status)
     bucket.backend.update(bucket, plan, plan, spec, ctx, Descent.PLAIN)
     out, expected = param.detach().cpu(), patterns.cpu()
     finite = ~torch.isnan(expected)
@@ -490,7 +515,7 @@ def test_norm_is_bitwise_reproducible(fused, device):
     assert n > 2  # several partials, so that their order could matter
     results = []
     for _ in range(3):
-        partials = torch.full((4, n), float("nan"), device=device)
+        partials = torch.full((4, n), float("nan"), dtype=torch.float64, device=device)
         side.backend.ascent_stats(
             side.bucket, plan, group(adaptive=True), side.ctx(VARIANTS["sam"]), partials
         )
@@ -498,26 +523,45 @@ def test_norm_is_bitwise_reproducible(fused, device):
     assert all(torch.equal(r, results[0]) for r in results)
 
 
-# ---------------------------------------------------------------------- cpp: aligned or not
-@pytest.mark.skipif("cpp" not in FUSED_BACKENDS, reason="the C++ CPU extension is not built here")
+# ---------------------------------------------------------------------- table launches
+# The compiled backends' table launches, beyond the parity table above: parameters at
+# unaligned addresses against parameters of their own, chunk edges, per-tensor update counts,
+# mixed alignment, one launch per operation. The CUDA library cuts each tensor into
+# CHUNK-element rows of the chunk table (sam_fused/tables.py), one thread block each; the
+# C++ library into its own slots.
+TABLE_CASES = [name for name in FUSED_CASES if name.endswith(TABLE) and not interpreted(name)]
+COMPILED_TABLES = [pytest.param(name, id=name) for name in ("cpp", "cuda") if name in FUSED_BACKENDS]
+
+
+def table_slots(backend: str, sizes: list[int]) -> int:
+    """The partial sums of a table launch: the C++ library's slots per tensor (one per 64 Ki
+    elements, at least one), the CUDA library's chunk rows (none for an empty tensor)."""
+    if backend == "cpp":
+        return sum(max(1, -(-n // 65536)) for n in sizes)
+    return sum(-(-n // CHUNK) for n in sizes)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU library, or the CUDA one emulated on the CPU")
+@pytest.mark.parametrize("backend", COMPILED_TABLES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", [SGD, ADAM_CASES["amsgrad"]], ids=["sgd", "amsgrad"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
-def test_cpp_offset_views_run_bitwise_like_parameters_of_their_own(dtype, spec, adaptive):
-    """The C++ library walks every tensor from its own address, aligned or not, cutting its
-    norm slots from the tensor's length alone: parameters that are offset views of larger
-    storages (unaligned, as FSDP2's shards may be) get the same bits as parameters with
-    storages of their own, norm statistics included."""
-    sizes = [1, 7, 0, 4097, 70_001, 33]  # an empty tensor; 70_001 > one 64 Ki-element slot
+def test_offset_views_run_bitwise_like_parameters_of_their_own(backend, dtype, spec, adaptive):
+    """Each library walks every tensor from its own address, aligned or not, with the same
+    element math: given the same status, the perturbation, the restore and the update write the
+    same bits over parameters with storages of their own (aligned: 16-byte packs on CUDA) and
+    over offset views of larger storages (unaligned: element by element). The norm statistics
+    agree to rounding: a block's packs and single elements add up in different orders."""
+    sizes = [1, 7, 0, 4097, 70_001, 33, 1023, 1025]  # an empty tensor; 70_001 > one 64 Ki slot
     gen = torch.Generator().manual_seed(3)
     values = [torch.randn(n, generator=gen) for n in sizes]
-    backend = backend_instance("cpp")
+    instance = backend_instance(backend)
     buckets = [
-        Bucket([make(v.to(dtype)) for v in values], 0, backend)
+        Bucket([make(v.to(dtype)) for v in values], 0, instance)
         for make in (lambda v: torch.nn.Parameter(v.clone()), in_place_parameter)
     ]
-    sides = [Side(bucket, torch.zeros(S.SIZE)) for bucket in buckets]
-    own, offset = sides
+    sides = [Side(bucket, torch.zeros(S.SIZE, dtype=torch.float64)) for bucket in buckets]
+    flat, table = sides  # parameters of their own; offset views
     g = group(adaptive=adaptive, eta=0.01 if adaptive else 0.0)
     variant = VARIANTS["sam"]
 
@@ -529,30 +573,150 @@ def test_cpp_offset_views_run_bitwise_like_parameters_of_their_own(dtype, spec, 
 
     def assert_same_bits(names: tuple[str, ...]) -> None:
         for i in range(len(sizes)):
-            assert torch.equal(bits(own.params[i]), bits(offset.params[i])), f"param {i}"
+            assert torch.equal(bits(flat.params[i]), bits(table.params[i])), f"param {i}"
             for name in names:
-                assert torch.equal(bits(own.state_of(name, i)), bits(offset.state_of(name, i))), f"{name} {i}"
+                assert torch.equal(bits(flat.state_of(name, i)), bits(table.state_of(name, i))), f"{name} {i}"
 
     for step in range(3):
         set_grads(100 * step)
         plans = [stats_into([(side, g)], variant)[0] for side in sides]
-        # a slot per tensor of the offset, two for the 70_001-element one
-        assert backend.partial_slots(offset.bucket, plans[1]) == len(sizes) + 1
-        assert torch.equal(bits(offset.status), bits(own.status))
+        assert instance.partial_slots(table.bucket, plans[1]) == table_slots(backend, sizes)
+        torch.testing.assert_close(table.status, flat.status, rtol=1e-6, atol=0)
+        table.status.copy_(flat.status)  # the same norm, so the same perturbation
         for side, plan in zip(sides, plans):
             side.backend.perturb(side.bucket, plan, g, side.ctx(variant))
         assert_same_bits(())
         for i in range(len(sizes)):
-            assert torch.equal(bits(own.backup_of(i)), bits(offset.backup_of(i)))
+            assert torch.equal(bits(flat.backup_of(i)), bits(table.backup_of(i)))
         set_grads(100 * step + 50)
         for side, plan in zip(sides, plans):
             ctx = side.ctx(variant)
-            partials = torch.full((4, side.backend.partial_slots(side.bucket, plan)), float("nan"))
+            slots = side.backend.partial_slots(side.bucket, plan)
+            partials = torch.full((4, slots), float("nan"), dtype=torch.float64)
             side.backend.descent_stats(side.bucket, plan, ctx, partials)
             torch.sum(partials, dim=1, out=side.status[S.SECOND_PASS])
-        assert torch.equal(bits(offset.status), bits(own.status))
+        torch.testing.assert_close(table.status, flat.status, rtol=1e-6, atol=0)
+        table.status.copy_(flat.status)
         for side, plan in zip(sides, plans):
             ctx = side.ctx(variant)
             side.backend.update(side.bucket, plan, plan, spec, ctx, Descent.PLAIN)
             side.backend.advance_steps(side.bucket, plan, ctx, True, True, False)
         assert_same_bits(spec.state_names())
+
+
+# one and two chunks and their edges, an empty tensor, and many tiny tensors (a block each)
+CHUNK_EDGES = [1023, 1024, 1025, 0, 1, 7, 2048, 4097] + [1, 2, 3, 5] * 16
+TABLE_UPDATE_CASES = [
+    pytest.param(SGD_CASES[k], id=f"sgd-{k}") for k in ("momentum", "nesterov", "maximize", "wd")
+] + [pytest.param(ADAM_CASES[k], id=k) for k in ("adamw", "adam-l2", "amsgrad", "maximize")]
+
+
+@pytest.mark.parametrize("fused", TABLE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", TABLE_UPDATE_CASES)
+def test_table_launch_at_chunk_edges(fused, device, dtype, spec):
+    """Three SAM steps over tensors that end just before, at and after a chunk's edge, with an
+    empty one and 64 tiny ones, against the reference: the norm, every weight, every state."""
+    pair = Pair(fused, CHUNK_EDGES, dtype, device, seed=4)
+    run_steps(pair, spec, 3, group(adaptive=True, eta=0.01))
+    torch.testing.assert_close(pair.fused.status[S.SUMSQ], pair.ref.status[S.SUMSQ], rtol=2e-6, atol=0)
+    pair.compare_params(steps=3)
+    for name in spec.state_names():
+        for i in range(len(CHUNK_EDGES)):
+            assert_close(pair.fused.state_of(name, i), pair.ref.state_of(name, i), dtype, steps=3)
+    counted = 3.0 if spec.state_names() else 0.0  # counts move only for updates that keep state
+    assert pair.fused.bucket.steps.tolist() == [counted] * len(CHUNK_EDGES)
+
+
+@pytest.mark.parametrize("fused", TABLE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [SGD, ADAM_CASES["amsgrad"]], ids=["sgd", "amsgrad"])
+def test_table_launch_reads_each_tensor_s_own_update_count(fused, device, dtype, spec):
+    """Tensors whose update counts differ in one launch: some take no part in a step (no
+    gradient), so they are left out of its plan, and a chunk row's tensor slot (its place in
+    the role tables) differs from its count index (its place in the bucket). SGD's first-step
+    rule and Adam's bias corrections read each tensor's own count."""
+    sizes = [5, 1030, 7, 600, 2049, 3]
+    pair = Pair(fused, sizes, dtype, device, seed=5)
+    g = group()
+    for step, skip in enumerate([(1, 3), (0,), (), (2, 5)]):
+        pair.set_grads(300 + step, skip=skip)
+        perturbed = {name: first_step(side, g, VARIANTS["sam"]) for name, side in pair.sides.items()}
+        pair.set_grads(400 + step, skip=skip)
+        for name, side in pair.sides.items():
+            second_step(side, perturbed[name], spec)
+        pair.compare_params(steps=step + 1)
+        for name in spec.state_names():
+            for i in range(len(sizes)):
+                assert_close(pair.fused.state_of(name, i), pair.ref.state_of(name, i), dtype, steps=step + 1)
+        assert torch.equal(pair.fused.bucket.steps, pair.ref.bucket.steps)
+    assert pair.fused.bucket.steps.tolist() == [3.0, 3.0, 3.0, 3.0, 4.0, 3.0]
+
+
+@pytest.mark.parametrize("fused", TABLE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [SGD, ADAM_CASES["amsgrad"]], ids=["sgd", "amsgrad"])
+def test_table_launch_mixes_aligned_and_unaligned_tensors(fused, device, dtype, spec):
+    """Parameters at element offsets 0, 1, 3, 8 and 16 of their storages: some addresses are
+    16-byte aligned (a block loads 16-byte packs), some are not (a block falls back to single
+    elements), in one launch; the results are the reference's either way."""
+    sizes = [1025, 7, 2051, 33, 4097]
+    offsets = [0, 1, 3, 8, 16]
+    pair = Pair(fused, sizes, dtype, device, seed=6, offsets=offsets)
+    addresses = [p.data_ptr() % 16 for p in pair.fused.params]
+    assert 0 in addresses and any(addresses), addresses  # both kinds are in the launch
+    run_steps(pair, spec, 2, group(adaptive=True, eta=0.01))
+    pair.compare_params(steps=2)
+    for name in spec.state_names():
+        for i in range(len(sizes)):
+            assert_close(pair.fused.state_of(name, i), pair.ref.state_of(name, i), dtype, steps=2)
+
+
+@pytest.mark.parametrize("fused", TABLE_CASES)
+def test_table_launch_of_no_tensor_changes_nothing(fused, device):
+    """A bucket none of whose parameters has a gradient: the plan is empty, the statistics
+    have no partial sum, and the perturbation, restore and update leave everything as it was."""
+    pair = Pair(fused, [7, 1025], torch.float32, device)
+    pair.set_grads(1, skip=(0, 1))
+    side = pair.fused
+    before = [bits(p) for p in side.params]
+    plan = side.bucket.plan()
+    assert plan.empty and side.backend.partial_slots(side.bucket, plan) == 0
+    perturbed = first_step(side, group(), VARIANTS["sam"])
+    side.backend.restore(side.bucket, perturbed)
+    second_step(side, perturbed, ADAM_CASES["amsgrad"])
+    assert all(torch.equal(bits(p), b) for p, b in zip(side.params, before))
+    assert side.bucket.steps.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.skipif(
+    DEVICE != "cpu" or "cuda" not in FUSED_BACKENDS, reason="counts the emulated CUDA library's launches"
+)
+@pytest.mark.parametrize("n_tensors", [3, 300])
+def test_cuda_table_bucket_takes_one_launch_per_operation(n_tensors):
+    """However many tensors a table bucket holds, each operation of the CUDA library is one
+    kernel launch over the chunk table (the emulation counts launches)."""
+    sizes = [1 + (37 * i) % 3000 for i in range(n_tensors)]  # tiny to three-chunk tensors
+    pair = Pair("cuda" + TABLE, sizes, torch.float32, "cpu", seed=7)
+    side = pair.fused
+    backend, bucket = side.backend, side.bucket
+    counter = torch.ops.sam_fused_cuda_emulated.emulated_launches
+
+    def launches(operation, *args) -> int:
+        before = counter()
+        operation(bucket, *args)
+        return counter() - before
+
+    pair.set_grads(1)
+    plan = bucket.plan()
+    ctx = side.ctx(VARIANTS["sam"])
+    partials = torch.zeros(4, backend.partial_slots(bucket, plan))
+    assert partials.shape[1] == sum(-(-n // CHUNK) for n in sizes) >= n_tensors
+    assert launches(backend.ascent_stats, plan, group(adaptive=True), ctx, partials) == 1
+    assert launches(backend.perturb, plan, group(adaptive=True), ctx) == 1
+    assert launches(backend.restore, plan) == 1
+    assert launches(backend.perturb, plan, group(), ctx) == 1
+    assert launches(backend.descent_stats, plan, ctx, partials) == 1
+    for spec in (SGD, ADAM_CASES["amsgrad"]):
+        assert launches(backend.update, plan, plan, spec, ctx, Descent.PLAIN) == 1
+    assert launches(backend.advance_steps, plan, ctx, True, True, False) == 1

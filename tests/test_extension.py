@@ -8,6 +8,7 @@ Their numbers against the reference are ``test_backend_ops.py`` (each operation)
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from conftest import BUILDS, COMPILED, DEVICE, FUSED_BACKENDS, backend_instance
 from sam_fused import SAM, available_backends
 from sam_fused._extension import ABI_VERSION, NO_BUILD_ENV, _Extension
 from sam_fused.backends import CppBackend
+from sam_fused.tables import CHUNK
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED_HERE = "cuda" if DEVICE == "cuda" else "cpp"
@@ -116,16 +118,46 @@ def test_the_emulated_library_is_the_cuda_source():
     assert backend_instance("cuda").ops is torch.ops.sam_fused_cuda_emulated
 
 
+def test_the_cuda_library_cuts_tensors_into_the_chunks_of_the_python_side():
+    """A CUDA table launch's block covers kCudaTableChunk elements of a chunk row that
+    sam_fused/tables.py made CHUNK elements long: the two numbers must be one."""
+    header = (ROOT / "csrc" / "sam_fused_common.h").read_text()
+    found = re.search(r"constexpr\s+int64_t\s+kCudaTableChunk\s*=\s*(\d+)\s*;", header)
+    assert found is not None
+    assert int(found.group(1)) == CHUNK
+
+
 @pytest.mark.skipif(DEVICE == "cuda" or "cuda" not in COMPILED, reason="the emulated library runs on the CPU")
-def test_the_cuda_library_refuses_a_table_launch():
-    """The operations' schemas are shared with the CPU library, which also takes address tables;
-    the CUDA library runs flat buckets only and refuses one by name instead of reading it."""
+def test_the_cuda_library_runs_a_table_launch_in_one_launch():
+    """The operations' schemas are shared with the CPU library; a table launch's role
+    arguments are address tables (one int64 per tensor), its runs the chunk table of
+    sam_fused/tables.py, and `like` names the element type. One launch restores every tensor,
+    whatever their number; a malformed launch is refused by name, with nothing written."""
     ops = torch.ops.sam_fused_cuda_emulated
-    weights = torch.zeros(16)
-    addresses = torch.tensor([weights.data_ptr()], dtype=torch.int64)
-    runs = torch.tensor([[0, 16, 0]], dtype=torch.int64)
-    with pytest.raises(RuntimeError, match="flat buckets only"):
-        ops.restore(addresses, addresses, runs, weights)
+    sizes = [1, 1025, 7, 2048]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.zeros(n) for n in sizes]
+    backups = [torch.randn(n, generator=gen) for n in sizes]
+
+    def addresses(tensors):
+        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+    rows = [(slot, start, n, slot) for slot, n in enumerate(sizes) for start in range(0, n, CHUNK)]
+    chunks = torch.tensor(rows, dtype=torch.int64)
+    assert chunks.shape == (6, 4)
+    bad_launches = {
+        "chunk table": (addresses(params), addresses(backups), torch.tensor([[0, 1, 0]]), params[0]),
+        "of 4 addresses": (addresses(params), addresses(backups[:3]), chunks, params[0]),
+        "float32, bfloat16 and float16": (addresses(params), addresses(backups), chunks, chunks),
+    }
+    for message, args in bad_launches.items():
+        with pytest.raises(RuntimeError, match=message):
+            ops.restore(*args)
+    assert all(not p.any() for p in params)  # nothing written
+    before = ops.emulated_launches()
+    ops.restore(addresses(params), addresses(backups), chunks, params[0])
+    assert ops.emulated_launches() - before == 1
+    assert all(torch.equal(p, b) for p, b in zip(params, backups))
 
 
 _THREADS_SCRIPT = """

@@ -217,16 +217,19 @@ def test_a_fused_backend_refuses_a_slice_with_the_reason(backend, device):
         SAM(params[:1], lr=0.1, backend=backend)
 
 
-def test_shared_memory_parameters_stay_shared(device):
+# backend="cuda" here: the CUDA library's table launches, emulated on the CPU (conftest)
+@pytest.mark.parametrize("backend", ["auto"] + (["cuda"] if "cuda" in COMPILED else []))
+def test_shared_memory_parameters_stay_shared(device, backend):
     if device != "cpu":
         pytest.skip("share_memory() concerns CPU tensors")
     model = make_model(device)
     model.share_memory()
-    opt = SAM(model.parameters(), lr=0.1, momentum=0.9)
+    opt = SAM(model.parameters(), lr=0.1, momentum=0.9, backend=backend)
     manual_step(model, opt, *batch(device, 0))
     assert all(p.is_shared() for p in model.parameters())
     # left in place: table buckets, which the C++ backend runs where it builds
-    assert set(opt.backends) == {"cpp" if "cpp" in COMPILED else "reference"}
+    auto = "cpp" if "cpp" in COMPILED else "reference"
+    assert set(opt.backends) == {auto if backend == "auto" else backend}
 
 
 # ---------------------------------------------------------------------- edits to param groups

@@ -9,11 +9,21 @@
 // context with its own stack) per CUDA thread, all on the calling OS thread. A fiber runs until it
 // finishes or reaches a barrier (__syncthreads, or a warp shuffle, which is a barrier of its
 // 32 lanes); when every live thread of the block (or of the warp) waits there, they all go
-// on. Threads therefore interleave only at barriers, in thread order, so a run is
+// on. Threads therefore interleave only at barriers, in a fixed order, so a run is
 // deterministic; a barrier reached by only part of its group is reported as an error
 // instead of hanging, and a shuffle that reads an exited lane is an error too.
 //
-// What this does not model: the memory system (coalescing, alignment faults, caches), real
+// The order: thread 0 first in even blocks, last in odd ones. A missing __syncthreads then
+// shows whichever side of it thread 0 is on: where the others write shared memory and thread
+// 0 reads it (a block sum), thread 0 reads too early in an even block; where thread 0 writes
+// and the others read (a value computed once per block), they read too early in an odd one,
+// and see what the block before left there.
+//
+// Alignment: the kernels' pack loads and stores go through vector_load and vector_store,
+// which report a misaligned access as an error, as the device faults on it
+// (cudaErrorMisalignedAddress), and copy bytewise (an aligned host load would crash).
+//
+// What this does not model: the rest of the memory system (coalescing, caches), real
 // concurrency between blocks, and the device's float behaviour where it differs from the
 // host's (nvcc contracts a*b+c into FMAs; here -ffp-contract=off). Those stay for the GPU.
 #pragma once
@@ -177,6 +187,36 @@ inline Machine& machine() {
 
 inline const Dim3& current_thread() { return machine().current->thread; }
 
+// Kernel launches and device copies so far in this process: what a test counts to check
+// that an operation takes one launch (torch.ops.sam_fused_cuda_emulated.emulated_launches).
+inline int64_t& launches() {
+  static int64_t count = 0;
+  return count;
+}
+
+// A vector access of `bytes` at p: the device requires it aligned to its size.
+inline void check_aligned(const void* p, size_t bytes) {
+  Machine& m = machine();
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0 && m.error.empty()) {
+    m.error = "a misaligned " + std::to_string(bytes) + "-byte access by thread " + std::to_string(m.current->thread.x) +
+              " (the device faults: cudaErrorMisalignedAddress)";
+  }
+}
+
+template <typename V>
+V vector_load(const void* p) {
+  check_aligned(p, sizeof(V));
+  V out;
+  std::memcpy(&out, p, sizeof(V));
+  return out;
+}
+
+template <typename V>
+void vector_store(void* p, const V& value) {
+  check_aligned(p, sizeof(V));
+  std::memcpy(p, &value, sizeof(V));
+}
+
 // Suspends the running fiber until its group (block or warp) has all arrived.
 inline void wait_at(Wait scope) {
   Machine& m = machine();
@@ -229,8 +269,10 @@ inline void run_block(Machine& m) {
     f.thread.x = t;
     start_context(f.context, m.stacks[t]->top_region(), kFiberStack, fiber_main);
   }
+  const bool descending = m.block_idx.x % 2 == 1;  // see the header comment
   for (;;) {
-    for (Fiber& f : m.fibers) {
+    for (unsigned k = 0; k < threads; ++k) {
+      Fiber& f = m.fibers[descending ? threads - 1 - k : k];
       if (f.done || f.wait != Wait::kRunning) continue;
       m.current = &f;
       switch_context(m.scheduler, f.context);  // until it finishes or waits
@@ -257,6 +299,7 @@ class Launch {
                 "CUDA emulation: invalid launch configuration <<<", grid_, ", ", block_, ">>>");
     std::tuple<Params...> bound(std::forward<Args>(args)...);
     Machine& m = machine();
+    ++launches();
     TORCH_CHECK(!m.body, "CUDA emulation: a kernel launched another kernel");
     m.body = [&] { std::apply(kernel_, bound); };
     m.grid_dim.x = grid_;
@@ -304,7 +347,9 @@ V shuffle(unsigned mask, V value, const Source& source) {
   const unsigned from = source(lane);
   if (from < kWarpSize) {
     const unsigned other = tid - lane + from;
-    if (other >= m.fibers.size() || m.fibers[other].done) {
+    // a lane that offered to this shuffle may have run on and exited since (threads resume
+    // in either order); one that exited before it never offered
+    if (other >= m.fibers.size() || m.fibers[other].shuffles < self->shuffles) {
       if (m.error.empty()) m.error = "a shuffle read lane " + std::to_string(from) + ", which has exited";
     } else {
       std::memcpy(&out, offers[other], sizeof(V));
@@ -348,6 +393,7 @@ inline CUDAStream getCurrentCUDAStream(c10::DeviceIndex = -1) { return {}; }
 
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind,
                                    const c10::cuda::CUDAStream&) {
+  ++::sam_fused_emulation::launches();
   if (bytes > 0) std::memcpy(dst, src, bytes);
   return cudaSuccess;
 }

@@ -4,3 +4,8 @@
 #define SAM_FUSED_CUDA_EMULATION 1
 #define SAM_FUSED_CUDA_OPS sam_fused_cuda_emulated
 #include "sam_fused_cuda.cu"
+
+// The emulation's own count (tests only): kernel launches and device copies so far.
+TORCH_LIBRARY_FRAGMENT(sam_fused_cuda_emulated, m) {
+  m.def("emulated_launches() -> int", [] { return ::sam_fused_emulation::launches(); });
+}
