@@ -164,10 +164,16 @@ class GraphedSAMStep:
             )
         bad = sorted({name for name in opt.backends if name not in CAPTURABLE_BACKENDS})
         if bad:
+            # on a CPU the Triton backend cannot capture either: the fix there is the eager step
+            fix = (
+                "build the optimizer with backend='triton', or pass graphs=False to run the same step eagerly"
+                if self.device.type == "cuda"
+                else f"CUDA graphs also need CUDA tensors (the parameters are on {self.device}): "
+                "pass graphs=False to run the same step eagerly"
+            )
             raise ValueError(
                 f"backend(s) {bad} cannot be captured (the reference backend replaces its state "
-                "tensors each step; the compiled ones read hyperparameters on the host); build the "
-                "optimizer with backend='triton'"
+                f"tensors each step; the compiled ones read hyperparameters on the host); {fix}"
             )
         if self.device.type != "cuda":
             raise ValueError(
