@@ -57,8 +57,9 @@ class GraphedSAMStep:
         model: the module; its parameters are those of ``optimizer``.
         loss_fn: ``loss_fn(model(input), target) -> scalar loss``.
         optimizer: a :class:`sam_fused.SAM` (or variant class) over the model's parameters.
-        example_input, example_target: tensors with the shapes and dtypes of every batch
-            (they become the static buffers that each call copies into).
+        example_input: a tensor with the shape and dtype of every batch's input (it
+            becomes the static buffer that each call copies into).
+        example_target: the same for the targets.
         autocast_dtype: run both forward passes under ``torch.autocast`` with this dtype
             (e.g. ``torch.bfloat16``); None (default) for no autocast.
         graphs: capture and replay a CUDA graph (default True); False runs the same step

@@ -34,7 +34,7 @@ SAM_FUSED_RECORD_LAUNCHES="$launches" "$PYTHON" -m pytest ${xdist[@]+"${xdist[@]
 if [ $# -gt 0 ]; then exit; fi
 # the site goes to a temporary folder: only whether it builds, warnings included, matters here
 site="$(mktemp -d "${TMPDIR:-/tmp}/sam_fused_site.XXXXXX")"
-"$PYTHON" -m mkdocs build --strict --quiet --site-dir "$site"
+NO_MKDOCS_2_WARNING=1 "$PYTHON" -m mkdocs build --strict --quiet --site-dir "$site"
 rm -rf "$site"
 unset TRITON_INTERPRET SAM_FUSED_RECORD_LAUNCHES
 bash scripts/check_install.sh
