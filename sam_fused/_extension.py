@@ -194,18 +194,23 @@ class _Extension:
         from torch.utils import cpp_extension
 
         _clear_stale_lock(cpp_extension, self.jit_name)
-        print(
-            f"sam_fused: compiling the {self.kind} backend's library on first use "
-            f"({BUILD_TIME.get(self.kind, 'under a minute')}); it is cached in "
-            f"{_build_directory(cpp_extension, self.jit_name)} for later runs",
-            file=sys.stderr,
-            flush=True,
-        )
+        build_dir = _build_directory(cpp_extension, self.jit_name)
+        sources = [self.source_dir / s for s in self.sources]
+        include_dirs = list(dict.fromkeys([CSRC, self.source_dir]))
+        headers = [h for folder in include_dirs for h in folder.glob("*.h")]
+        if not _cached_build_is_current(build_dir, sources + headers):
+            print(
+                f"sam_fused: compiling the {self.kind} backend's library on first use "
+                f"({BUILD_TIME.get(self.kind, 'under a minute')}); it is cached in {build_dir} "
+                "for later runs",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             cpp_extension.load(
                 name=self.jit_name,
-                sources=[str(self.source_dir / s) for s in self.sources],
-                extra_include_paths=list(dict.fromkeys([str(CSRC), str(self.source_dir)])),
+                sources=[str(s) for s in sources],
+                extra_include_paths=[str(folder) for folder in include_dirs],
                 extra_cflags=self.cflags,
                 extra_ldflags=CPU_LDFLAGS if self.kind == "cpp" else [],
                 extra_cuda_cflags=NVCC_FLAGS,
@@ -255,6 +260,14 @@ def _build_directory(cpp_extension: Any, name: str) -> str:
         return cpp_extension._get_build_directory(name, verbose=False)
     except (AttributeError, OSError):  # a private torch API that moved
         return "torch's extensions cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)"
+
+
+def _cached_build_is_current(build_dir: str, inputs: list[Path]) -> bool:
+    """Whether torch's cache holds a library built after every input file last changed,
+    which torch then loads without compiling (an estimate, for the message only: torch
+    decides itself, from a hash of the sources and flags)."""
+    built = [p.stat().st_mtime for p in Path(build_dir).glob("*.so")] if os.path.isdir(build_dir) else []
+    return bool(built) and max(built) >= max(p.stat().st_mtime for p in inputs)
 
 
 def cuda_arch_list_for_build(environ: Mapping[str, str], visible_gpus: int) -> str | None:

@@ -16,6 +16,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
+# the fresh environments must see only what is installed in them: scripts/setup_env.sh puts
+# the checkout on PYTHONPATH, where pip would find sam_fused "already installed"
+unset PYTHONPATH
 work="$(mktemp -d "${TMPDIR:-/tmp}/sam_fused_install.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 start=$SECONDS
@@ -62,7 +65,7 @@ check() {  # name, expected build (jit|prebuilt), then pip install's arguments
     failed=$((failed + 1))
     return
   fi
-  if (cd "$work/run" && env -u PYTHONPATH TORCH_EXTENSIONS_DIR="$work/ext-$name" \
+  if (cd "$work/run" && TORCH_EXTENSIONS_DIR="$work/ext-$name" \
     "$venv/bin/python" "$root/tests/install_check.py" --expect "$expect" --checkout "$root"); then
     passed=$((passed + 1))
   else

@@ -117,6 +117,23 @@ def test_a_build_without_a_gpu_targets_sm80_and_sm90():
     assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 
+def test_the_compile_message_is_for_a_real_compile(tmp_path):
+    """The first-use line is printed when torch's cache holds no library newer than the
+    sources, and not when a later process only loads the cached one."""
+    source, header = tmp_path / "lib.cpp", tmp_path / "lib.h"
+    source.write_text("")
+    header.write_text("")
+    build = tmp_path / "build"
+    assert not _extension._cached_build_is_current(str(build), [source, header])  # no cache yet
+    build.mkdir()
+    library = build / "lib.so"
+    library.write_text("")
+    os.utime(library, (source.stat().st_mtime + 10,) * 2)
+    assert _extension._cached_build_is_current(str(build), [source, header])
+    os.utime(header, (library.stat().st_mtime + 10,) * 2)  # a header edited since
+    assert not _extension._cached_build_is_current(str(build), [source, header])
+
+
 def test_a_missing_extension_warns_at_the_users_line(monkeypatch):
     monkeypatch.delenv(NO_BUILD_ENV, raising=False)
     missing = _Extension(
