@@ -81,6 +81,7 @@ check path jit "$root"
 check git jit "git+file://$work/clone"
 check prebuilt prebuilt --no-build-isolation "$root"
 
+rm -rf "$work"
 say "done"
 echo "install: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
