@@ -4,7 +4,7 @@ It follows the structure of the popular davda54 ``SAM`` class (written here from
 description, not copied): a Python loop over parameters, one ``clone`` per parameter for
 the backup, ``p.data = old_p`` to restore, then the base optimizer's own ``step()``.
 The base optimizer is built with ``foreach=False`` by the benchmark, the per-tensor loop
-that ANCHORS.md times as "per-parameter loop (popular davda54 style)".
+whose published timings benchmarks/README.md quotes as "per-parameter loop (popular davda54 style)".
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ weight decay 5e-4 everywhere; SAM rho 0.05):
 On CUDA each step is timed between two CUDA events and the row reports the median of
 ``--iters`` steps after ``--warmup`` steps; on a CPU ``time.perf_counter`` does the same.
 Ratios: ``x SGD`` = this row's time / eager SGD's (lower is better), ``vs per-param`` =
-per-param SAM's time / this row's (the speed-up; higher is better). The issue's targets,
+per-param SAM's time / this row's (the speed-up; higher is better). The project's targets,
 printed beside them: graphed SAM at most 0.5x eager SGD on ResNet-18 batch 128, and at
 least 5x faster than per-param SAM.
 
@@ -75,7 +75,7 @@ LABELS = {
 # ResNet-18 batch 128 first: it carries the targets, and a run cut short by its time limit
 # should have measured it; the biggest workload last.
 WORKLOADS = ("resnet18_b128", "transformer_b8", "resnet18_b512")
-# the issue's targets for graphed SAM on ResNet-18 batch 128
+# the project's targets for graphed SAM on ResNet-18 batch 128
 TARGET_WORKLOAD = "resnet18_b128"
 TARGET_X_SGD = 0.5  # graphed SAM time / eager SGD time, at most
 TARGET_VS_PERPARAM = 5.0  # per-param SAM time / graphed SAM time, at least
@@ -429,7 +429,7 @@ def table(rows: list[Row], wls: dict[str, Workload]) -> str:
 
 
 def targets(rows: list[Row], tiny: bool) -> list[str]:
-    """The issue's two targets for graphed SAM on ResNet-18 batch 128, met or missed."""
+    """The project's two targets for graphed SAM on ResNet-18 batch 128, met or missed."""
     g = next((r for r in rows if r.workload == TARGET_WORKLOAD and r.impl == "sam_fused_graphed"), None)
     head = f"targets (graphed SAM, {TARGET_WORKLOAD})" + (" [tiny sizes: not meaningful]" if tiny else "")
     if g is None or g.ms is None:

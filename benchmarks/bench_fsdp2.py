@@ -1,4 +1,4 @@
-"""The optimizer part of a SAM step under FSDP2, fused against per-parameter (issue 17).
+"""The optimizer part of a SAM step under FSDP2, fused against per-parameter.
 
 Two ranks (gloo, CPU, one torch thread each) hold an FSDP2 model (``fully_shard`` over a
 module whose parameters have a parameter set's shapes, ``benchmarks/param_sets.py``
@@ -21,10 +21,10 @@ row); a row's time is the slower rank's median. Before timing, the fused and per
 rows are checked to compute the same weights after one step (float rounding).
 
 Run: ``python -m benchmarks.bench_fsdp2 [--sets resnet50,2000x4096] [--base sgd,adamw]
-[--reps 20] [--quick] [--json PATH]``. The targets (issue 17): fused sharded within 1.5x of
+[--reps 20] [--quick] [--json PATH]``. The targets: fused sharded within 1.5x of
 flat on the same shards, and at least 10x faster than per-parameter on the 2000-tensor set.
 
-On a GPU, ``--device cuda`` runs one rank (NCCL) at the ANCHORS sizes: FSDP2 on one GPU
+On a GPU, ``--device cuda`` runs one rank (NCCL) at the full sizes (benchmarks/README.md): FSDP2 on one GPU
 keeps every parameter a DTensor, so the row compares the table layout with the flat one on
 the same card (``benchmarks/gpu_check.sh``); times are CUDA-synchronized wall medians.
 """
@@ -210,7 +210,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """The issue's two targets, per set and base optimizer."""
+    """The two targets, per set and base optimizer."""
     out = []
     for r in rows:
         if r["row"] != ROWS[1]:

@@ -1,17 +1,18 @@
-"""Time the optimizer part of one SAM step (first_step + second_step) on the ANCHORS sets.
+"""Time the optimizer part of one SAM step (first_step + second_step) on four parameter sets.
 
 Gradients are already in place and no forward/backward runs, so the numbers are the
-optimizer's own cost: what ANCHORS.md compares. Implementations:
+optimizer's own cost (the sets, the floor and the peer figures are in benchmarks/README.md).
+Implementations:
 
 * ``baseline``: the per-parameter loop of ``benchmarks/baseline.py`` (davda54 style) with a
   ``foreach=False`` base optimizer;
 * ``reference``: ``sam_fused.SAM(backend="reference")``;
 * ``triton``: ``sam_fused.SAM(backend="triton")``, the default ``skip_nonfinite=True``;
 * ``triton_noskip``: the same with ``skip_nonfinite=False``, which moves exactly the bytes
-  ANCHORS.md counts for the floor;
+  the floor counts;
 * ``cpp``: ``sam_fused.SAM(backend="cpp")``, the compiled C++/OpenMP kernels (CPU tensors);
 * ``cuda``: ``sam_fused.SAM(backend="cuda")``, the compiled CUDA C++ kernels (CUDA tensors);
-  ``cuda_noskip`` the same with ``skip_nonfinite=False`` (the ANCHORS bytes, as ``triton_noskip``).
+  ``cuda_noskip`` the same with ``skip_nonfinite=False`` (the floor's bytes, as ``triton_noskip``).
 
 The compiled rows run only on their own device and only when ``available_backends()``
 reports the extension (built ahead of time or JIT-built on first use); otherwise they are
@@ -19,8 +20,8 @@ skipped with the reason printed. The default list holds the rows that can run on
 chosen device: ``cuda`` and ``cuda_noskip`` beside ``triton`` on a GPU, ``cpp`` on a CPU.
 
 On CUDA every row is timed with ``triton.testing.do_bench`` (median) or, for steps slower
-than 20 ms, a few CUDA-event-timed calls; the floor is ANCHORS' byte count over the
-device-to-device copy bandwidth measured in the same run. On CPU the sets are scaled
+than 20 ms, a few CUDA-event-timed calls; the floor is the fewest bytes a fused step moves over
+the device-to-device copy bandwidth measured in the same run. On CPU the sets are scaled
 down and timed with ``time.perf_counter`` medians; the Triton rows run only under
 ``TRITON_INTERPRET=1``, on the smallest set, to show the path is wired.
 
@@ -63,7 +64,7 @@ BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4)),
     "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
 }
-# tensor accesses per element of the fewest-bytes fused step (ANCHORS.md): norm reads g (1);
+# tensor accesses per element of the fewest-bytes fused step (benchmarks/README.md): norm reads g (1);
 # perturb reads w, g, writes w, backup (4); restore + SGD reads backup, g, momentum and
 # writes w, momentum (5), restore + AdamW reads backup, g, m, v and writes w, m, v (7)
 FLOOR_ACCESSES = {"sgd": 10, "adamw": 12}
@@ -74,7 +75,7 @@ COMPILED_DEVICE = {"cpp": "cpu", "cuda": "cuda", "cuda_noskip": "cuda"}  # the d
 # a variant row is "<backend>:<variant>", e.g. "triton:vasso" (default skip_nonfinite=True)
 VARIANT_NAMES = tuple(v for v in VARIANTS if v != "sam")
 LABELS = {
-    "floor": "floor (ANCHORS bytes)",
+    "floor": "floor (fewest bytes)",
     "baseline": "per-param loop (davda54)",
     "reference": "sam_fused reference",
     "triton": "sam_fused triton",
@@ -404,7 +405,30 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def table(rows: list[Row], labels: dict[str, str]) -> str:
+# the columns that need a GPU run: a bandwidth floor, peak CUDA memory, bytes over time
+GPU_COLUMNS = 4
+# what the rows and columns of the table are, printed under it
+ROW_MEANINGS = {
+    "floor": "the fewest bytes a fused step must move, at the copy bandwidth measured in the run",
+    "per-param loop (davda54)": "the popular SAM file's loop, one tensor at a time "
+    "(benchmarks/baseline.py): the baseline",
+    "sam_fused reference": "the pure-PyTorch backend, the specification (what runs when no fused one can)",
+    "sam_fused triton": "the fused Triton kernels (backend='auto' on CUDA tensors)",
+    "sam_fused cpp": "the fused C++/OpenMP kernels (backend='auto' on CPU tensors)",
+    "sam_fused cuda": "the fused CUDA C++ kernels (backend='cuda')",
+}
+COLUMN_MEANINGS = {
+    "ms": "median time of one optimizer step (first_step + second_step)",
+    "x-vs-baseline": "the per-param loop's ms / this row's ms (above 1: faster than the loop)",
+}
+GPU_COLUMN_MEANINGS = {
+    "% of floor": "the floor's time / this row's",
+    "extra MiB": "peak memory of one step beyond the parameters and gradients",
+    "B/el, GB/s": "the bytes per element the row moves by design, and at what rate",
+}
+
+
+def table(rows: list[Row], labels: dict[str, str], gpu_columns: bool = True) -> str:
     head = ("set", "base", "impl", "ms", "x-vs-baseline", "% of floor", "extra MiB", "B/el", "GB/s")
     lines = []
     for r in rows:
@@ -421,6 +445,9 @@ def table(rows: list[Row], labels: dict[str, str]) -> str:
                 fmt(r.gbs, ".0f"),
             )
         )
+    if not gpu_columns:  # a CPU run measures none of them: no empty columns
+        head = head[:-GPU_COLUMNS]
+        lines = [line[:-GPU_COLUMNS] for line in lines]
     widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(head)]
     left = {0, 1, 2}
 
@@ -437,6 +464,15 @@ def table(rows: list[Row], labels: dict[str, str]) -> str:
         out.append(render(line))
         previous = (r.set, r.base)
     return "\n".join(out)
+
+
+def legend(rows: list[Row], gpu_columns: bool) -> str:
+    """What the rows and columns of this table mean."""
+    shown = {LABELS.get(r.impl, r.impl) for r in rows}
+    rows_meant = {k: v for k, v in ROW_MEANINGS.items() if any(label.startswith(k) for label in shown)}
+    columns = {**COLUMN_MEANINGS, **(GPU_COLUMN_MEANINGS if gpu_columns else {})}
+    lines = [f"  {name}: {meaning}" for name, meaning in {**rows_meant, **columns}.items()]
+    return "\n".join(["rows and columns:", *lines])
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -506,7 +542,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--size",
         default="auto",
         choices=("auto", "full", "cpu"),
-        help="full: the ANCHORS sizes (default on CUDA); cpu: scaled down (default on CPU)",
+        help="full: the published sizes (default on CUDA); cpu: scaled down (default on CPU)",
     )
     p.add_argument("--quick", action="store_true", help="fewer repetitions; on CPU also smaller sets")
     p.add_argument("--reps", type=int, default=None, help="CPU repetitions per row (default 5, quick 3)")
@@ -646,19 +682,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  floor = bytes / {bandwidth:.0f} GB/s measured copy bandwidth; {accesses}")
     else:
-        print("  CPU run at scaled-down sizes: no bandwidth floor (a GPU metric); no memory column")
+        print(
+            "  CPU run: each set scaled down (/N: dimensions divided, tensor count kept); the floor, "
+            "memory and bandwidth columns are GPU measurements, shown on a GPU"
+        )
     print()
-    print(table(rows, labels))
+    print(table(rows, labels, gpu_columns=bandwidth is not None))
+    print()
+    print(legend(rows, gpu_columns=bandwidth is not None))
     for impl, reason in skipped.items():
         print(f"skipped {LABELS[impl]}: {reason}")
     for r in rows:
         if r.error:
             print(f"FAILED: {r.set} {r.base} {r.impl}: {r.error}")
     elapsed = time.perf_counter() - wall
-    print(f"\ntotal {elapsed:.0f} s")
     payload["rows"] = [asdict(r) for r in rows]
     payload["elapsed_s"] = elapsed
     write_json(args.json, payload)
+    where = f"; every row, the environment and the agreement check are in {args.json}" if args.json else ""
+    print(f"\ntotal {elapsed:.0f} s{where}")
     return 1 if failures else 0
 
 

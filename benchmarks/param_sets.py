@@ -1,4 +1,4 @@
-"""The four parameter sets of ``ANCHORS.md``, as lists of tensor shapes.
+"""The four parameter sets of the published SAM-step timings (benchmarks/README.md), as tensor shapes.
 
 The shapes are generated from the architectures (no torchvision or timm needed), so the
 benchmark sees the real mix of tensor sizes: what a per-parameter loop pays per tensor and
@@ -34,7 +34,7 @@ class ParamSet:
     """A named list of parameter shapes."""
 
     name: str  # the key used on the command line
-    label: str  # the name ANCHORS.md uses
+    label: str  # the name benchmarks/README.md uses
     shapes: tuple[Shape, ...]
 
     @property
@@ -107,7 +107,7 @@ def scale_shapes(shapes: list[Shape], div: int) -> list[Shape]:
 
 
 def full_sets() -> list[ParamSet]:
-    """The four sets at the sizes ANCHORS.md measures."""
+    """The four sets at the sizes of the published timings (benchmarks/README.md)."""
     return [
         ParamSet("resnet50", "ResNet-50", tuple(resnet50_shapes())),
         ParamSet("vit_b16", "ViT-B/16", tuple(vit_b16_shapes())),

@@ -1,6 +1,6 @@
 """The convergence lab's command line: run the three parts, write the plots and ``results.md``.
 
-    python -m lab.convergence_lab --out docs/lab            # the full lab (a few minutes)
+    python -m lab.convergence_lab --out docs/lab            # the full lab (about 5 minutes on 2 cores)
     python -m lab.convergence_lab --out /tmp/lab --quick    # a smoke run (seconds)
 
 Runs are independent and each is seeded, so they are spread over ``--jobs`` processes

@@ -43,7 +43,7 @@ from .digits import accuracy, load_data, make_model
 
 __all__ = ["NOISE_METHODS", "NoiseConfig", "noisy_data", "run_label_noise", "symmetric_noise"]
 
-# The methods this part compares (the list); each is run at a few radii.
+# The methods this part compares (SGD and five variants); each is run at a few radii.
 NOISE_METHODS = ("SGD", "SAM", "ASAM", "VaSSO", "FSAM", "GSAM")
 NUM_CLASSES = 10
 

@@ -2,12 +2,18 @@
 
 Each extension is found in one of two ways, tried in order:
 
-1. built ahead of time by ``setup.py`` (``pip install -e . --no-build-isolation``), as the
-   modules ``sam_fused._C_cpu`` and ``sam_fused._C_cuda``;
-2. compiled on first use from ``csrc/`` by torch's JIT loader
-   (``torch.utils.cpp_extension.load``, ninja), cached in torch's extensions directory
-   (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so only the first
-   process pays for the build (about half a minute for the CPU extension on two cores).
+1. built ahead of time by ``setup.py`` (an install whose build can import torch:
+   ``pip install --no-build-isolation ...``), as the modules ``sam_fused._C_cpu`` and
+   ``sam_fused._C_cuda``;
+2. compiled on first use from the C++ sources by torch's JIT loader
+   (``torch.utils.cpp_extension.load``, ninja), announced by one line on stderr and cached
+   in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, default
+   ``~/.cache/torch_extensions``), so only the first process pays for the build (about half a
+   minute for the CPU extension on two cores).
+
+The sources are ``csrc/`` at the top of a checkout, the one copy the project edits; every
+wheel and sdist ships them (setup.py copies them into the package as ``sam_fused/csrc/``),
+so an installed package finds them beside its modules (:data:`CSRC`).
 
 Setting ``SAM_FUSED_NO_BUILD=1`` turns step 2 off. When neither works, the backend is
 reported unavailable (with the reason, see :func:`sam_fused.available_backends`), a
@@ -32,6 +38,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +49,31 @@ __all__ = ["NO_BUILD_ENV", "BackendInfo", "cpu_extension", "cuda_extension"]
 
 NO_BUILD_ENV = "SAM_FUSED_NO_BUILD"
 ABI_VERSION = 5  # kAbiVersion in csrc/sam_fused_common.h
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# The files of each library, in csrc/ (setup.py builds from these lists too); the headers
+# they include live beside them.
+CPU_SOURCES = ["sam_fused_cpu.cpp", "sam_fused_host.cpp"]
+CUDA_SOURCES = ["sam_fused_cuda.cu"]
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _source_dir() -> Path:
+    """Where the C++ sources are: the installed package's copy, else the checkout's csrc/.
+
+    A wheel or sdist install holds ``sam_fused/csrc/`` (setup.py copies it there at build
+    time); a checkout, or an editable install of one, has only the top-level ``csrc/``.
+    """
+    installed = PACKAGE_DIR / "csrc"
+    return installed if installed.is_dir() else PACKAGE_DIR.parent / "csrc"
+
+
+CSRC = _source_dir()
+# Architectures for a CUDA build that sees no GPU (a docker build, a CPU build machine):
+# torch's default is the visible GPUs', an empty list there. sm_80 (A100) and sm_90
+# (H100/H200); TORCH_CUDA_ARCH_LIST chooses others.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+# What a first-use build costs, for the message that announces it (measured on the
+# project's 2-core CPU machine: 30 s for the CPU library)
+BUILD_TIME = {"cpp": "about half a minute on 2 cores", "cuda": "a few minutes"}
 # Compiler flags shared by setup.py and the JIT loader. -O3 without -march: a cached or
 # installed build must run on any x86-64/aarch64 machine, and GCC vectorises the plain
 # loops for the baseline ISA. -ffp-contract=off keeps a*b+c as two roundings (as torch's
@@ -130,7 +161,10 @@ class _Extension:
             except (AttributeError, RuntimeError, IndexError):
                 abi = -1  # older than the version check itself
             if abi != ABI_VERSION:
-                self._fail(f"{how} is out of date (ABI {abi}, this package needs {ABI_VERSION})")
+                self._fail(
+                    f"{how} is out of date (ABI {abi}, this package needs {ABI_VERSION})",
+                    "reinstall sam_fused, or delete the cached build and rerun",
+                )
                 return
             self._ops = ops
             self._info = BackendInfo(True, how)
@@ -156,20 +190,32 @@ class _Extension:
         missing = [s for s in self.sources if not (self.source_dir / s).is_file()]
         if missing:
             return self._fail(
-                f"its sources are not in {self.source_dir} (installed without csrc/ and without a build)"
+                f"its sources ({', '.join(missing)}) are not in {self.source_dir}",
+                "reinstall sam_fused from a wheel, an sdist, a checkout or git (each ships them)",
             )
         reason = _toolchain_problem(self.kind)
         if reason is not None:
-            return self._fail(reason)
+            return self._fail(reason, "install what is missing, then rerun: it compiles on first use")
         from torch.utils import cpp_extension
 
         _clear_stale_lock(cpp_extension, self.jit_name)
-        _log.info("sam_fused: compiling the %s extension (first use; cached afterwards)", self.kind)
+        build_dir = _build_directory(cpp_extension, self.jit_name)
+        sources = [self.source_dir / s for s in self.sources]
+        include_dirs = list(dict.fromkeys([CSRC, self.source_dir]))
+        headers = [h for folder in include_dirs for h in folder.glob("*.h")]
+        if not _cached_build_is_current(build_dir, sources + headers):
+            print(
+                f"sam_fused: compiling the {self.kind} backend's library on first use "
+                f"({BUILD_TIME.get(self.kind, 'under a minute')}); it is cached in {build_dir} "
+                "for later runs",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             self._module = cpp_extension.load(
                 name=self.jit_name,
-                sources=[str(self.source_dir / s) for s in self.sources],
-                extra_include_paths=list(dict.fromkeys([str(CSRC), str(self.source_dir)])),
+                sources=[str(s) for s in sources],
+                extra_include_paths=[str(folder) for folder in include_dirs],
                 extra_cflags=self.cflags,
                 extra_ldflags=CPU_LDFLAGS if self.kind == "cpp" else [],
                 extra_cuda_cflags=NVCC_FLAGS,
@@ -178,21 +224,66 @@ class _Extension:
             )
         except Exception as exc:  # a compiler error, a missing header, a failed link...
             detail = str(exc).strip().splitlines()
-            return self._fail(f"the build failed: {detail[0] if detail else type(exc).__name__}")
+            return self._fail(
+                f"the build failed: {detail[0] if detail else type(exc).__name__}",
+                "check the compiler (a C++17 g++ or clang++, with OpenMP for the CPU library), "
+                "then rerun: it compiles on first use",
+            )
         return f"JIT build {self.jit_name} (torch extensions cache)"
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, fix: str) -> None:
         self._info = BackendInfo(False, reason)
-        fallback = "the reference backend" if self.kind == "cpp" else "Triton or the reference backend"
+        fallback = "The reference backend" if self.kind == "cpp" else "Triton or the reference backend"
         warnings.warn(
             f"sam_fused: the {self.kind} backend is unavailable: {reason}. {fallback} runs instead. "
-            f"To build it: install a C++ compiler and ninja (pip install ninja), then reinstall with "
-            f"`pip install -e . --no-build-isolation` or just rerun (it compiles on first use); "
-            f"set {NO_BUILD_ENV}=1 to skip the build without this warning.",
+            f"To get it: {fix}; or set {NO_BUILD_ENV}=1 to run without it and without this warning.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=_outside_package_stacklevel(),
         )
         return None
+
+
+def _outside_package_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel that names the first caller outside sam_fused.
+
+    Counted from the function that calls this one (stacklevel 1): a warning raised deep in
+    the package (a backend chosen while the optimizer is built) then points at the user's
+    line, ``SAM(...)``, rather than at this module.
+    """
+    package = str(PACKAGE_DIR) + os.sep
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _build_directory(cpp_extension: Any, name: str) -> str:
+    """Where torch's JIT loader keeps the build of ``name``."""
+    try:
+        return cpp_extension._get_build_directory(name, verbose=False)
+    except (AttributeError, OSError):  # a private torch API that moved
+        return "torch's extensions cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)"
+
+
+def _cached_build_is_current(build_dir: str, inputs: list[Path]) -> bool:
+    """Whether torch's cache holds a library built after every input file last changed,
+    which torch then loads without compiling (an estimate, for the message only: torch
+    decides itself, from a hash of the sources and flags)."""
+    built = [p.stat().st_mtime for p in Path(build_dir).glob("*.so")] if os.path.isdir(build_dir) else []
+    return bool(built) and max(built) >= max(p.stat().st_mtime for p in inputs)
+
+
+def cuda_arch_list_for_build(environ: Mapping[str, str], visible_gpus: int) -> str | None:
+    """The ``TORCH_CUDA_ARCH_LIST`` a CUDA build must set, or None to keep torch's choice.
+
+    torch compiles for the visible GPUs unless ``TORCH_CUDA_ARCH_LIST`` is set; with no GPU
+    visible (nvcc in a docker build, say) its list is empty and it fails with an IndexError.
+    """
+    if environ.get("TORCH_CUDA_ARCH_LIST") or visible_gpus > 0:
+        return None
+    return DEFAULT_CUDA_ARCH_LIST
 
 
 STALE_LOCK_SECONDS = 900  # a build takes a minute or two; a lock this old lost its process
@@ -274,9 +365,6 @@ def _toolchain_problem(kind: str) -> str | None:
     return None
 
 
-# the sources of each library (setup.py builds the same lists)
-CPU_SOURCES = ["sam_fused_cpu.cpp", "sam_fused_host.cpp"]
-CUDA_SOURCES = ["sam_fused_cuda.cu"]
 _CPU = _Extension("cpp", "sam_fused._C_cpu", "sam_fused_cpu", "sam_fused_cpu", CPU_SOURCES)
 _CUDA = _Extension("cuda", "sam_fused._C_cuda", "sam_fused_cuda", "sam_fused_cuda", CUDA_SOURCES)
 

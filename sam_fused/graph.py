@@ -57,8 +57,9 @@ class GraphedSAMStep:
         model: the module; its parameters are those of ``optimizer``.
         loss_fn: ``loss_fn(model(input), target) -> scalar loss``.
         optimizer: a :class:`sam_fused.SAM` (or variant class) over the model's parameters.
-        example_input, example_target: tensors with the shapes and dtypes of every batch
-            (they become the static buffers that each call copies into).
+        example_input: a tensor with the shape and dtype of every batch's input (it
+            becomes the static buffer that each call copies into).
+        example_target: the same for the targets.
         autocast_dtype: run both forward passes under ``torch.autocast`` with this dtype
             (e.g. ``torch.bfloat16``); None (default) for no autocast.
         graphs: capture and replay a CUDA graph (default True); False runs the same step
@@ -164,10 +165,16 @@ class GraphedSAMStep:
             )
         bad = sorted({name for name in opt.backends if name not in CAPTURABLE_BACKENDS})
         if bad:
+            # on a CPU the Triton backend cannot capture either: the fix there is the eager step
+            fix = (
+                "build the optimizer with backend='triton', or pass graphs=False to run the same step eagerly"
+                if self.device.type == "cuda"
+                else f"CUDA graphs also need CUDA tensors (the parameters are on {self.device}): "
+                "pass graphs=False to run the same step eagerly"
+            )
             raise ValueError(
                 f"backend(s) {bad} cannot be captured (the reference backend replaces its state "
-                "tensors each step; the compiled ones read hyperparameters on the host); build the "
-                "optimizer with backend='triton'"
+                f"tensors each step; the compiled ones read hyperparameters on the host); {fix}"
             )
         if self.device.type != "cuda":
             raise ValueError(

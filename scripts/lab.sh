@@ -3,7 +3,7 @@
 # quadratic, convergence under diminishing steps/radii), compares SGD with every SAM
 # variant on scikit-learn's digits, and with SAM/ASAM/VaSSO/F-SAM/GSAM on digits with noisy
 # training labels (Foret et al.'s robustness claim). Writes PNG plots and results.md into
-# docs/lab (under 10 minutes on a 2-core CPU; docs/convergence.md has the measured time).
+# docs/lab (4 min 52 s measured on a 2-core CPU; docs/convergence.md).
 # Extra arguments go to the lab's CLI, e.g.
 # `bash scripts/lab.sh --quick --out /tmp/lab` for a smoke run (see `--help`).
 set -euo pipefail

@@ -2,8 +2,10 @@
 # The test command: lint, then the whole suite. Triton kernels run through the Triton
 # interpreter on CPU tensors (TRITON_INTERPRET=1), so CI exercises every kernel; then every
 # kernel specialization the suite launched is compiled for an H100/H200 (sm_90) with the
-# real Triton compiler, which catches what only the interpreter accepts.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k adam`).
+# real Triton compiler, which catches what only the interpreter accepts. A full run then
+# builds the documentation site (mkdocs build --strict) and checks the install as users get
+# it (scripts/check_install.sh: sdist, wheel, path and git installs into fresh environments).
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k adam`) and skip those two.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -29,3 +31,10 @@ if [ "$workers" -gt 1 ]; then xdist=(-n "$workers" --dist loadfile); fi
 SAM_FUSED_RECORD_LAUNCHES="$launches" "$PYTHON" -m pytest ${xdist[@]+"${xdist[@]}"} tests "$@"
 # a filtered run (extra pytest arguments) may launch no kernel at all
 "$PYTHON" tests/compile_kernels.py "$launches" --target cuda:90 --fail-on-spills ${1:+--allow-empty}
+if [ $# -gt 0 ]; then exit; fi
+# the site goes to a temporary folder: only whether it builds, warnings included, matters here
+site="$(mktemp -d "${TMPDIR:-/tmp}/sam_fused_site.XXXXXX")"
+NO_MKDOCS_2_WARNING=1 "$PYTHON" -m mkdocs build --strict --quiet --site-dir "$site"
+rm -rf "$site"
+unset TRITON_INTERPRET SAM_FUSED_RECORD_LAUNCHES
+bash scripts/check_install.sh

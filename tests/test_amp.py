@@ -1,4 +1,4 @@
-"""Mixed precision and clipping (issue 4, items 1-2): GradScaler, bf16, ``max_grad_norm``.
+"""Mixed precision and clipping: GradScaler, bf16, ``max_grad_norm``.
 
 The independent computations:
 

@@ -1,4 +1,4 @@
-"""Issue 6: torch.compile. A compiled model trains with sam_fused, and a compiled function
+"""torch.compile. A compiled model trains with sam_fused, and a compiled function
 that calls the optimizer runs it eagerly (a graph break at the optimizer, by design) with
 the same numbers as the eager loop.
 

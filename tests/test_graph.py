@@ -1,4 +1,4 @@
-"""Issue 6: device-resident hyperparameters and the whole-step CUDA graph helper.
+"""Device-resident hyperparameters and the whole-step CUDA graph helper.
 
 On the CPU: lr / rho held as one-element tensors (what the graph helper installs) give the
 same trajectory as Python floats, schedulers update them in place, the helper's eager mode

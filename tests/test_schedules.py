@@ -1,7 +1,7 @@
-"""Step-size and radius schedules (issue 3): the seed paper's step sizes and the rho schedules.
+"""Step-size and radius schedules: the seed paper's step sizes and the rho schedules.
 
 Every expected value is the closed form, computed here from the formulas of
-SAM_VARIANTS.md, never a stored number:
+docs/variants.md (from the seed paper), never a stored number:
 
 * SeedPaperLR, epoch e = step // steps_per_epoch: constant t0; diminish1 t0 / (e + 1);
   diminish2 t0 / (e + 1)^0.5001; diminish3 t0 / (k ln k) with k = 3 + floor(e / 5);

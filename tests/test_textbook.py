@@ -1,6 +1,6 @@
 """SAM against an independent float64 textbook implementation.
 
-The textbook below is written in this file from ``SAM_VARIANTS.md`` and the docstring of
+The textbook below is written in this file from ``docs/variants.md`` and the docstring of
 ``sam_fused.variants`` (it does not import the reference backend, which is under test
 too): ONE global norm of ``u = T * g`` over every parameter with a gradient in every
 group, ``eps = rho * T * u / (||u|| + 1e-12)`` (``rho * T * u`` for USAM), with
@@ -310,7 +310,7 @@ def check_perturbation(params, before, textbook, eps_tb, dtypes, step):
             rtol = 1e-5 if dt == torch.float32 else 1e-11
             if dt == torch.float64 and not all_float64(dtypes):
                 # the norm is shared, and the float32 buckets' share of it is accumulated
-                # in float32 (SAM_VARIANTS.md): float64 eps is then good to ~1e-7
+                # in float32 (docs/variants.md): float64 eps is then good to ~1e-7
                 rtol = 1e-6
             scale = eps_tb[i].abs().max() if eps_tb[i].numel() else 0.0
             tol = ulp(torch.maximum(before[i].abs(), now.abs()), dt) + rtol * scale + 1e-30

@@ -1,7 +1,7 @@
-"""The SAM family (issue 3): USAM, ASAM, VaSSO, F-SAM, GCSAM, RSAM, GSAM, LookSAM, interval SAM.
+"""The SAM family: USAM, ASAM, VaSSO, F-SAM, GCSAM, RSAM, GSAM, LookSAM, interval SAM.
 
 Every numerical check compares the optimizer with an independent float64 simulation
-written here from the formulas of SAM_VARIANTS.md / docs/variants.md (the reference
+written here from the formulas of docs/variants.md and the papers it cites (the reference
 backend is under test, so nothing is imported from it), on fresh random inputs at awkward
 sizes (1, 7, 4097 elements, a (33, 65) matrix and a (5, 3, 3, 3) conv kernel) spread over
 two param groups with different rho and lr.
@@ -229,7 +229,7 @@ class BaseSim:
 
 
 class Sim:
-    """One variant, step by step, in float64, from the formulas of SAM_VARIANTS.md.
+    """One variant, step by step, in float64, from the formulas of docs/variants.md.
 
     ``quirk`` makes a deliberately wrong version (the mutants that show the test can fail).
     """
