@@ -14,7 +14,9 @@ from torch import Tensor
 
 from . import amp, checkpoint, hooks, options
 from . import status as S
+from .closure_check import FirstClosureCheck
 from .engine import StepEngine
+from .integrations import check_closure_loop
 from .state import OptimizerState
 from .step_state import Phase
 
@@ -201,14 +203,20 @@ class SAM(torch.optim.Optimizer):
             return None
         if st.phase is not Phase.IDLE:
             raise RuntimeError(options.mid_step_closure())
-        options.check_fresh_gradients(self.param_groups, st)
+        check = None
+        if not st.closure_checked:  # the first call: loops that cannot work are refused here
+            check_closure_loop()
+            check = FirstClosureCheck(self.param_groups)
+            if not check.needed:
+                st.closure_checked, check = True, None
         args, kwargs = hooks.begin(self, (closure,), {})
         closure = torch.enable_grad()(args[0] if args else closure)
         st.in_closure_step = True
         try:
-            loss = hooks.profiled(self, "step", self._closure_step, closure)
+            loss = hooks.profiled(self, "step", self._closure_step, closure, check)
         except BaseException:
             engine.abort()  # an exception in either pass leaves the weights at w
+            st.hooks_open = False  # the next step fires its pre-hooks again
             raise
         finally:
             st.in_closure_step = False
@@ -217,10 +225,14 @@ class SAM(torch.optim.Optimizer):
 
     step.hooked = True  # torch.optim must not wrap it: the hooks above fire once per SAM step
 
-    def _closure_step(self, closure: Callable[[], Tensor]) -> Tensor:
+    def _closure_step(self, closure: Callable[[], Tensor], check: FirstClosureCheck | None) -> Tensor:
         if self.variant.noise:
             self.noise_step()
-        loss = closure()
+        if check is None:
+            loss = closure()
+        else:  # gradients were left from before: the first pass must not add onto them
+            loss = check.run(closure)
+            self._engine.step.closure_checked = True
         if self.first_step(zero_grad=True):
             closure()
             self.second_step()

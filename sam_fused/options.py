@@ -171,35 +171,6 @@ def mid_step_closure() -> str:
     )
 
 
-def check_fresh_gradients(groups: list[dict[str, Any]], step: Any) -> None:
-    """Refuse the first step(closure) when gradients were accumulated before it, or when the
-    framework around it cannot run both passes through it (checked until the first call
-    passes: it reads every gradient, and the patterns it catches are there from the first
-    step on)."""
-    if step.closure_checked:
-        return
-    from .integrations import check_closure_loop
-
-    check_closure_loop()
-    for group in groups:
-        for p in group["params"]:
-            g = p.grad
-            if g is not None and not g.is_sparse and bool(g.ne(0).any()):
-                raise RuntimeError(
-                    "step(closure) found gradients already accumulated before its first pass. "
-                    "sam_fused's step(closure) runs both passes through the closure (closure(), "
-                    "first_step(), closure(), second_step()), so gradients from a backward pass "
-                    "before it would be added to the first pass. If you migrated from the popular "
-                    "SAM file or pytorch-optimizer, drop the forward/backward before "
-                    "opt.step(closure). If a framework accumulates gradients over micro-batches "
-                    "before calling step(closure) (Lightning's accumulate_grad_batches), add "
-                    "sam_fused.integrations.lightning.SAMCallback() to the Trainer's callbacks, "
-                    "or accumulate inside the closure, or use first_step()/second_step() "
-                    "(README, Frameworks and Gradient accumulation)."
-                )
-    step.closure_checked = True
-
-
 def check_arguments(
     variant: Any,
     variant_options: Mapping[str, Any] | None,
