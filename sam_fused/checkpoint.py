@@ -15,7 +15,10 @@ has no state for starts fresh (its Adam step count included), groups take the sa
 hyperparameters, and a checkpoint of a plain ``torch.optim`` optimizer loads (SAM's own
 group keys take the optimizer's defaults). Unlike torch.optim, a mismatched checkpoint is
 refused before anything changes: wrong group sizes, state for unknown parameters, an
-incomplete entry, a tensor shaped unlike its parameter.
+incomplete entry, a tensor shaped unlike its parameter, a group saved by another base
+optimizer (``base_match.py``). Entries of ``opt.state`` under a key that is not a parameter
+(what a hook or a user keeps there) are saved under that key and loaded back, a checkpoint's
+replacing the optimizer's, as torch.optim does; an integer key is a parameter's number.
 """
 
 from __future__ import annotations
@@ -59,10 +62,13 @@ def state_dict(opt: SAM) -> dict[str, Any]:
     extra = _extra(opt._engine)
     for packed in groups:
         packed[EXTRA] = dict(extra)
-    saved = {
-        "state": {index[id(p)]: dict(entry) for p, entry in opt.state.items()},
-        "param_groups": groups,
-    }
+    state: dict[Any, Any] = {}
+    for key, entry in opt.state.items():  # a parameter's entry by its index; any other as it is
+        if isinstance(key, Tensor):
+            state[index[id(key)]] = dict(entry)
+        else:
+            state[key] = entry
+    saved = {"state": state, "param_groups": groups}
     for hook in opt._optimizer_state_dict_post_hooks.values():
         result = hook(opt, saved)
         if result is not None:
@@ -86,7 +92,11 @@ def load_state_dict(opt: SAM, saved: dict[str, Any]) -> None:
     params = [p for g in groups for p in g["params"]]
     by_id = dict(zip(order, params))
     entries: dict[int, dict] = {}
+    foreign: dict[Any, Any] = {}
     for key, entry in saved["state"].items():
+        if not _is_index(key):  # an entry a user or a hook kept under its own key (torch keeps it)
+            foreign[key] = entry
+            continue
         if key not in by_id:
             raise ValueError(
                 f"the checkpoint has state for parameter {key!r}, which none of its param groups lists"
@@ -112,6 +122,8 @@ def load_state_dict(opt: SAM, saved: dict[str, Any]) -> None:
                 entry.clear()
             else:
                 entry.replace(given)
+    opt.state.foreign.clear()  # torch.optim's load replaces the whole state
+    opt.state.foreign.update(foreign)
     step = engine.step
     step.step_index = 0 if extra is None else extra["step_index"]
     engine.status[S.SKIPPED] = 0.0 if extra is None else extra["skipped_steps"]
@@ -120,6 +132,11 @@ def load_state_dict(opt: SAM, saved: dict[str, Any]) -> None:
         step.generator = generator
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
         hook(opt)
+
+
+def _is_index(key: Any) -> bool:
+    """A parameter's number in a checkpoint (torch.optim numbers them 0, 1, ...)."""
+    return isinstance(key, int)
 
 
 def _extra(engine: Any) -> dict[str, Any]:

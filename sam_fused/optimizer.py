@@ -128,7 +128,7 @@ class SAM(torch.optim.Optimizer):
         fixed = (float(norm_eps), bool(skip_nonfinite), max_grad_norm and float(max_grad_norm), backend)
         self._engine = StepEngine(self, found, resolved, keys, *fixed)
         self.state = OptimizerState(self._engine)
-        base.state = OptimizerState(self._engine, with_variant=False)  # its lazy init sees its own keys only
+        base.state = self.state.base_view()  # its lazy init sees its own keys only
         self._engine.adopt(self.param_groups, 0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
