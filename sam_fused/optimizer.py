@@ -279,11 +279,24 @@ class SAM(torch.optim.Optimizer):
         """The backend of each bucket (param group x dtype x layout), in order."""
         return [bucket.backend.name for bucket in self._engine.buckets]
 
-    def __getstate__(self) -> dict[str, Any]:  # not an LR scheduler's wrapper of the original's step()
-        return {k: v for k, v in self.__dict__.items() if k != "step"}
+    def __getstate__(self) -> dict[str, Any]:
+        # not an LR scheduler's wrapper of the original's step(); and the base optimizer by its
+        # class and defaults only: its own __setstate__ (Adam's, RMSprop's, ...) reads its state,
+        # a view of this optimizer's, which a copy can show only once this object is restored
+        state = {k: v for k, v in self.__dict__.items() if k != "step"}
+        base = state["base_optimizer"]
+        state["base_optimizer"] = (type(base), base.defaults)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        base = state.pop("base_optimizer")
         torch.optim.Optimizer.__setstate__(self, state)
         for group in self.param_groups:  # checkpoints of older versions: SAM's keys default
             for key in self._engine.keys.values():
                 group.setdefault(key, self.defaults[key])
+        if isinstance(base, tuple):  # rebuilt on the shared groups, then given its view of the state
+            cls, defaults = base
+            base = cls.__new__(cls)
+            base.__setstate__({"defaults": defaults, "state": {}, "param_groups": self.param_groups})
+            base.state = self.state.base_view()
+        self.base_optimizer = base
