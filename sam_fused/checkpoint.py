@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import options
 from . import status as S
+from .base_match import check_saved_group
 from .state import ParamState, check_entry
 from .step_state import Phase
 
@@ -247,6 +248,7 @@ def _checked_groups(opt: SAM, saved_groups: list[dict]) -> list[dict]:
         )
     keys = opt._engine.keys
     for index, group in enumerate(saved_groups):
+        check_saved_group(opt.base_optimizer, set(keys.values()), group, index)
         for key in keys.values():  # a plain torch.optim checkpoint: SAM's keys take our defaults
             group.setdefault(key, opt.defaults[key])
         options.check_group(group, keys, index, opt._engine.device)
