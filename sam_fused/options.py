@@ -75,7 +75,8 @@ def check_tensor_scalar(value: Any, name: str, index: int | None, device: torch.
     where = name if index is None else f"param_groups[{index}][{name!r}]"
     if value.numel() != 1:
         raise ValueError(
-            f"{where} is a tensor of shape {tuple(value.shape)}; a hyperparameter tensor holds one value"
+            f"{where} is a tensor of shape {tuple(value.shape)}; a hyperparameter tensor holds one "
+            "value: set a number or a one-element tensor"
         )
     if device is not None and value.device not in (device, torch.device("cpu")):
         raise ValueError(f"{where} is on {value.device}, the parameters on {device}")
