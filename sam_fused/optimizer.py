@@ -167,7 +167,7 @@ class SAM(torch.optim.Optimizer):
             self, "first_step", engine.first_step, kwargs.get("grad_scaler"), id(engine.owner)
         )
         if not perturbed:
-            hooks.end(self, args, kwargs)
+            hooks.end(self, args, kwargs, one_pass=True)
         if args[0] if args else kwargs.get("zero_grad", zero_grad):
             self.zero_grad()
         return perturbed
