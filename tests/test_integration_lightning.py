@@ -12,6 +12,7 @@ import sys
 import _frameworks as fw
 import pytest
 import torch
+from conftest import backends_for
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = fw.framework("lightning.pytorch")
@@ -232,18 +233,20 @@ def test_callback_manual_optimization_counts_steps(variant, fp16):
 
 
 @pytest.mark.parametrize("callback", [False, True], ids=["plain", "callback"])
-@pytest.mark.parametrize("variant", ["sam", "interval"])
-def test_manual_second_step_counts_global_step(variant, callback):
+@pytest.mark.parametrize(
+    "variant,backend", [(v, b) for v in ("sam", "interval") for b in backends_for(v)], ids="-".join
+)
+def test_manual_second_step_counts_global_step(variant, backend, callback):
     """The popular recipe, opt.first_step(), the second pass, opt.second_step() on
     self.optimizers(), without opt.step(): each SAM step counts once in global_step (a
     one-pass step of interval SAM too), with or without the callback, so max_steps stops the
     run; the weights are the manual loop's."""
-    module = Module(variant, manual=True)
+    module = Module(variant, manual=True, backend=backend)
     module.finish = "second_step"
     run = trainer(callback=callback, max_steps=4)
     run.fit(module, loader())
     assert run.global_step == 4
-    want, _, firsts = manual_run(variant, steps=4)
+    want, _, firsts = manual_run(variant, steps=4, sam_kwargs={"backend": backend})
     fw.assert_same(fw.weights(module.net), fw.weights(want), variant)
     assert [loss for _, loss in module.passes] == firsts
 
