@@ -248,6 +248,11 @@ class OptimizerState(MutableMapping):
             return self._entry(key)
         return self.foreign.setdefault(key, {})  # torch.optim's defaultdict(dict)
 
+    def get(self, key: Any, default: Any = None) -> Any:
+        if isinstance(key, Tensor):
+            return super().get(key, default)
+        return self.foreign.get(key, default)  # as dict.get: no entry is made
+
     def __setitem__(self, key: Any, entry: Any) -> None:
         if isinstance(key, Tensor):
             self._entry(key).replace(entry)

@@ -302,7 +302,8 @@ def test_state_entries_under_any_key_are_kept_as_torch_optim_keeps_them(backend,
         opt.register_state_dict_pre_hook(lambda o: o.state.__setitem__("ran_pre_hook", 1))
         opt.state["config"] = {"note": "kept", "scale": torch.tensor([2.0, 3.0])}
         opt.state[params[0]]["ema"] = torch.full_like(params[0], 0.5)
-        assert opt.state["absent"] == {} and "absent" in opt.state
+        assert opt.state.get("absent") is None and "absent" not in opt.state  # dict.get makes none
+        assert opt.state["absent"] == {} and "absent" in opt.state  # the defaultdict's [] does
         del opt.state["absent"]
         saved = opt.state_dict()
         buffer = io.BytesIO()
