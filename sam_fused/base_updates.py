@@ -221,6 +221,7 @@ def spec_for(base: type, group: dict[str, Any]) -> tuple[BaseSpec | None, str | 
 
 
 _NOT_VALUES = ("params", "param_names")
+_PLAIN = frozenset({float, int, bool, str, type(None)})  # nothing to check (the common case, fast)
 
 
 def check_group_values(group: dict[str, Any], index: int, device: torch.device | None) -> None:
@@ -233,6 +234,8 @@ def check_group_values(group: dict[str, Any], index: int, device: torch.device |
     the state moved. Any base optimizer's keys are checked, tuples (``betas``) item by item.
     """
     for key, value in group.items():
+        if type(value) in _PLAIN:
+            continue
         if isinstance(value, Tensor):
             check_tensor_scalar(value, key, index, device)
         elif isinstance(value, (tuple, list)) and key not in _NOT_VALUES:
