@@ -18,7 +18,8 @@ refused before anything changes: wrong group sizes, state for unknown parameters
 incomplete entry, a tensor shaped unlike its parameter, a group saved by another base
 optimizer (``base_match.py``). Entries of ``opt.state`` under a key that is not a parameter
 (what a hook or a user keeps there) are saved under that key and loaded back, a checkpoint's
-replacing the optimizer's, as torch.optim does; an integer key is a parameter's number.
+replacing the optimizer's, as torch.optim does (a key the saved groups list is a parameter's,
+and an integer key that they do not list is refused as state for an unknown parameter).
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def load_state_dict(opt: SAM, saved: dict[str, Any]) -> None:
     entries: dict[int, dict] = {}
     foreign: dict[Any, Any] = {}
     for key, entry in saved["state"].items():
-        if not _is_index(key):  # an entry a user or a hook kept under its own key (torch keeps it)
+        # a parameter's key is what the saved groups list for it (torch.optim's numbers; the
+        # names torch.distributed.checkpoint puts there); any other key is an entry a user or a
+        # hook kept under its own key (torch.optim keeps it), but a number names a parameter
+        if key not in by_id and not isinstance(key, int):
             foreign[key] = entry
             continue
         if key not in by_id:
@@ -133,11 +137,6 @@ def load_state_dict(opt: SAM, saved: dict[str, Any]) -> None:
         step.generator = generator
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
         hook(opt)
-
-
-def _is_index(key: Any) -> bool:
-    """A parameter's number in a checkpoint (torch.optim numbers them 0, 1, ...)."""
-    return isinstance(key, int)
 
 
 def _extra(engine: Any) -> dict[str, Any]:

@@ -322,6 +322,29 @@ def test_state_entries_under_any_key_are_kept_as_torch_optim_keeps_them(backend,
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_checkpoint_keyed_by_names_loads_as_torch_optim_loads_it(backend, device):
+    """torch.distributed.checkpoint hands load_state_dict groups that list parameter names, and
+    state under those names: each entry goes to the parameter its group lists (torch.optim's
+    rule), the others stay entries of their own."""
+    torch_params = model_params(device)
+    source = torch.optim.SGD(torch_params, lr=0.1, momentum=0.9)
+    loss_of(torch_params, torch.randn(8, 3, device=device)).backward()
+    source.step()
+    saved = source.state_dict()
+    names = {0: "0.weight", 1: "0.bias"}
+    saved["state"] = {names[k]: v for k, v in saved["state"].items()} | {"note": 1}
+    for group in saved["param_groups"]:
+        group["params"] = [names[i] for i in group["params"]]
+    loaded = {}
+    for name, make in _torch_and_sam(backend).items():
+        params = model_params(device, seed=1)
+        opt = make(params)
+        opt.load_state_dict(copy.deepcopy(saved))
+        loaded[name] = ([bits(opt.state[p]["momentum_buffer"]) for p in params], _foreign(dict(opt.state)))
+    assert loaded["sam"] == loaded["torch"] and loaded["sam"][1] == {"note": 1}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_load_state_dict_hooks_changes_are_kept(backend, device):
     """A load pre-hook that edits the checkpoint in place (an lr, a state tensor), one that
     returns a new checkpoint (prepended, so the in-place one edits its result), and a post
