@@ -49,7 +49,19 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["REGISTRY", "AdamSpec", "BaseSpec", "SGDSpec", "lr_of", "register", "scalar_of", "spec_for"]
+from .options import check_tensor_scalar
+
+__all__ = [
+    "REGISTRY",
+    "AdamSpec",
+    "BaseSpec",
+    "SGDSpec",
+    "check_group_values",
+    "lr_of",
+    "register",
+    "scalar_of",
+    "spec_for",
+]
 
 
 class _NotFusable(Exception):
@@ -270,3 +282,27 @@ def spec_for(base: type, group: dict[str, Any]) -> tuple[BaseSpec | None, str | 
         return spec_class.from_group(base, group), None
     except _NotFusable as exc:
         return None, str(exc)
+
+
+_NOT_VALUES = ("params", "param_names")
+_PLAIN = frozenset({float, int, bool, str, type(None)})  # nothing to check (the common case, fast)
+
+
+def check_group_values(group: dict[str, Any], index: int, device: torch.device | None) -> None:
+    """A group's hyperparameter tensors each hold one value, on the parameters' device or the CPU.
+
+    torch.optim's constructors hold ``lr`` and each of Adam's ``betas`` to that rule; a group
+    edited later (a schedule, or a user between first_step() and second_step()) is held to it
+    at every step, before anything changes: otherwise the update (fused, or the base
+    optimizer's own step()) would fail halfway through, with the weights restored and part of
+    the state moved. Any base optimizer's keys are checked, tuples (``betas``) item by item.
+    """
+    for key, value in group.items():
+        if type(value) in _PLAIN:
+            continue
+        if isinstance(value, Tensor):
+            check_tensor_scalar(value, key, index, device)
+        elif isinstance(value, (tuple, list)) and key not in _NOT_VALUES:
+            for i, item in enumerate(value):
+                if isinstance(item, Tensor):
+                    check_tensor_scalar(item, f"param_groups[{index}][{key!r}][{i}]", None, device)

@@ -15,7 +15,11 @@ has no state for starts fresh (its Adam step count included), groups take the sa
 hyperparameters, and a checkpoint of a plain ``torch.optim`` optimizer loads (SAM's own
 group keys take the optimizer's defaults). Unlike torch.optim, a mismatched checkpoint is
 refused before anything changes: wrong group sizes, state for unknown parameters, an
-incomplete entry, a tensor shaped unlike its parameter.
+incomplete entry, a tensor shaped unlike its parameter, a group saved by another base
+optimizer (``base_match.py``). Entries of ``opt.state`` under a key that is not a parameter
+(what a hook or a user keeps there) are saved under that key and loaded back, a checkpoint's
+replacing the optimizer's, as torch.optim does (a key the saved groups list is a parameter's,
+and an integer key that they do not list is refused as state for an unknown parameter).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import Tensor
 
 from . import options
 from . import status as S
+from .base_match import check_saved_group
 from .state import ParamState, check_entry
 from .step_state import Phase
 
@@ -59,10 +64,13 @@ def state_dict(opt: SAM) -> dict[str, Any]:
     extra = _extra(opt._engine)
     for packed in groups:
         packed[EXTRA] = dict(extra)
-    saved = {
-        "state": {index[id(p)]: dict(entry) for p, entry in opt.state.items()},
-        "param_groups": groups,
-    }
+    state: dict[Any, Any] = {}
+    for key, entry in opt.state.items():  # a parameter's entry by its index; any other as it is
+        if isinstance(key, Tensor):
+            state[index[id(key)]] = dict(entry)
+        else:
+            state[key] = entry
+    saved = {"state": state, "param_groups": groups}
     for hook in opt._optimizer_state_dict_post_hooks.values():
         result = hook(opt, saved)
         if result is not None:
@@ -86,7 +94,14 @@ def load_state_dict(opt: SAM, saved: dict[str, Any]) -> None:
     params = [p for g in groups for p in g["params"]]
     by_id = dict(zip(order, params))
     entries: dict[int, dict] = {}
+    foreign: dict[Any, Any] = {}
     for key, entry in saved["state"].items():
+        # a parameter's key is what the saved groups list for it (torch.optim's numbers; the
+        # names torch.distributed.checkpoint puts there); any other key is an entry a user or a
+        # hook kept under its own key (torch.optim keeps it), but a number names a parameter
+        if key not in by_id and not isinstance(key, int):
+            foreign[key] = entry
+            continue
         if key not in by_id:
             raise ValueError(
                 f"the checkpoint has state for parameter {key!r}, which none of its param groups lists"
@@ -112,6 +127,8 @@ def load_state_dict(opt: SAM, saved: dict[str, Any]) -> None:
                 entry.clear()
             else:
                 entry.replace(given)
+    opt.state.foreign.clear()  # torch.optim's load replaces the whole state
+    opt.state.foreign.update(foreign)
     step = engine.step
     step.step_index = 0 if extra is None else extra["step_index"]
     engine.status[S.SKIPPED] = 0.0 if extra is None else extra["skipped_steps"]
@@ -230,6 +247,7 @@ def _checked_groups(opt: SAM, saved_groups: list[dict]) -> list[dict]:
         )
     keys = opt._engine.keys
     for index, group in enumerate(saved_groups):
+        check_saved_group(opt.base_optimizer, set(keys.values()), group, index)
         for key in keys.values():  # a plain torch.optim checkpoint: SAM's keys take our defaults
             group.setdefault(key, opt.defaults[key])
         options.check_group(group, keys, index, opt._engine.device)

@@ -163,21 +163,30 @@ class StepEngine:
             torch.distributed.all_reduce(out, group=self.process_group)
 
     # ------------------------------------------------------------------ plans and layout
-    def _validated_plans(self) -> list[Plan]:
-        """Every bucket's plan for this pass (validated: a refusal raises, nothing changed).
+    def _validated_plans(self, grads: bool = True) -> list[Plan]:
+        """Every bucket's plan for this pass (validated: a refusal raises, nothing changed);
+        ``grads=False``: the parameters only, no plan (RSAM's noise, before the first pass).
 
         Parameters that moved keep their buckets (the tables follow them) unless they now
         share memory differently; parameters cast or moved to another device keep their
         shapes: either way, while no step is in flight, the buckets are laid out again and
         the state converted (:meth:`relayout`)."""
         idle = self.step.phase is Phase.IDLE
+
+        def pass_() -> list[Plan]:
+            if grads:
+                return [bucket.plan() for bucket in self.buckets]
+            for bucket in self.buckets:
+                bucket.follow()
+            return []
+
         try:
-            plans = [bucket.plan() for bucket in self.buckets]
+            plans = pass_()
         except LayoutError as exc:
             if not (exc.convertible and idle):
                 raise
             self.relayout()
-            return [bucket.plan() for bucket in self.buckets]
+            return pass_()
         if any(bucket.moved for bucket in self.buckets):
             for bucket in self.buckets:
                 bucket.moved = False
@@ -190,7 +199,7 @@ class StepEngine:
                         "second_step() (p.data = other.data); abort_step() and step again"
                     )
                 self.relayout()
-                plans = [bucket.plan() for bucket in self.buckets]
+                plans = pass_()
         return plans
 
     def relayout(self) -> None:
@@ -227,7 +236,7 @@ class StepEngine:
         if st.phase is not Phase.IDLE:
             raise RuntimeError("noise_step() was called again before first_step()/second_step() finished")
         grouping.check_groups(self.owner.param_groups, self._laid_out, self.keys, self.device)
-        self._validated_plans()  # every parameter where its bucket's tables say (or laid out anew)
+        self._validated_plans(grads=False)  # the parameters only: the gradients are last step's
         generator = st.generator
         if generator is None:  # seeded before it is kept: a seed that fails leaves none behind
             generator = torch.Generator(device=self.device)

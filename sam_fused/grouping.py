@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import options
 from .backends import Backend, choose_backend
-from .base_updates import BaseSpec, spec_for
+from .base_updates import BaseSpec, check_group_values, spec_for
 from .layout import Bucket
 from .placement import alias_layers, kernel_refusal, local_tensor, memory_span
 from .sharding import check_whole_rows, shard_group
@@ -85,6 +85,7 @@ def check_groups(
             raise RuntimeError(options.groups_changed(f"param_groups[{index}]['params'] changed"))
         if keys is not None:
             options.check_group(group, keys, index, device)
+        check_group_values(group, index, device)  # lr, betas, ...: one value each
 
 
 def fused_specs(

@@ -12,6 +12,7 @@ from a private flag (docs/design.md lists both).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -51,8 +52,9 @@ def begin(opt: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def end(opt: Any, args: tuple, kwargs: dict) -> None:
-    """Fire the step post-hooks: the SAM step is complete."""
+def end(opt: Any, args: tuple, kwargs: dict, one_pass: bool = False) -> None:
+    """Fire the step post-hooks: the SAM step is complete (``one_pass``: by a first_step() that
+    took a whole one-pass step)."""
     step = opt._engine.step
     if step.in_closure_step:
         return
@@ -65,3 +67,7 @@ def end(opt: Any, args: tuple, kwargs: dict) -> None:
         opt._optimizer_step_post_hooks.values(), torch_optimizer._global_optimizer_post_hooks.values()
     ):
         hook(opt, args, kwargs)
+    if sys.modules.get("lightning.pytorch") is not None:  # Lightning's optimizer wrapper: global_step counts
+        from .integrations.lightning import count_step
+
+        count_step(opt, one_pass)

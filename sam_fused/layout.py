@@ -168,6 +168,10 @@ class Bucket:
             grads = [p.grad for p in self.params]
             return [0 if g is None else g._local_tensor.data_ptr() for g in grads]
 
+    def follow(self) -> None:
+        """Validate every parameter (not the gradients); if one moved, the tables follow it."""
+        self._follow_params()
+
     def _follow_params(self) -> None:
         """Validate every parameter; if one moved, the address tables are made anew."""
         for i, p in enumerate(self.params):

@@ -14,7 +14,9 @@ from torch import Tensor
 
 from . import amp, checkpoint, hooks, options
 from . import status as S
+from .closure_check import FirstClosureCheck
 from .engine import StepEngine
+from .integrations import check_closure_loop
 from .state import OptimizerState
 from .step_state import Phase
 
@@ -126,7 +128,7 @@ class SAM(torch.optim.Optimizer):
         fixed = (float(norm_eps), bool(skip_nonfinite), max_grad_norm and float(max_grad_norm), backend)
         self._engine = StepEngine(self, found, resolved, keys, *fixed)
         self.state = OptimizerState(self._engine)
-        base.state = OptimizerState(self._engine, with_variant=False)  # its lazy init sees its own keys only
+        base.state = self.state.base_view()  # its lazy init sees its own keys only
         self._engine.adopt(self.param_groups, 0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -165,7 +167,7 @@ class SAM(torch.optim.Optimizer):
             self, "first_step", engine.first_step, kwargs.get("grad_scaler"), id(engine.owner)
         )
         if not perturbed:
-            hooks.end(self, args, kwargs)
+            hooks.end(self, args, kwargs, one_pass=True)
         if args[0] if args else kwargs.get("zero_grad", zero_grad):
             self.zero_grad()
         return perturbed
@@ -201,14 +203,20 @@ class SAM(torch.optim.Optimizer):
             return None
         if st.phase is not Phase.IDLE:
             raise RuntimeError(options.mid_step_closure())
-        options.check_fresh_gradients(self.param_groups, st)
+        check = None
+        if not st.closure_checked:  # the first call: loops that cannot work are refused here
+            check_closure_loop()
+            check = FirstClosureCheck(self.param_groups)
+            if not check.needed:
+                st.closure_checked, check = True, None
         args, kwargs = hooks.begin(self, (closure,), {})
         closure = torch.enable_grad()(args[0] if args else closure)
         st.in_closure_step = True
         try:
-            loss = hooks.profiled(self, "step", self._closure_step, closure)
+            loss = hooks.profiled(self, "step", self._closure_step, closure, check)
         except BaseException:
             engine.abort()  # an exception in either pass leaves the weights at w
+            st.hooks_open = False  # the next step fires its pre-hooks again
             raise
         finally:
             st.in_closure_step = False
@@ -217,10 +225,14 @@ class SAM(torch.optim.Optimizer):
 
     step.hooked = True  # torch.optim must not wrap it: the hooks above fire once per SAM step
 
-    def _closure_step(self, closure: Callable[[], Tensor]) -> Tensor:
+    def _closure_step(self, closure: Callable[[], Tensor], check: FirstClosureCheck | None) -> Tensor:
         if self.variant.noise:
             self.noise_step()
-        loss = closure()
+        if check is None:
+            loss = closure()
+        else:  # gradients were left from before: the first pass must not add onto them
+            loss = check.run(closure)
+            self._engine.step.closure_checked = True
         if self.first_step(zero_grad=True):
             closure()
             self.second_step()
@@ -267,11 +279,24 @@ class SAM(torch.optim.Optimizer):
         """The backend of each bucket (param group x dtype x layout), in order."""
         return [bucket.backend.name for bucket in self._engine.buckets]
 
-    def __getstate__(self) -> dict[str, Any]:  # not an LR scheduler's wrapper of the original's step()
-        return {k: v for k, v in self.__dict__.items() if k != "step"}
+    def __getstate__(self) -> dict[str, Any]:
+        # not an LR scheduler's wrapper of the original's step(); and the base optimizer by its
+        # class and defaults only: its own __setstate__ (Adam's, RMSprop's, ...) reads its state,
+        # a view of this optimizer's, which a copy can show only once this object is restored
+        state = {k: v for k, v in self.__dict__.items() if k != "step"}
+        base = state["base_optimizer"]
+        state["base_optimizer"] = (type(base), base.defaults)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        base = state.pop("base_optimizer")
         torch.optim.Optimizer.__setstate__(self, state)
         for group in self.param_groups:  # checkpoints of older versions: SAM's keys default
             for key in self._engine.keys.values():
                 group.setdefault(key, self.defaults[key])
+        if isinstance(base, tuple):  # rebuilt on the shared groups, then given its view of the state
+            cls, defaults = base
+            base = cls.__new__(cls)
+            base.__setstate__({"defaults": defaults, "state": {}, "param_groups": self.param_groups})
+            base.state = self.state.base_view()
+        self.base_optimizer = base

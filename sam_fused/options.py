@@ -75,7 +75,8 @@ def check_tensor_scalar(value: Any, name: str, index: int | None, device: torch.
     where = name if index is None else f"param_groups[{index}][{name!r}]"
     if value.numel() != 1:
         raise ValueError(
-            f"{where} is a tensor of shape {tuple(value.shape)}; a hyperparameter tensor holds one value"
+            f"{where} is a tensor of shape {tuple(value.shape)}; a hyperparameter tensor holds one "
+            "value: set a number or a one-element tensor"
         )
     if device is not None and value.device not in (device, torch.device("cpu")):
         raise ValueError(f"{where} is on {value.device}, the parameters on {device}")
@@ -169,35 +170,6 @@ def mid_step_closure() -> str:
         "add sam_fused.integrations.lightning.SAMCallback() to the Trainer's callbacks: then "
         "opt.step() finishes the step."
     )
-
-
-def check_fresh_gradients(groups: list[dict[str, Any]], step: Any) -> None:
-    """Refuse the first step(closure) when gradients were accumulated before it, or when the
-    framework around it cannot run both passes through it (checked until the first call
-    passes: it reads every gradient, and the patterns it catches are there from the first
-    step on)."""
-    if step.closure_checked:
-        return
-    from .integrations import check_closure_loop
-
-    check_closure_loop()
-    for group in groups:
-        for p in group["params"]:
-            g = p.grad
-            if g is not None and not g.is_sparse and bool(g.ne(0).any()):
-                raise RuntimeError(
-                    "step(closure) found gradients already accumulated before its first pass. "
-                    "sam_fused's step(closure) runs both passes through the closure (closure(), "
-                    "first_step(), closure(), second_step()), so gradients from a backward pass "
-                    "before it would be added to the first pass. If you migrated from the popular "
-                    "SAM file or pytorch-optimizer, drop the forward/backward before "
-                    "opt.step(closure). If a framework accumulates gradients over micro-batches "
-                    "before calling step(closure) (Lightning's accumulate_grad_batches), add "
-                    "sam_fused.integrations.lightning.SAMCallback() to the Trainer's callbacks, "
-                    "or accumulate inside the closure, or use first_step()/second_step() "
-                    "(README, Frameworks and Gradient accumulation)."
-                )
-    step.closure_checked = True
 
 
 def check_arguments(

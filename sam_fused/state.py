@@ -14,6 +14,8 @@ mapping over them, with torch.optim's keys and semantics:
   the next update initializes it exactly as torch.optim's lazy init would.
 * Keys of a base optimizer that sam_fused does not fuse (RMSprop's ``square_avg``, ...)
   are kept as given, in a plain dict per parameter.
+* Entries under a key that is not a tensor (``opt.state["ran_hook"] = True``) are kept as
+  given, as torch.optim's ``defaultdict(dict)`` keeps them, and saved by ``state_dict()``.
 
 The base optimizer gets a view of the same state without the variant's key, so that its
 ``len(state) == 0`` lazy initialization still runs when only the variant has state.
@@ -216,45 +218,76 @@ def _to_local(bucket: Bucket, i: int, key: str, value: Any) -> Tensor:
 
 
 class OptimizerState(MutableMapping):
-    """``opt.state``: parameter -> :class:`ParamState`, listing the parameters that have state."""
+    """``opt.state``: parameter -> :class:`ParamState` for the parameters that have state, and
+    whatever else a user or a hook keeps there under a key that is not a tensor
+    (``opt.state["ran_hook"] = True``), as torch.optim's ``defaultdict(dict)`` keeps it: such
+    entries are saved in ``state_dict()["state"]`` under their own key, replaced by a
+    checkpoint's on ``load_state_dict()``, and a missing one reads as a new ``{}``. A tensor
+    key must be a parameter of this optimizer (a checkpoint could not number another)."""
 
-    def __init__(self, engine: StepEngine, with_variant: bool = True) -> None:
+    def __init__(self, engine: StepEngine, with_variant: bool = True, foreign: dict | None = None) -> None:
         self._engine = engine
         self._with_variant = with_variant
+        self.foreign: dict[Any, Any] = {} if foreign is None else foreign  # the non-parameter entries
+
+    def base_view(self) -> OptimizerState:
+        """The view the base optimizer gets: no variant key, the same non-parameter entries."""
+        return OptimizerState(self._engine, with_variant=False, foreign=self.foreign)
 
     def _entry(self, param: Any) -> ParamState:
         found = self._engine.locate(param)
         if found is None:
-            raise KeyError(param)
+            raise KeyError(
+                f"opt.state has no entry for this tensor: it is not a parameter of this optimizer "
+                f"(add it with add_param_group() first); got a tensor of shape {tuple(param.shape)}"
+            )
         return ParamState(self._engine, *found, with_variant=self._with_variant)
 
-    def __getitem__(self, param: Any) -> ParamState:
-        return self._entry(param)
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, Tensor):
+            return self._entry(key)
+        return self.foreign.setdefault(key, {})  # torch.optim's defaultdict(dict)
 
-    def __setitem__(self, param: Any, entry: Mapping[Any, Any]) -> None:
-        self._entry(param).replace(entry)
+    def get(self, key: Any, default: Any = None) -> Any:
+        if isinstance(key, Tensor):
+            return super().get(key, default)
+        return self.foreign.get(key, default)  # as dict.get: no entry is made
 
-    def __delitem__(self, param: Any) -> None:
-        self._entry(param).clear()
+    def __setitem__(self, key: Any, entry: Any) -> None:
+        if isinstance(key, Tensor):
+            self._entry(key).replace(entry)
+        else:
+            self.foreign[key] = entry
 
-    def __contains__(self, param: Any) -> bool:
-        found = self._engine.locate(param)
+    def __delitem__(self, key: Any) -> None:
+        if isinstance(key, Tensor):
+            self._entry(key).clear()
+        else:
+            del self.foreign[key]
+
+    def __contains__(self, key: Any) -> bool:
+        if not isinstance(key, Tensor):
+            return key in self.foreign
+        found = self._engine.locate(key)
         return (
             found is not None and len(ParamState(self._engine, *found, with_variant=self._with_variant)) > 0
         )
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Any]:
         for bucket in self._engine.buckets:
             for i, p in enumerate(bucket.params):
                 if len(ParamState(self._engine, bucket, i, self._with_variant)):
                     yield p
+        yield from list(self.foreign)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
     def clear(self) -> None:
-        for p in list(self):
-            self._entry(p).clear()
+        for key in list(self):
+            if isinstance(key, Tensor):
+                self._entry(key).clear()
+        self.foreign.clear()
 
     def __repr__(self) -> str:
-        return f"OptimizerState({len(self)} parameters with state)"
+        return f"OptimizerState({len(self)} entries)"

@@ -6,9 +6,13 @@ bit for bit: weights and BatchNorm buffers, the loss Lightning reports, the step
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import _frameworks as fw
 import pytest
 import torch
+from conftest import backends_for
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = fw.framework("lightning.pytorch")
@@ -37,6 +41,7 @@ class Module(pl.LightningModule):
         self.passes: list[tuple[bool, float]] = []  # (perturbed, loss) per training_step call
         self.reported: list[float] = []  # the loss Lightning hands on_train_batch_end
         self.before_step_calls = 0
+        self.finish = "step"  # manual optimization ends a step with opt.step(), or opt.second_step()
 
     def training_step(self, batch, batch_idx):
         if not self.automatic_optimization:
@@ -55,7 +60,10 @@ class Module(pl.LightningModule):
         self.passes.append((False, float(loss)))
         if opt.first_step(zero_grad=True, grad_scaler=grad_scaler(self.trainer)):
             self.manual_backward(fw.loss_of(self.net, batch))
-        opt.step()
+            if self.finish == "second_step":  # the popular recipe
+                opt.second_step()
+        if self.finish == "step":
+            opt.step()
         opt.zero_grad()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -222,6 +230,33 @@ def test_callback_manual_optimization_counts_steps(variant, fp16):
     want, _, firsts = manual_run(variant, steps=4, autocast=torch.float16 if fp16 else None, scaler=scaler)
     fw.assert_same(fw.weights(module.net), fw.weights(want), variant)
     assert [loss for _, loss in module.passes] == firsts
+
+
+@pytest.mark.parametrize("callback", [False, True], ids=["plain", "callback"])
+@pytest.mark.parametrize(
+    "variant,backend", [(v, b) for v in ("sam", "interval") for b in backends_for(v)], ids="-".join
+)
+def test_manual_second_step_counts_global_step(variant, backend, callback):
+    """The popular recipe, opt.first_step(), the second pass, opt.second_step() on
+    self.optimizers(), without opt.step(): each SAM step counts once in global_step (a
+    one-pass step of interval SAM too), with or without the callback, so max_steps stops the
+    run; the weights are the manual loop's."""
+    module = Module(variant, manual=True, backend=backend)
+    module.finish = "second_step"
+    run = trainer(callback=callback, max_steps=4)
+    run.fit(module, loader())
+    assert run.global_step == 4
+    want, _, firsts = manual_run(variant, steps=4, sam_kwargs={"backend": backend})
+    fw.assert_same(fw.weights(module.net), fw.weights(want), variant)
+    assert [loss for _, loss in module.passes] == firsts
+
+
+def test_the_glue_without_lightning_names_the_install(monkeypatch):
+    monkeypatch.delitem(sys.modules, "sam_fused.integrations.lightning")
+    for name in ("lightning", "lightning.pytorch"):
+        monkeypatch.setitem(sys.modules, name, None)  # what an environment without it shows
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'sam_fused\[lightning\]'"):
+        importlib.import_module("sam_fused.integrations.lightning")
 
 
 @pytest.mark.parametrize("variant", ["rsam", "interval"])

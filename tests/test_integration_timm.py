@@ -4,6 +4,7 @@ weight-decay groups, on a timm model; two training steps equal a SAM built by ha
 from __future__ import annotations
 
 import copy
+import sys
 
 import _frameworks as fw
 import pytest
@@ -108,3 +109,11 @@ def test_native_scaler_is_refused_with_the_fix():
     with pytest.raises(RuntimeError, match="NativeScaler"):
         timm.utils.NativeScaler(device="cpu")(loss_of(model, batch), opt)
     fw.assert_same([p.detach() for p in model.parameters()], before, "refused")
+
+
+def test_register_without_timm_names_the_install(monkeypatch):
+    for name in ("timm", "timm.optim", "timm.optim._optim_factory"):
+        monkeypatch.setitem(sys.modules, name, None)  # what an environment without timm shows
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'sam_fused\[timm\]'") as raised:
+        sam_timm.register()
+    assert raised.value.name == "timm"

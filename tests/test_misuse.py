@@ -605,12 +605,14 @@ def test_step_with_a_closure_mid_step_runs_nothing(backend, device):
     assert calls == [] and snapshot(model, opt) == before
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_the_migrated_closure_loop_is_refused(backend, device):
-    """The popular file's loop (one pass outside, then step(closure)) would run three passes
-    and add the first one's gradients twice: refused on the first call, before anything runs."""
+@pytest.mark.parametrize("backend,variant", cases(["sam", "rsam"]))
+def test_the_migrated_closure_loop_is_refused(backend, variant, device):
+    """The popular file's loop (one pass outside, then step(closure) with a closure that does
+    not zero) would add the outside pass's gradients to the first pass: refused when the
+    closure's backward reaches the first parameter, before any gradient is accumulated.
+    torch.optim's own patterns, which leave gradients too, run (tests/test_conformance.py)."""
     model = make_model(device)
-    opt = build(model, backend)
+    opt = build(model, backend, variant)
     x, y = batch(device, 0)
     loss_of(model, x, y).backward()
     calls = []
@@ -618,7 +620,19 @@ def test_the_migrated_closure_loop_is_refused(backend, device):
     for _ in range(2):  # a refusal changes nothing: the check is not used up by it
         with pytest.raises(RuntimeError, match="migrated"):
             opt.step(lambda: calls.append(1) or loss_of(model, x, y).backward())
-    assert calls == [] and snapshot(model, opt) == before
+    assert calls == [1, 1] and snapshot(model, opt) == before
+
+    def zeroing():  # the fix the message names: the closure zeroes first
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    twin = make_model(device)
+    twin_opt = build(twin, backend, variant)
+    opt.step(zeroing)
+    manual_step(twin, twin_opt, x, y)  # the same step, without the leftover gradients
+    assert torch.equal(weights(model), weights(twin))
 
 
 # ---------------------------------------------------------------------- copies
@@ -671,8 +685,8 @@ def test_one_cycle_betas_reach_the_kernels_without_piling_up(device):
             manual_step(model, opt, *batch(device, step))
             if backend == "triton":  # the values this step used, in the one tensor there is
                 cache = opt._engine.buckets[0].cache
-                assert list(cache) == ["betas"]
-                assert cache["betas"][0] == tuple(opt.param_groups[0]["betas"][:2])
+                assert list(cache) == ["device_scalars"]
+                assert cache["device_scalars"][0] == tuple(opt.param_groups[0]["betas"][:2])
             betas.append(opt.param_groups[0]["betas"][0])
             sched.step()
         assert len(set(betas)) == len(betas)  # they did move every step

@@ -13,9 +13,9 @@ What is here is shared by them and by ``SAM.step(closure)``'s first call.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["check_closure_loop", "unwrap"]
+__all__ = ["check_closure_loop", "framework_missing", "unwrap"]
 
 
 def unwrap(optimizer: Any) -> Any:
@@ -60,3 +60,16 @@ def check_closure_loop() -> None:
             "micro-batch (README, Frameworks). If your closure loops over the micro-batches itself, "
             "build the Accelerator with gradient_accumulation_steps=1 and divide the loss yourself."
         )
+
+
+def framework_missing(exc: ModuleNotFoundError, framework: str, what: str, pins: str) -> NoReturn:
+    """Raise the error for a glue module used without its framework: the install to run, with
+    the release line the glue is tested with. ``exc`` is raised as it is when what is missing
+    is not the framework itself (one of its own dependencies: its message says which)."""
+    if exc.name is None or exc.name.split(".")[0] != framework:
+        raise exc
+    raise ModuleNotFoundError(
+        f"{what}, and {framework} is not installed: pip install 'sam_fused[{framework}]' ({pins}, the "
+        "release line this glue is tested with)",
+        name=framework,
+    ) from exc

@@ -24,11 +24,15 @@ bf16 without accumulation or clipping. What it cannot do, and the callback does:
 - **Manual optimization**: ``opt.first_step(...)``, the second pass, then ``opt.step()``,
   which finishes the SAM step and counts ``trainer.global_step`` (without the callback that
   ``opt.step()`` is refused: Lightning passes a closure, and the weights are perturbed).
+  ``opt.second_step()`` instead of ``opt.step()`` (the popular recipe) works with or without
+  the callback in fp32 and bf16, and counts ``global_step`` too (:func:`count_step`); under
+  fp16 the callback's ``opt.step()`` is the way, since it runs ``scaler.step`` and ``update``.
 
 The callback mixes ``optimizer_step`` and ``clip_gradients`` into the Trainer's precision
 plugin (whichever it is) for the run, and uses Lightning hooks of the 2.6 releases that are
 not public (``_training_step``, ``_build_kwargs``, the strategy's ``backward``, the closure's
-``_result``); the tests pin 2.6.x.
+``_result``; to count manual steps, ``LightningOptimizer._on_before_step``/``_on_after_step``
+and the manual loop's ``optim_step_progress``); the tests pin 2.6.x.
 """
 
 from __future__ import annotations
@@ -38,24 +42,49 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.core.optimizer import do_nothing_closure
+
+from . import framework_missing, unwrap
+
+try:
+    import lightning.pytorch as pl
+except ModuleNotFoundError as exc:
+    what = "sam_fused.integrations.lightning is the glue for lightning.Trainer"
+    framework_missing(exc, "lightning", what, "lightning>=2.6.6,<2.7")
+from lightning.pytorch.core.optimizer import LightningOptimizer, do_nothing_closure
 from lightning.pytorch.loops.utilities import _block_parallel_sync_behavior
 from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from ..batchnorm import frozen_bn_stats
 from ..optimizer import SAM
-from . import unwrap
 
-__all__ = ["SAMCallback", "grad_scaler"]
+__all__ = ["SAMCallback", "count_step", "grad_scaler"]
 
 
 def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     """The Trainer's GradScaler (``16-mixed``), for ``first_step(grad_scaler=...)`` in manual
     optimization; None under other precisions."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def count_step(optimizer: Any, one_pass: bool = False) -> None:
+    """A SAM step that ended in a call on Lightning's ``LightningOptimizer`` (``self.optimizers()``
+    in manual optimization: ``first_step()`` / ``second_step()`` without ``opt.step()``) counts
+    in ``trainer.global_step``, as ``opt.step()`` would count it: Lightning counts the steps
+    that go through ``LightningOptimizer.step()`` only, so ``max_steps``, step-based
+    checkpoints and schedules would otherwise never see these. A one-pass step under
+    ``SAMCallback`` may still be finished by ``opt.step()``, which counts it: it is counted at
+    the end of the batch unless ``opt.step()`` came. (Through ``opt.step()`` SAM's own calls
+    are made on the SAM, not on this wrapper: counted once.)"""
+    if not isinstance(optimizer, LightningOptimizer):
+        return
+    plugin = optimizer._strategy.precision_plugin if optimizer._strategy is not None else None
+    if one_pass and isinstance(plugin, _SAMPrecision):
+        plugin._sam_callback.uncounted = True
+        return
+    optimizer._on_before_step()
+    optimizer._on_after_step()
 
 
 def _sam(optimizer: Any) -> SAM | None:
@@ -88,6 +117,7 @@ class _SAMPrecision:
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         if not model.automatic_optimization and closure is do_nothing_closure:
             # manual optimization: the user ran first_step() and the second pass; finish
+            self._sam_callback.uncounted = False  # opt.step() counts this step
             self._after_closure(model, optimizer)
             return self._sam_finish(sam, kwargs)
         return self._sam_passes(sam, model, optimizer, closure, kwargs)
@@ -150,6 +180,7 @@ class SAMCallback(pl.Callback):
         self.freeze_bn_stats = freeze_bn_stats
         self.window: list[tuple[Any, int]] = []  # (batch, batch_idx) of the accumulation window
         self._plugin_class: type | None = None
+        self.uncounted = False  # a manual one-pass step, not counted yet (count_step)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -164,7 +195,7 @@ class SAMCallback(pl.Callback):
             self._plugin_class = type(plugin)
             plugin.__class__ = type(f"SAM{type(plugin).__name__}", (_SAMPrecision, type(plugin)), {})
         plugin._sam_callback = self
-        self.window = []
+        self.window, self.uncounted = [], False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._plugin_class is not None:
@@ -205,6 +236,16 @@ class SAMCallback(pl.Callback):
             if sam is not None and sam.variant.noise:
                 sam.noise_step()  # RSAM: every micro-batch's first pass runs at w + delta
         self.window.append((batch, batch_idx))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.uncounted:  # a one-pass step that no opt.step() finished (count_step); the
+            # LightningOptimizer's counting hooks are unset by now: count as they do
+            progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
+            self.uncounted = False
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

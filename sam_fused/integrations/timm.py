@@ -29,6 +29,7 @@ import torch
 
 from .. import family
 from ..optimizer import SAM
+from . import framework_missing
 
 __all__ = ["names", "register"]
 
@@ -65,8 +66,12 @@ def register(registry: Any = None) -> list[str]:
     """Add the SAM optimizers to timm's registry (default: the one ``create_optimizer_v2``
     uses); returns their names. Calling it again changes nothing; a name timm already has
     for another optimizer is refused."""
-    from timm.optim import OptimInfo
-    from timm.optim._optim_factory import default_registry
+    try:
+        from timm.optim import OptimInfo
+        from timm.optim._optim_factory import default_registry
+    except ModuleNotFoundError as exc:
+        what = "sam_fused.integrations.timm.register() puts SAM into timm's optimizer factory"
+        framework_missing(exc, "timm", what, "timm>=1.0.31,<1.1")
 
     registry = default_registry if registry is None else registry
     known = set(registry.list_optimizers())
