@@ -98,7 +98,8 @@ def _compile_one(entry: dict) -> tuple[str, float, str | None, dict[str, int]]:
     try:
         kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
         args = [_stand_in(a) for a in entry["args"]]
-        compiled = kernel.warmup(*args, grid=(1,), **entry["kwargs"])
+        kwargs = {k: _stand_in(v) for k, v in entry["kwargs"].items()}
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
     except Exception as exc:  # every failure is reported with its launch
         return label, time.perf_counter() - start, f"{type(exc).__name__}: {exc}", {}
     seconds = time.perf_counter() - start

@@ -7,8 +7,8 @@ and ``tests/compile_kernels.py`` compiles every one of them for a GPU target aft
 
 A launch is recorded as what Triton specialises on, not as its values: tensors by dtype
 and 16-byte alignment, integers by the classes the JIT tells apart (== 1, multiple of 16,
-other; 32 or 64 bits), floats and booleans by type, and keyword arguments (the constexprs
-and launch options) exactly. Enabled by ``SAM_FUSED_RECORD_LAUNCHES=<file>`` (see
+other; 32 or 64 bits), floats and booleans by type, None as None, and the constexprs and
+launch options exactly, whether passed by position or by name. Enabled by ``SAM_FUSED_RECORD_LAUNCHES=<file>`` (see
 ``tests/conftest.py``); the file is written when the session ends.
 """
 
@@ -48,10 +48,13 @@ def _is_constexpr(param: inspect.Parameter, tl) -> bool:
 
 
 @functools.cache
-def _constexpr_positions(fn) -> tuple[bool, ...]:
+def _constexprs(fn) -> tuple[tuple[bool, ...], frozenset[str]]:
+    """Which positions, and which parameter names, are constexprs of kernel ``fn``."""
     import triton.language as tl
 
-    return tuple(_is_constexpr(p, tl) for p in inspect.signature(fn).parameters.values())
+    params = list(inspect.signature(fn).parameters.values())
+    flags = tuple(_is_constexpr(p, tl) for p in params)
+    return flags, frozenset(p.name for p, flag in zip(params, flags) if flag)
 
 
 class LaunchRecorder:
@@ -72,14 +75,17 @@ class LaunchRecorder:
             self._undo = None
 
     def record(self, fn, args: tuple, kwargs: dict) -> None:
-        constexpr = _constexpr_positions(fn)
+        positions, names = _constexprs(fn)
+        parameters = inspect.signature(fn).parameters
         entry = {
             "module": fn.__module__,
             "kernel": fn.__name__,
-            # a constexpr passed by position is kept exactly, like one passed by keyword
-            "args": [a if is_const else describe(a) for is_const, a in zip(constexpr, args)],
-            # keyword arguments are the constexprs and launch options: kept exactly
-            "kwargs": dict(sorted(kwargs.items())),
+            # a constexpr is kept exactly, by position or by name; every other kernel argument
+            # as what Triton specialises on; launch options (num_warps, ...) exactly
+            "args": [a if is_const else describe(a) for is_const, a in zip(positions, args)],
+            "kwargs": {
+                k: v if k in names or k not in parameters else describe(v) for k, v in sorted(kwargs.items())
+            },
         }
         key = json.dumps(entry, sort_keys=True)
         self.launches.setdefault(key, entry)
