@@ -3,7 +3,7 @@
 The configurations and the bad inputs come from torch's ``OptimizerInfo`` machinery
 (``torch.testing._internal.common_optimizers``, shipped with torch) for SGD and AdamW; SAM
 wraps each. Every check compares with what ``torch.optim`` does with the same calls, or
-with the textbook step in float64. Here, issue 23's section 1, point by point:
+with the textbook step in float64. Here, the conformance points one by one:
 ``step(closure)`` after torch's patterns that leave gradients behind (an earlier
 ``closure()``, gradients set by hand, closures that zero, replace or run no backward) and
 the refusal of the migrated loop; ``opt.state`` entries under any key (a state_dict

@@ -2,7 +2,7 @@
 inputs for SGD and AdamW on non-contiguous parameters, tensor learning rates of 0, 1 and 2
 dimensions), steps that must change nothing, copies, step hooks, complex parameters against
 their real views, printing. The helpers are tests/test_conformance.py's, which holds the
-checkpoint and state checks and the points of torch's own TestOptimRenewed (issue 23).
+checkpoint and state checks and the points of torch's own TestOptimRenewed.
 """
 
 from __future__ import annotations

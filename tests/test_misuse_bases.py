@@ -1,8 +1,8 @@
 """Misuse around any base optimizer: copies, checkpoints of another base, hyperparameter tensors.
 
-Issue 23's R5 (a copy, pickle or ``torch.save`` of a SAM around any ``torch.optim`` base
-works, not only around SGD), R3 (a checkpoint saved by another base optimizer is refused
-when it is loaded, naming both, with nothing changed) and B9/X7 (an ``lr`` or ``betas``
+A copy, pickle or ``torch.save`` of a SAM around any ``torch.optim`` base works, not only
+around SGD; a checkpoint saved by another base optimizer is refused when it is loaded,
+naming both, with nothing changed; and an ``lr`` or ``betas``
 tensor of several values set between the passes is refused before anything changes), on
 every backend. The helpers and the base table are tests/test_misuse.py's.
 """
