@@ -8,8 +8,9 @@ and ``tests/compile_kernels.py`` compiles every one of them for a GPU target aft
 A launch is recorded as what Triton specialises on, not as its values: tensors by dtype
 and 16-byte alignment, integers by the classes the JIT tells apart (== 1, multiple of 16,
 other; 32 or 64 bits), floats and booleans by type, None as None, and the constexprs and
-launch options exactly, whether passed by position or by name. Enabled by ``SAM_FUSED_RECORD_LAUNCHES=<file>`` (see
-``tests/conftest.py``); the file is written when the session ends.
+launch options exactly, whether passed by position or by name. Enabled by
+``SAM_FUSED_RECORD_LAUNCHES=<file>`` (see ``tests/conftest.py``); the file is written when
+the session ends.
 """
 
 from __future__ import annotations
