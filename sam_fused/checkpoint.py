@@ -25,10 +25,11 @@ and an integer key that they do not list is refused as state for an unknown para
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer  # a sam_fused.SAM (its class is above this module)
 
 from . import options
 from . import status as S
@@ -36,20 +37,17 @@ from .base_match import check_saved_group
 from .state import ParamState, check_entry
 from .step_state import Phase
 
-if TYPE_CHECKING:
-    from .optimizer import SAM
-
 __all__ = ["EXTRA", "initialize_state", "load_state_dict", "state_dict"]
 
 EXTRA = "sam_fused"  # the key of sam_fused's own entry in each saved param group
 
 
-def _refuse_mid_step(opt: SAM, what: str) -> None:
-    if opt._engine.step.phase is not Phase.IDLE:
+def _refuse_mid_step(opt: Optimizer, what: str) -> None:
+    if opt.engine.step.phase is not Phase.IDLE:
         raise RuntimeError(options.MID_STEP.format(what=what))
 
 
-def state_dict(opt: SAM) -> dict[str, Any]:
+def state_dict(opt: Optimizer) -> dict[str, Any]:
     _refuse_mid_step(opt, "state_dict()")
     for hook in opt._optimizer_state_dict_pre_hooks.values():
         hook(opt)
@@ -61,7 +59,7 @@ def state_dict(opt: SAM) -> dict[str, Any]:
             index.setdefault(id(p), len(index))
         packed["params"] = [index[id(p)] for p in group["params"]]
         groups.append(packed)
-    extra = _extra(opt._engine)
+    extra = _extra(opt.engine)
     for packed in groups:
         packed[EXTRA] = dict(extra)
     state: dict[Any, Any] = {}
@@ -78,14 +76,14 @@ def state_dict(opt: SAM) -> dict[str, Any]:
     return saved
 
 
-def load_state_dict(opt: SAM, saved: dict[str, Any]) -> None:
+def load_state_dict(opt: Optimizer, saved: dict[str, Any]) -> None:
     _refuse_mid_step(opt, "load_state_dict()")
     saved = dict(saved)
     for hook in opt._optimizer_load_state_dict_pre_hooks.values():
         result = hook(opt, saved)
         if result is not None:
             saved = result
-    engine = opt._engine
+    engine = opt.engine
     groups = opt.param_groups
     saved_groups = copy.deepcopy(saved["param_groups"])
     extra = _saved_extra(opt, saved, saved_groups)  # takes the entries out of saved_groups
@@ -142,7 +140,7 @@ def load_state_dict(opt: SAM, saved: dict[str, Any]) -> None:
 def _extra(engine: Any) -> dict[str, Any]:
     """sam_fused's optimizer-wide state, as each saved param group carries it."""
     generator = engine.step.generator
-    if generator is None and engine.variant.noise:
+    if generator is None and engine.variant.perturbs_before_pass:
         # the generator RSAM's first noise_step() would seed: a fresh optimizer's entry has the
         # same structure as a trained one's (torch.distributed.checkpoint loads into it)
         generator = _seeded(engine)
@@ -160,7 +158,7 @@ def _seeded(engine: Any) -> torch.Generator:
     return generator
 
 
-def _saved_extra(opt: SAM, saved: dict[str, Any], groups: list[dict]) -> dict[str, Any] | None:
+def _saved_extra(opt: Optimizer, saved: dict[str, Any], groups: list[dict]) -> dict[str, Any] | None:
     """sam_fused's entry of a checkpoint (removed from ``groups``), checked; None when it has none.
 
     A checkpoint whose groups have SAM's keys but no entry lost it on the way (DCP's
@@ -186,11 +184,13 @@ def _saved_extra(opt: SAM, saved: dict[str, Any], groups: list[dict]) -> dict[st
             "generator": old.get("generator"),
         }
         return _checked_extra(entry, "the top-level entry")
-    variant = opt._engine.variant
-    sam_keys = set(opt._engine.keys.values())
+    variant = opt.engine.variant
+    sam_keys = set(opt.engine.keys.values())
     stripped = bool(groups) and all(isinstance(g, dict) and sam_keys <= g.keys() for g in groups)
-    if stripped and (variant.periodic or variant.noise):
-        what = "RSAM's noise generator" if variant.noise else f"{variant.name}'s step count (its schedule)"
+    if stripped and (variant.periodic or variant.perturbs_before_pass):
+        what = f"{variant.name}'s step count (its schedule)"
+        if variant.perturbs_before_pass:
+            what = "RSAM's noise generator"
         raise ValueError(
             f"the checkpoint's param groups have SAM's keys but no {EXTRA!r} entry, which holds "
             f"{what}: resuming without it would not continue the run. It is lost on the way "
@@ -237,7 +237,7 @@ def _same_extra(a: Any, b: Any) -> bool:
     return True
 
 
-def _checked_groups(opt: SAM, saved_groups: list[dict]) -> list[dict]:
+def _checked_groups(opt: Optimizer, saved_groups: list[dict]) -> list[dict]:
     groups = opt.param_groups
     if len(groups) != len(saved_groups):
         raise ValueError("loaded state dict has a different number of parameter groups")
@@ -245,16 +245,16 @@ def _checked_groups(opt: SAM, saved_groups: list[dict]) -> list[dict]:
         raise ValueError(
             "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
         )
-    keys = opt._engine.keys
+    keys = opt.engine.keys
     for index, group in enumerate(saved_groups):
         check_saved_group(opt.base_optimizer, set(keys.values()), group, index)
         for key in keys.values():  # a plain torch.optim checkpoint: SAM's keys take our defaults
             group.setdefault(key, opt.defaults[key])
-        options.check_group(group, keys, index, opt._engine.device)
+        options.check_group(group, keys, index, opt.engine.device)
     return saved_groups
 
 
-def _names(opt: SAM, group: dict) -> tuple[tuple[str, ...], bool]:
+def _names(opt: Optimizer, group: dict) -> tuple[tuple[str, ...], bool]:
     from .base_updates import REGISTRY
 
     spec = REGISTRY.get(type(opt.base_optimizer))
@@ -274,7 +274,7 @@ def _checked_generator(engine, state: Any) -> torch.Generator | None:
     return generator
 
 
-def initialize_state(opt: SAM) -> bool:
+def initialize_state(opt: Optimizer) -> bool:
     """``step()`` without a closure or a ``first_step()``: torch.distributed.checkpoint's case.
 
     ``get_optimizer_state_dict``/``set_optimizer_state_dict`` (and ``get_state_dict``...)
@@ -292,7 +292,7 @@ def initialize_state(opt: SAM) -> bool:
     The decision reads every gradient (one host sync) and is all-reduced over FSDP2's shard
     group, so that all ranks take the same branch of the collectives that follow.
     """
-    engine = opt._engine
+    engine = opt.engine
     grads = [g for b in engine.buckets for g in map(b.grad, range(len(b.params))) if g is not None]
     # DCP sets zero gradients (step() before any backward has none) and every lr to 0 (a
     # training loop's step() after zero_grad() has its learning rate)
@@ -309,7 +309,7 @@ def initialize_state(opt: SAM) -> bool:
     index, generator = step.step_index, step.generator
     before = None if generator is None else generator.get_state()
     with torch.no_grad():
-        if engine.variant.noise:
+        if engine.variant.perturbs_before_pass:
             opt.noise_step()
         if opt.first_step():
             opt.second_step()

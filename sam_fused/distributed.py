@@ -115,7 +115,7 @@ def agree_on_skip(optimizer: SAM, model: nn.Module) -> None:
     ddp = _ddp(model)
     if ddp is None or not optimizer.skip_nonfinite:
         return
-    torch.distributed.all_reduce(optimizer._engine.status[S.BAD1 : S.BAD1 + 1], group=ddp.process_group)
+    torch.distributed.all_reduce(optimizer.engine.status[S.BAD1 : S.BAD1 + 1], group=ddp.process_group)
 
 
 def sam_step(
@@ -146,7 +146,7 @@ def sam_step(
     local = m_sharpness and optimizer.perturbs_this_step
     if local:
         _ddp(model)  # a refused model is refused before anything runs
-    if optimizer.variant.noise:
+    if optimizer.variant.perturbs_before_pass:
         optimizer.noise_step()
     with local_first_pass(model) if local else nullcontext():
         loss = compute_loss()

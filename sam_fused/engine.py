@@ -1,4 +1,4 @@
-"""The step engine: buckets, the device status vector, the reductions, and one step's flow.
+"""The step engine: the device status vector, the reductions, and one step's flow.
 
 ``SAM`` (``optimizer.py``) is the front end; everything a step does happens here, in two
 halves that never mix:
@@ -12,7 +12,9 @@ halves that never mix:
 
 Per-step host state lives in one :class:`StepState` object that is only ever mutated, never
 rebound: framework wrappers that copy the optimizer's ``__dict__`` (Lightning's
-``LightningOptimizer``) share it, and see the same step.
+``LightningOptimizer``) share it, and see the same step. The buckets, and what concerns
+them as a whole (laying them out, following moved parameters, restoring in alias order),
+are ``buckets.Buckets``.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import amp, grouping, options
+from . import amp, grouping, updates
 from . import status as S
-from .base_updates import REGISTRY, BaseSpec
+from .base_updates import BaseSpec
+from .buckets import Buckets
 from .context import StepContext
 from .layout import Bucket, LayoutError, Plan
-from .sharding import shard_group
 from .step_state import Phase, StepState
 from .variants import VARIANTS, Descent, Variant
 
@@ -60,55 +62,55 @@ class StepEngine:
         self.skip_nonfinite = skip_nonfinite
         self.max_grad_norm = max_grad_norm
         self.backend = backend
-        self.buckets: list[Bucket] = []
-        self.device = torch.device("cpu")
+        self.layout = Buckets(owner, variant, keys, backend)
         self.status = torch.zeros(S.SIZE, dtype=torch.float32)
-        self.process_group: Any = None
         self.step = StepState()
-        self._laid_out: list[dict] = []  # the groups as laid out (their params: ParamLists)
-        self._reset_caches()
-
-    def _reset_caches(self) -> None:
-        self._where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
-        self._partials: dict[tuple, tuple[list[Tensor], Tensor, Tensor]] = {}
         self.contexts_changed()
 
     def contexts_changed(self) -> None:
         """A setting a StepContext holds changed (``max_grad_norm``): contexts are made anew."""
         self._contexts: dict[bool, StepContext] = {}
 
-    # ------------------------------------------------------------------ layout
-    def adopt(self, groups: list[dict], start: int) -> None:
-        """Take ``groups`` (numbered from ``start``) into the layout: SAM's keys default and are
-        checked, the groups are laid out, and only then (nothing refused) the parameters move
-        into their buckets."""
-        for index, group in enumerate(groups, start):
-            for key in self.keys.values():
-                group.setdefault(key, self.owner.defaults[key])
-            options.check_group(group, self.keys, index, self.device if self.buckets else None)
-        known = [p for b in self.buckets for p in b.params]
-        base = type(self.owner.base_optimizer)
-        laid_out = grouping.lay_out(groups, start, known, base, self.variant, self.backend)
-        # ---- validated: from here on the optimizer changes (the parameters never move)
-        self.buckets += [Bucket(params, i, backend, layer) for params, i, backend, layer in laid_out]
-        # buckets of parameters that share memory with earlier ones come later: perturbed in
-        # this order, restored in reverse (docs/design.md, "Parameters that share memory")
-        self.buckets.sort(key=lambda b: b.layer)
-        for group in groups:
-            group["params"] = options.ParamList(group["params"])
-        self._laid_out.extend(groups)
-        self._device_changed()
+    @property
+    def buckets(self) -> list[Bucket]:
+        return self.layout.items
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    @property
+    def process_group(self) -> Any:
+        return self.layout.process_group
 
     def locate(self, param: Any) -> tuple[Bucket, int] | None:
-        found = self._where.get(id(param))
-        return found if found is not None and found[0].params[found[1]] is param else None
+        return self.layout.locate(param)
 
     def base_names(self, bucket: Bucket) -> tuple[tuple[str, ...], bool]:
-        """The base optimizer's state names for the bucket's group, and whether it counts steps."""
-        spec = REGISTRY.get(type(self.owner.base_optimizer))
-        if spec is None:
-            return (), False
-        return spec.names_for_group(self.owner.param_groups[bucket.group_index]), spec.counts_steps
+        return self.layout.base_names(bucket)
+
+    # ------------------------------------------------------------------ layout
+    def adopt(self, groups: list[dict], start: int) -> None:
+        """Take ``groups`` (numbered from ``start``) into the layout (``Buckets.adopt``)."""
+        self.layout.adopt(groups, start)
+        self._buckets_changed()
+
+    def _plans(self, grads: bool = True) -> list[Plan]:
+        """Every bucket's validated plan for this pass (``Buckets.plans``); a relayout on the
+        way moves the status vector with the buckets."""
+        before = self.layout.items
+        plans = self.layout.plans(self.step.phase is Phase.IDLE, grads)
+        if self.layout.items is not before:
+            self._buckets_changed()
+        return plans
+
+    def _buckets_changed(self) -> None:
+        """The status vector follows the buckets' device."""
+        # float64: a sum of squares of finite float32 gradients can exceed float32's range
+        # (|g| > 1.8e19); MPS has no float64 (there the norm overflows as torch.norm would)
+        acc = torch.float32 if self.device.type == "mps" else torch.float64
+        self.status = self.status.to(device=self.device, dtype=acc)
+        self.contexts_changed()
 
     # ------------------------------------------------------------------ validation
     def descent_specs(self) -> list[BaseSpec] | None:
@@ -141,93 +143,9 @@ class StepEngine:
         return ctx
 
     def reduce(self, plans: list[Plan], fill: Callable[[Bucket, Plan, Tensor], None], entries: slice) -> None:
-        """Each bucket writes its partial sums (``fill``); their sums land in ``status[entries]``,
-        added up over the ranks' shards under FSDP2. A fixed order: bitwise reproducible."""
-        taking = [(b, p, b.backend.partial_slots(b, p)) for b, p in zip(self.buckets, plans) if not p.empty]
-        # the partial sums' buffer and its views, kept per shape: a step slices no tensor
-        key = (tuple(n for _, _, n in taking), entries.start, entries.stop)
-        held = self._partials.get(key)
-        if held is None:
-            if len(self._partials) > 8:
-                self._partials.clear()
-            partials = torch.zeros(4, sum(key[0]), dtype=self.status.dtype, device=self.device)
-            starts = [sum(key[0][:k]) for k in range(len(key[0]))]
-            slices = [partials[:, a : a + n] for a, n in zip(starts, key[0])]
-            summed = partials[: entries.stop - entries.start]
-            held = self._partials[key] = (slices, summed, self.status[entries])
-        slices, summed, out = held
-        for (bucket, plan, _), part in zip(taking, slices):
-            fill(bucket, plan, part)
-        torch.sum(summed, dim=1, out=out)
-        if self.process_group is not None:
-            torch.distributed.all_reduce(out, group=self.process_group)
-
-    # ------------------------------------------------------------------ plans and layout
-    def _validated_plans(self, grads: bool = True) -> list[Plan]:
-        """Every bucket's plan for this pass (validated: a refusal raises, nothing changed);
-        ``grads=False``: the parameters only, no plan (RSAM's noise, before the first pass).
-
-        Parameters that moved keep their buckets (the tables follow them) unless they now
-        share memory differently; parameters cast or moved to another device keep their
-        shapes: either way, while no step is in flight, the buckets are laid out again and
-        the state converted (:meth:`relayout`)."""
-        idle = self.step.phase is Phase.IDLE
-
-        def pass_() -> list[Plan]:
-            if grads:
-                return [bucket.plan() for bucket in self.buckets]
-            for bucket in self.buckets:
-                bucket.follow()
-            return []
-
-        try:
-            plans = pass_()
-        except LayoutError as exc:
-            if not (exc.convertible and idle):
-                raise
-            self.relayout()
-            return pass_()
-        if any(bucket.moved for bucket in self.buckets):
-            for bucket in self.buckets:
-                bucket.moved = False
-            params = [p for group in self._laid_out for p in group["params"]]
-            layers = [self.locate(p)[0].layer for p in params]
-            if grouping.layers_of(params) != layers:
-                if not idle:
-                    raise LayoutError(
-                        "parameters came to share memory differently between first_step() and "
-                        "second_step() (p.data = other.data); abort_step() and step again"
-                    )
-                self.relayout()
-                plans = pass_()
-        return plans
-
-    def relayout(self) -> None:
-        """Lay the buckets out again from the param groups as the parameters are now (cast,
-        moved to another device, sharing memory anew), keeping every parameter's state,
-        converted to its dtype and device as ``load_state_dict`` converts a checkpoint's."""
-        kept = {id(p): b.export_state(i) for b in self.buckets for i, p in enumerate(b.params)}
-        base = type(self.owner.base_optimizer)
-        laid_out = grouping.lay_out(self._laid_out, 0, [], base, self.variant, self.backend)
-        # ---- validated: the new buckets replace the old
-        buckets = [Bucket(params, i, backend, layer) for params, i, backend, layer in laid_out]
-        buckets.sort(key=lambda b: b.layer)
-        for bucket in buckets:
-            for i, p in enumerate(bucket.params):
-                bucket.import_state(i, kept[id(p)])
-        self.buckets = buckets
-        self._device_changed()
-
-    def _device_changed(self) -> None:
-        """The buckets changed: the status vector and the shard group follow them."""
-        if self.buckets:
-            self.device = self.buckets[0].device
-        # float64: a sum of squares of finite float32 gradients can exceed float32's range
-        # (|g| > 1.8e19); MPS has no float64 (there the norm overflows as torch.norm would)
-        acc = torch.float32 if self.device.type == "mps" else torch.float64
-        self.status = self.status.to(device=self.device, dtype=acc)
-        self.process_group = shard_group(p for b in self.buckets for p in b.params)
-        self._reset_caches()
+        """Each bucket writes its partial sums (``fill``); their sums land in ``status[entries]``
+        (``Buckets.sum_partials``: a fixed order, bitwise reproducible, all-reduced over FSDP2)."""
+        self.layout.sum_partials(plans, fill, self.status, entries)
 
     # ------------------------------------------------------------------ the step
     def noise(self) -> None:
@@ -235,8 +153,8 @@ class StepEngine:
         st = self.step
         if st.phase is not Phase.IDLE:
             raise RuntimeError("noise_step() was called again before first_step()/second_step() finished")
-        grouping.check_groups(self.owner.param_groups, self._laid_out, self.keys, self.device)
-        self._validated_plans(grads=False)  # the parameters only: the gradients are last step's
+        grouping.check_groups(self.owner.param_groups, self.layout.groups, self.keys, self.device)
+        self._plans(grads=False)  # the parameters only: the gradients are last step's
         generator = st.generator
         if generator is None:  # seeded before it is kept: a seed that fails leaves none behind
             generator = torch.Generator(device=self.device)
@@ -262,13 +180,13 @@ class StepEngine:
                 "first_step() was called twice without second_step(): the weights are "
                 "already perturbed; call second_step() to restore and update them (or abort_step())"
             )
-        if self.variant.noise and st.phase is not Phase.NOISED:
+        if self.variant.perturbs_before_pass and st.phase is not Phase.NOISED:
             raise RuntimeError("RSAM takes its first pass at w + delta: call noise_step() before it")
         st.one_pass_done = False
-        grouping.check_groups(self.owner.param_groups, self._laid_out, self.keys, self.device)
+        grouping.check_groups(self.owner.param_groups, self.layout.groups, self.keys, self.device)
         if scaler is not None:
             scaler = amp.active_scaler(scaler, key, self.device, first_pass=True)
-        plans = self._validated_plans()
+        plans = self._plans()
         perturbs = self.variant.perturbs(st.step_index, self.variant_options)
         specs = self.descent_specs() if not perturbs or self.variant.descent != Descent.PLAIN else None
         # ---- everything is validated: from here on the step changes things
@@ -289,7 +207,7 @@ class StepEngine:
         st.phase, st.plans, st.backed_up = (
             Phase.PERTURBED,
             plans,
-            len(self.buckets) if self.variant.noise else 0,
+            len(self.buckets) if self.variant.perturbs_before_pass else 0,
         )
         try:
             if self.variant.centralize:
@@ -345,8 +263,8 @@ class StepEngine:
         try:
             scaler = st.scaler if scaler_arg is None else self._second_scaler(scaler_arg, key)
             # the param lists only: rho, eta and adaptive are the ascent's, checked in first_step()
-            grouping.check_groups(self.owner.param_groups, self._laid_out, None, self.device)
-            plans = self._validated_plans()
+            grouping.check_groups(self.owner.param_groups, self.layout.groups, None, self.device)
+            plans = self._plans()
             specs = self.descent_specs()
             # the first pass's plans, with tables of where the parameters are now
             st.plans = [bucket.refresh(plan) for bucket, plan in zip(self.buckets, st.plans)]
@@ -417,73 +335,14 @@ class StepEngine:
         ctx: StepContext,
         descent: Descent,
     ) -> None:
-        """Restore (when ``perturbed``) and apply the base update with the descent gradient."""
+        """Restore (when ``perturbed``) and apply the base update (``updates.py``)."""
         if ctx.clip:  # min(1, max_norm / (||d|| + 1e-6)), as torch.nn.utils.clip_grad_norm_
             norm2 = self.variant.descent_norm2(self.status, self.variant_options)
             torch.clamp(self.max_grad_norm / (norm2.sqrt() + 1e-6), max=1.0, out=self.status[S.CLIP])
         if specs is None:
-            self._generic_descend(perturbed, plans, ctx)
-            return
-        if perturbed is not None:  # parameters sharing memory with earlier ones: restored first
-            self._restore(perturbed, aliases_only=True)
-        counted = False
-        state_on_ascent = perturbed is not None and self.variant.ascent_updates_state
-        for i, (bucket, plan, spec) in enumerate(zip(self.buckets, plans, specs)):
-            # layer 0 restores fused with the update; later layers update from the weights
-            done = None if perturbed is None else perturbed[i]
-            bucket.backend.update(bucket, done if bucket.layer == 0 else None, plan, spec, ctx, descent)
-            variant_counts = descent == Descent.LOOKSAM_FULL or (state_on_ascent and done.key == plan.key)
-            if not plan.empty:
-                bucket.backend.advance_steps(bucket, plan, ctx, not counted, bool(spec.names), variant_counts)
-                bucket.counts_moved()
-                counted = True
-            if state_on_ascent and done.key != plan.key and not done.empty:  # the ascent's own participants
-                bucket.backend.advance_steps(bucket, done, ctx, False, False, True)
-
-    def _restore(self, plans: list[Plan | None], aliases_only: bool = False) -> None:
-        """``w <- backup`` for the given buckets' plans (None: every parameter), in reverse
-        bucket order, so that memory several parameters share gets back the value it had
-        before the step (the earliest layer's backup is written last). ``aliases_only``: the
-        buckets of layers above 0 only (layer 0 restores fused with its update)."""
-        for bucket, plan in reversed(list(zip(self.buckets, plans))):
-            if (plan is None or not plan.empty) and not (aliases_only and bucket.layer == 0):
-                bucket.backend.restore(bucket, plan)
-
-    def _restore_each(self, plans: list[Plan | None]) -> None:
-        """``w <- backup`` parameter by parameter, converting (a parameter cast mid-step)."""
-        for bucket, plan in reversed(list(zip(self.buckets, plans))):
-            indices = range(len(bucket.params)) if plan is None else plan.indices
-            for i in reversed(indices):
-                bucket.weight(i).copy_(bucket.state_tensor("backup", i))
-
-    def _generic_descend(self, perturbed: list[Plan] | None, plans: list[Plan], ctx: StepContext) -> None:
-        """Restore, then the base optimizer's own step (a host sync decides a skip)."""
-        if perturbed is not None:
-            self._restore(perturbed)
-        if ctx.check:
-            skip = self.status[S.BAD1] + self.status[S.BAD2] > 0
-            self.status[S.SKIPPED] += skip
-            if bool(skip):  # the base optimizer's step cannot be skipped on the device
-                return
-        # the base optimizer reads p.grad itself: unscale and clip in place, as
-        # scaler.unscale_() and clip_grad_norm_() would
-        for bucket, plan in zip(self.buckets, plans):
-            factor = None
-            if ctx.unscale and not bucket.backend.unscales_in_place:
-                factor = self.status[S.INV_SCALE2]
-            if ctx.clip:
-                factor = self.status[S.CLIP] if factor is None else factor * self.status[S.CLIP]
-            grads = [bucket.params[i].grad for i in plan.indices]
-            if factor is not None and grads:
-                torch._foreach_mul_(grads, factor)
-        base = self.owner.base_optimizer
-        step = type(base).step
-        # torch wraps step() with the step hooks and a profiler range: those belong to the SAM step
-        (step.__wrapped__ if getattr(step, "hooked", False) else step)(base)
-        for bucket, plan in zip(self.buckets, plans):
-            if self.variant.ascent_updates_state and perturbed is not None:
-                bucket.vsteps.add_(bucket.mask_of(plan))
-            bucket.counts_set()  # torch's step moved Adam's counts through opt.state
+            updates.generic(self.layout, self.owner.base_optimizer, self.variant, perturbed, plans, ctx)
+        else:
+            updates.fused(self.layout, self.variant, perturbed, plans, specs, ctx, descent)
 
     # ------------------------------------------------------------------ abandoning a step
     def _abandoned(self, exc: BaseException) -> None:
@@ -501,13 +360,14 @@ class StepEngine:
         if st.phase is Phase.IDLE:
             return False
         ctx = self.context(False)
-        plans = [None] * len(self.buckets) if self.variant.noise or st.plans is None else st.plans
+        every = self.variant.perturbs_before_pass or st.plans is None  # RSAM backed every parameter up
+        plans = [None] * len(self.buckets) if every else st.plans
         try:  # where the parameters are now (a parameter moved since is restored where it went)
             plans = [plan if plan is None else b.refresh(plan) for b, plan in zip(self.buckets, plans)]
         except LayoutError:  # cast since: restored parameter by parameter, converting
-            self._restore_each(plans[: st.backed_up])
+            self.layout.restore_each(plans[: st.backed_up])
         else:
-            self._restore(plans[: st.backed_up])
+            self.layout.restore(plans[: st.backed_up])
         for bucket, plan in zip(self.buckets[: st.backed_up], plans):
             if st.phase is Phase.PERTURBED and self.variant.ascent_updates_state and not plan.empty:
                 bucket.backend.revert_state(bucket, plan, ctx, force=True)
@@ -520,13 +380,12 @@ class StepEngine:
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_where", "_partials", "_contexts"):
-            del state[name]
+        del state["_contexts"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._reset_caches()
+        self.contexts_changed()
 
 
 _STILL_PERTURBED = (

@@ -94,7 +94,7 @@ class GraphedSAMStep:
         self.autocast_dtype = autocast_dtype
         self.freeze_bn_stats = bool(freeze_bn_stats)
         self.graphs = bool(graphs)
-        self.device = optimizer._engine.device
+        self.device = optimizer.engine.device
         self._graph: Any = None
         self.static_loss: Tensor | None = None
         if not self.graphs:
@@ -146,7 +146,7 @@ class GraphedSAMStep:
     # ------------------------------------------------------------------ capture
     def _check_capturable(self) -> None:
         opt = self.optimizer
-        if opt.variant.noise:
+        if opt.variant.perturbs_before_pass:
             raise ValueError(
                 "RSAM draws its noise on the host each step and cannot be captured; graphs=False"
             )
@@ -155,7 +155,7 @@ class GraphedSAMStep:
                 f"{opt.variant.name} decides on the host which kind of step runs (every "
                 "k steps), so one graph cannot replay it; graphs=False"
             )
-        engine = opt._engine
+        engine = opt.engine
         specs, why = fused_specs(engine.buckets, opt.param_groups, type(opt.base_optimizer), engine.device)
         if specs is None:
             raise ValueError(
@@ -208,7 +208,7 @@ class GraphedSAMStep:
 def _move_hyperparameters_to_device(opt: SAM, device: torch.device) -> None:
     """Make each group's lr and rho a one-element float32 tensor on ``device``."""
     for group in opt.param_groups:
-        for key in ("lr", opt._engine.keys["rho"]):
+        for key in ("lr", opt.engine.keys["rho"]):
             value = group[key]
             if isinstance(value, Tensor) and value.device == device and value.numel() == 1:
                 continue
@@ -219,7 +219,7 @@ def _snapshot(model: torch.nn.Module, opt: SAM) -> dict[str, Any]:
     """Copies of what warm-up steps may change besides the weights (kept by lr = 0). On the
     Triton backend all optimizer state lives in the buckets' flat buffers and counts (the
     gradients and backups there are rewritten by every step)."""
-    engine = opt._engine
+    engine = opt.engine
     return {
         "buffers": [b.detach().clone() for b in model.buffers()],
         "state": [_state_buffers(b) for b in engine.buckets],
@@ -238,7 +238,7 @@ def _state_buffers(bucket: Any, copy: bool = True) -> dict[str, Tensor]:
 def _restore(model: torch.nn.Module, opt: SAM, saved: dict[str, Any]) -> None:
     """Put back, in place, what :func:`_snapshot` copied; state that the warm-up created
     (first momentum buffers, Adam moments) goes back to zero, as a fresh optimizer's."""
-    engine = opt._engine
+    engine = opt.engine
     with torch.no_grad():
         for buf, value in zip(model.buffers(), saved["buffers"]):
             buf.copy_(value)

@@ -35,7 +35,7 @@ def profiled(opt: Any, call: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 def begin(opt: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Fire the step pre-hooks if this call begins a SAM step; returns the (maybe replaced) arguments."""
-    step = opt._engine.step
+    step = opt.engine.step
     if step.hooks_open or step.in_closure_step:
         return args, kwargs
     for hook in chain(
@@ -55,11 +55,11 @@ def begin(opt: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 def end(opt: Any, args: tuple, kwargs: dict, one_pass: bool = False) -> None:
     """Fire the step post-hooks: the SAM step is complete (``one_pass``: by a first_step() that
     took a whole one-pass step)."""
-    step = opt._engine.step
+    step = opt.engine.step
     if step.in_closure_step:
         return
     step.hooks_open = False
-    owner = opt._engine.owner
+    owner = opt.engine.owner
     owner._opt_called = True  # what LR schedulers check to warn about the call order
     if torch._C._autograd._profiler_enabled():
         owner._optimizer_step_code()  # the profiler's entry point after a step

@@ -53,7 +53,6 @@ class Plan:
     run: TableRun
     epoch: int  # the bucket's address epoch the run's tables belong to
     mask: Tensor | None = None  # float 0/1 per parameter, on the device (built lazily)
-    rows: tuple | None = None  # gradient-centralization row table (built lazily)
     complement: TableRun | None = None  # the parameters left out (built lazily)
     cache: dict[str, Any] = field(default_factory=dict)  # what a backend derives from the plan
 
@@ -297,35 +296,6 @@ class Bucket:
             )
         return run
 
-    def row_table(self, plan: Plan) -> tuple[Tensor, Tensor, list[int]]:
-        """Gradient centralization rows of the plan: (byte addresses, lengths, loose params).
-
-        A contiguous gradient of two or more dimensions has ``shape[0]`` rows of
-        ``numel / shape[0]`` consecutive elements (a DTensor's local shard has whole rows:
-        FSDP2 splits dimension 0). Gradients of another memory layout (``loose``) are
-        centralized one by one.
-        """
-        if plan.rows is None:
-            starts: list[int] = []
-            lengths: list[int] = []
-            loose: list[int] = []
-            for i, g in zip(plan.indices, plan.run.grads):
-                if g.dim() <= 1 or g.numel() == 0:
-                    continue
-                if not g.is_contiguous():
-                    loose.append(i)
-                    continue
-                n_rows, row = g.shape[0], g.numel() // g.shape[0]
-                base, size = g.data_ptr(), g.element_size()
-                starts.extend(range(base, base + n_rows * row * size, row * size))
-                lengths.extend([row] * n_rows)
-            plan.rows = (
-                torch.tensor(starts, dtype=torch.int64, device=self.device),
-                torch.tensor(lengths, dtype=torch.int32, device=self.device),
-                loose,
-            )
-        return plan.rows
-
     def mask_of(self, plan: Plan) -> Tensor:
         """The plan's participation as a float 0/1 tensor on the device (cached)."""
         if plan.mask is None:
@@ -390,8 +360,10 @@ class Bucket:
 
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict[str, Any]:
-        # plans and runs hold addresses and host caches: a copy derives its own
+        # plans and runs hold addresses and host caches: a copy derives its own; the backend
+        # (one object per process) travels by name (Buckets.__setstate__ looks it up)
         state = self.__dict__.copy()
+        state["backend"] = self.backend.name
         derived = ("_plan", "_runs", "_watch", "_expected_count", "_grad_addresses", "cache")
         derived += ("epoch", "moved")
         for name in derived:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import amp, checkpoint, hooks, options
+from . import amp, arguments, checkpoint, hooks, options
 from . import status as S
 from .closure_check import FirstClosureCheck
 from .engine import StepEngine
@@ -82,8 +82,8 @@ class SAM(torch.optim.Optimizer):
 
     # GradScaler.step(opt) hands over its scale instead of unscaling in place (README)
     _step_supports_amp_scaling = True
-    variant, variant_options, norm_eps = options.Fixed(), options.Fixed(), options.Fixed()
-    skip_nonfinite, max_grad_norm = options.Fixed(), options.MaxGradNorm()  # the latter settable
+    variant, variant_options, norm_eps = arguments.Fixed(), arguments.Fixed(), arguments.Fixed()
+    skip_nonfinite, max_grad_norm = arguments.Fixed(), arguments.MaxGradNorm()  # the latter settable
 
     def __init__(
         self,
@@ -112,7 +112,7 @@ class SAM(torch.optim.Optimizer):
             )
         groups = [dict(g) if isinstance(g, dict) else g for g in params]
         base = base_optimizer(groups, **base_kwargs)  # the base optimizer checks its own options first
-        found, resolved = options.check_arguments(
+        found, resolved = arguments.check_arguments(
             variant, variant_options, rho, adaptive, eta, norm_eps, skip_nonfinite, max_grad_norm, backend
         )
         keys = options.group_keys(base.defaults)
@@ -147,7 +147,7 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def noise_step(self) -> None:
         """RSAM: back the weights up and move them to ``w + delta`` for the first pass."""
-        if not self.variant.noise:
+        if not self.variant.perturbs_before_pass:
             raise RuntimeError(f"noise_step() belongs to RSAM; this optimizer runs {self.variant.name!r}")
         hooks.begin(self, (), {})
         hooks.profiled(self, "noise_step", self._engine.noise)
@@ -226,7 +226,7 @@ class SAM(torch.optim.Optimizer):
     step.hooked = True  # torch.optim must not wrap it: the hooks above fire once per SAM step
 
     def _closure_step(self, closure: Callable[[], Tensor], check: FirstClosureCheck | None) -> Tensor:
-        if self.variant.noise:
+        if self.variant.perturbs_before_pass:
             self.noise_step()
         if check is None:
             loss = closure()
@@ -273,6 +273,12 @@ class SAM(torch.optim.Optimizer):
     def skipped_steps(self) -> Tensor:
         """How many steps were skipped for non-finite gradients (a device tensor)."""
         return self._engine.status[S.SKIPPED]
+
+    @property
+    def engine(self) -> StepEngine:
+        """The step engine behind this optimizer: what sam_fused's own helpers (checkpoints,
+        hooks, CUDA graphs, the distributed and framework glue) build on. Not a stable API."""
+        return self._engine
 
     @property
     def backends(self) -> list[str]:

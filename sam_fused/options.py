@@ -90,7 +90,7 @@ def group_keys(base_defaults: Mapping[str, Any]) -> dict[str, str]:
 
 def rho_key(optimizer: Any) -> str:
     """The param-group key of SAM's radius in ``optimizer`` (``sam_rho`` beside Adadelta)."""
-    engine = getattr(optimizer, "_engine", None)
+    engine = getattr(optimizer, "engine", None)
     return "rho" if engine is None else engine.keys["rho"]
 
 
@@ -170,72 +170,6 @@ def mid_step_closure() -> str:
         "add sam_fused.integrations.lightning.SAMCallback() to the Trainer's callbacks: then "
         "opt.step() finishes the step."
     )
-
-
-def check_arguments(
-    variant: Any,
-    variant_options: Mapping[str, Any] | None,
-    rho: Any,
-    adaptive: Any,
-    eta: Any,
-    norm_eps: Any,
-    skip_nonfinite: Any,
-    max_grad_norm: Any,
-    backend: Any,
-) -> tuple[Any, FrozenOptions]:
-    """SAM's own constructor arguments; returns the variant and its resolved options."""
-    from .backends import BACKEND_NAMES
-    from .variants import get_variant
-
-    found = get_variant(variant)
-    resolved = FrozenOptions(found.resolve_options(dict(variant_options or {})))
-    check_rho(rho, "rho")
-    check_bool(adaptive, "adaptive")
-    check_eta(eta, "eta")
-    check_positive(norm_eps, "norm_eps")
-    check_bool(skip_nonfinite, "skip_nonfinite")
-    check_positive(max_grad_norm, "max_grad_norm", allow_none=True)
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
-    check_clipping(found, max_grad_norm)
-    return found, resolved
-
-
-class Fixed:
-    """A setting fixed when the optimizer is built (validated once): readable, not settable."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, cls: type) -> Any:
-        return self if obj is None else getattr(obj._engine, self.name)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        raise AttributeError(
-            f"SAM.{self.name} is fixed when the optimizer is built; build a new optimizer with the "
-            "new value (state_dict() and load_state_dict() carry the state over)"
-        )
-
-
-class MaxGradNorm(Fixed):
-    """``max_grad_norm``: settable (frameworks hand their clipping value over), checked."""
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        engine = obj._engine
-        check_positive(value, "max_grad_norm", allow_none=True)
-        check_clipping(engine.variant, value)
-        engine.max_grad_norm = None if value is None else float(value)
-        engine.contexts_changed()
-
-
-def check_clipping(variant: Any, max_grad_norm: Any) -> None:
-    from .variants import Descent
-
-    if max_grad_norm is not None and variant.descent == Descent.LOOKSAM_FULL:
-        raise ValueError(
-            "max_grad_norm is not available with LookSAM: the norm of its reuse steps' descent "
-            "gradient g + alpha (||g|| / ||g_v||) g_v is not computed"
-        )
 
 
 MID_STEP = (

@@ -226,22 +226,22 @@ class OptimizerState(MutableMapping):
     key must be a parameter of this optimizer (a checkpoint could not number another)."""
 
     def __init__(self, engine: StepEngine, with_variant: bool = True, foreign: dict | None = None) -> None:
-        self._engine = engine
+        self.engine = engine
         self._with_variant = with_variant
         self.foreign: dict[Any, Any] = {} if foreign is None else foreign  # the non-parameter entries
 
     def base_view(self) -> OptimizerState:
         """The view the base optimizer gets: no variant key, the same non-parameter entries."""
-        return OptimizerState(self._engine, with_variant=False, foreign=self.foreign)
+        return OptimizerState(self.engine, with_variant=False, foreign=self.foreign)
 
     def _entry(self, param: Any) -> ParamState:
-        found = self._engine.locate(param)
+        found = self.engine.locate(param)
         if found is None:
             raise KeyError(
                 f"opt.state has no entry for this tensor: it is not a parameter of this optimizer "
                 f"(add it with add_param_group() first); got a tensor of shape {tuple(param.shape)}"
             )
-        return ParamState(self._engine, *found, with_variant=self._with_variant)
+        return ParamState(self.engine, *found, with_variant=self._with_variant)
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, Tensor):
@@ -268,15 +268,15 @@ class OptimizerState(MutableMapping):
     def __contains__(self, key: Any) -> bool:
         if not isinstance(key, Tensor):
             return key in self.foreign
-        found = self._engine.locate(key)
+        found = self.engine.locate(key)
         return (
-            found is not None and len(ParamState(self._engine, *found, with_variant=self._with_variant)) > 0
+            found is not None and len(ParamState(self.engine, *found, with_variant=self._with_variant)) > 0
         )
 
     def __iter__(self) -> Iterator[Any]:
-        for bucket in self._engine.buckets:
+        for bucket in self.engine.buckets:
             for i, p in enumerate(bucket.params):
-                if len(ParamState(self._engine, bucket, i, self._with_variant)):
+                if len(ParamState(self.engine, bucket, i, self._with_variant)):
                     yield p
         yield from list(self.foreign)
 

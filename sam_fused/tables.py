@@ -64,6 +64,7 @@ class TableRun:
         self.like = weights[0] if weights else storage.steps  # a tensor of the element type
         self._chunks: Tensor | None = None
         self._rows: Tensor | None = None
+        self._centralize: tuple[Tensor, Tensor, list[int]] | None = None
         self._roles: dict[str, Tensor] = {}
         # the bucket's own buffers are 16-byte aligned slice by slice (storage.ALIGN); the
         # parameters and, under FSDP2, the gradients are wherever their owners put them
@@ -121,3 +122,32 @@ class TableRun:
             addresses = [t.data_ptr() for t in self.tensors(role)]
             table = self._roles[role] = torch.tensor(addresses, dtype=torch.int64).to(self.device)
         return table
+
+    def centralize_rows(self) -> tuple[Tensor, Tensor, list[int]]:
+        """GCSAM's rows of this run's gradients: (byte addresses, lengths, loose indices).
+
+        A contiguous gradient of two or more dimensions has ``shape[0]`` rows of
+        ``numel / shape[0]`` consecutive elements (a DTensor's local shard has whole rows:
+        FSDP2 splits dimension 0); gradients of another memory layout (``loose``, bucket
+        indices) are centralized one by one. Built on first use.
+        """
+        if self._centralize is None:
+            starts: list[int] = []
+            lengths: list[int] = []
+            loose: list[int] = []
+            for i, g in zip(self.indices, self.tensors("grad")):
+                if g.dim() <= 1 or g.numel() == 0:
+                    continue
+                if not g.is_contiguous():
+                    loose.append(i)
+                    continue
+                n_rows, row = g.shape[0], g.numel() // g.shape[0]
+                base, size = g.data_ptr(), g.element_size()
+                starts.extend(range(base, base + n_rows * row * size, row * size))
+                lengths.extend([row] * n_rows)
+            self._centralize = (
+                torch.tensor(starts, dtype=torch.int64, device=self.device),
+                torch.tensor(lengths, dtype=torch.int32, device=self.device),
+                loose,
+            )
+        return self._centralize

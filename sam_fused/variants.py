@@ -135,18 +135,22 @@ class Variant:
     periodic: bool = False
     options: Mapping[str, Option] = field(default_factory=dict)
     reference: str = ""
-    # derived once (read on every step): RSAM's first pass at w + delta (noise_step());
+    # derived once (read on every step): whether the variant perturbs before the first pass
+    # (RSAM's noise_step(): its first pass runs at w + delta, and the backup is taken then);
     # whether the perturbation updates the running state (VaSSO's d, F-SAM's m)
-    noise: bool = field(init=False, repr=False)
+    perturbs_before_pass: bool = field(init=False, repr=False)
     ascent_updates_state: bool = field(init=False, repr=False)
     aux_role: str | None = field(init=False, repr=False)  # the role the direction reads besides g
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "noise", self.ascent == Ascent.RSAM)
+        object.__setattr__(self, "perturbs_before_pass", self.ascent == Ascent.RSAM)
         object.__setattr__(
             self, "ascent_updates_state", self.running_state is not None and self.ascent != Ascent.GRAD
         )
-        aux = "rsam_delta" if self.noise else self.running_state if self.ascent_updates_state else None
+        if self.perturbs_before_pass:
+            aux = "rsam_delta"
+        else:
+            aux = self.running_state if self.ascent_updates_state else None
         object.__setattr__(self, "aux_role", aux)
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:

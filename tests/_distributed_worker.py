@@ -154,7 +154,7 @@ def train(model: nn.Module, opt, data) -> list[float]:
 
     norms = []
     for x, y in data:
-        if opt.variant.noise:  # RSAM
+        if opt.variant.perturbs_before_pass:  # RSAM
             opt.noise_step()
         loss_fn(model(x), y).backward()
         if opt.first_step(zero_grad=True):

@@ -149,7 +149,7 @@ def manual_step(
             total += float(loss)
         return total
 
-    if opt.variant.noise:
+    if opt.variant.perturbs_before_pass:
         opt.noise_step()
     first = one_pass()
     if opt.first_step(zero_grad=True, grad_scaler=scaler):

@@ -53,7 +53,7 @@ class Module(pl.LightningModule):
     def manual_training_step(self, batch) -> None:
         """The manual-optimization recipe of the README."""
         opt = self.optimizers()
-        if opt.variant.noise:
+        if opt.variant.perturbs_before_pass:
             opt.noise_step()
         loss = fw.loss_of(self.net, batch)
         self.manual_backward(loss)

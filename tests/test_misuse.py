@@ -47,7 +47,7 @@ def loss_of(model, x, y):
 
 
 def manual_step(model, opt, x, y) -> None:
-    if opt.variant.noise:
+    if opt.variant.perturbs_before_pass:
         opt.noise_step()
     loss_of(model, x, y).backward()
     if opt.first_step(zero_grad=True):
@@ -655,7 +655,7 @@ def test_a_copy_steps_like_the_original_and_shares_nothing(backend, variant, how
     for step in (2, 3):
         x, y = batch(device, step)
         for o, ps in ((opt, list(model.parameters())), (copied, params)):
-            if o.variant.noise:
+            if o.variant.perturbs_before_pass:
                 o.noise_step()
 
             def loss(ps=ps, x=x, y=y):

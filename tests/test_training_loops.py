@@ -107,7 +107,7 @@ def manual_sam_step(
 ) -> Tensor:
     """The documented manual loop; ``after_backward(model, pass_index)`` lets a feature
     touch the gradients (a poisoned entry; later clipping or unscaling)."""
-    if opt.variant.noise:
+    if opt.variant.perturbs_before_pass:
         opt.noise_step()
     loss = backward_pass(model, x, y, micro_batches)
     if after_backward is not None:

@@ -75,8 +75,6 @@ class CppBackend:
         self._chunk = chunk
         self._max_slots = max_slots
 
-    def __reduce__(self):
-        return (_instance, (self.name,))
 
     @classmethod
     def extension(cls) -> _Extension:
@@ -274,9 +272,3 @@ class CudaBackend(CppBackend):
 
     def _partials(self, run: TableRun) -> int:
         return run.programs()
-
-
-def _instance(name: str):
-    from . import get_backend
-
-    return get_backend(name)

@@ -115,8 +115,6 @@ class ReferenceBackend:
         updates=None,
     )
 
-    def __reduce__(self):
-        return (_instance, ())
 
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         return 1
@@ -180,7 +178,8 @@ class ReferenceBackend:
         for i in plan.indices:
             w = bucket.weight(i)
             src = bucket.state_tensor("backup", i)
-            if not variant.noise:  # RSAM's backup was taken before the noise: perturb from there
+            # RSAM's backup was taken before the noise: perturb from there
+            if not variant.perturbs_before_pass:
                 src.copy_(w)
             g = ctx.unscaled(bucket.grad(i).to(compute), S.INV_SCALE1)
             if variant.keeps_first_grad:  # a copy: the next pass rewrites the gradient
@@ -194,7 +193,7 @@ class ReferenceBackend:
                 old = bucket.state_tensor(variant.running_state, i)
                 bucket.store_state("state_prev", i, old)  # for revert_state
                 bucket.store_state(variant.running_state, i, torch.where(skip, old, new_state.to(old.dtype)))
-        if variant.noise:  # parameters that took no part go back to w (their noise is undone)
+        if variant.perturbs_before_pass:  # parameters that took no part go back to w (their noise is undone)
             for i in set(range(len(bucket.params))) - set(plan.indices):
                 self._restore_one(bucket, i)
 
@@ -299,9 +298,3 @@ class ReferenceBackend:
             bucket.vsteps.add_(inc)
         if count_skip:
             ctx.status[S.SKIPPED] += skip
-
-
-def _instance() -> ReferenceBackend:
-    from . import get_backend
-
-    return get_backend("reference")

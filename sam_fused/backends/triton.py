@@ -69,8 +69,6 @@ class TritonBackend:
         self.ascent = ascent
         self.descent = descent
 
-    def __reduce__(self):
-        return (_instance, ())
 
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         """Partial sums (= programs) of a statistics launch: one per chunk."""
@@ -85,7 +83,7 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ ascent
     def centralize(self, bucket: Bucket, plan: Plan) -> None:
-        starts, lengths, loose = bucket.row_table(plan)
+        starts, lengths, loose = plan.run.centralize_rows()
         if starts.numel():
             self.ascent.centralize_kernel[(starts.numel(),)](
                 like=plan.run.like, row_start=starts, row_len=lengths, BLOCK=1024, num_warps=4
@@ -139,9 +137,10 @@ class TritonBackend:
             self.ascent.perturb_kernel,
             run,
             param=run.addresses("param"),
-            src=backup if variant.noise else run.addresses("param"),  # RSAM: from w before the noise
+            # RSAM perturbs from w before the noise, its backup
+            src=backup if variant.perturbs_before_pass else run.addresses("param"),
             grad=run.addresses("grad"),
-            backup=None if variant.noise else backup,
+            backup=None if variant.perturbs_before_pass else backup,
             aux=run.addresses(variant.aux_role) if variant.aux_role else None,
             keep=run.addresses("first_grad") if variant.keeps_first_grad else None,
             prev=run.addresses("state_prev") if variant.ascent_updates_state else None,
@@ -161,7 +160,7 @@ class TritonBackend:
         )
         left_out = bucket.complement_run(plan)
         if left_out is not None:
-            if variant.noise:  # parameters that took no part lose their noise
+            if variant.perturbs_before_pass:  # parameters that took no part lose their noise
                 self._restore_run(left_out)
             if variant.keeps_first_grad:  # and have g = 0, not last step's
                 torch._foreach_zero_(left_out.tensors("first_grad"))
@@ -336,9 +335,3 @@ def _scalar_arg(value: float | Tensor, device: torch.device) -> tuple[float | Te
 
 def _grid(n: int, block: int) -> int:
     return max(1, -(-n // block))
-
-
-def _instance() -> TritonBackend:
-    from . import get_backend
-
-    return get_backend("triton")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 from typing import Any, NoReturn
 
+from ..engine import StepEngine
+
 __all__ = ["check_closure_loop", "framework_missing", "unwrap"]
 
 
@@ -23,17 +25,15 @@ def unwrap(optimizer: Any) -> Any:
 
     accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` both name the
     optimizer they wrap ``.optimizer`` (Lightning's also imitates its class, so ``isinstance``
-    cannot tell the wrapper from the SAM); a SAM has no such attribute.
+    cannot tell the wrapper from the SAM); a SAM has no such attribute, and has a step engine.
     """
-    from ..optimizer import SAM
-
     found = optimizer
     for _ in range(8):  # wrappers of wrappers, never a cycle
         inner = getattr(found, "optimizer", None)
         if inner is None:
             break
         found = inner
-    if not isinstance(found, SAM):
+    if not isinstance(getattr(found, "engine", None), StepEngine):
         raise TypeError(
             f"expected a sam_fused.SAM (or a framework's wrapper of one), got {type(optimizer).__name__}"
         )

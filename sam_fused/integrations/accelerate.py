@@ -71,7 +71,7 @@ class SAMBackward:
 
     def __call__(self, batch: Any) -> Tensor:
         accelerator, sam = self.accelerator, self.sam
-        if not self._window and sam.variant.noise:
+        if not self._window and sam.variant.perturbs_before_pass:
             sam.noise_step()  # RSAM: the whole window's first pass runs at w + delta
         self._window.append(batch)
         loss = self.loss_fn(batch)

@@ -43,6 +43,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from torch.optim import Optimizer  # a sam_fused.SAM (its class is above this module)
 
 from . import framework_missing, unwrap
 
@@ -57,7 +58,6 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from ..batchnorm import frozen_bn_stats
-from ..optimizer import SAM
 
 __all__ = ["SAMCallback", "count_step", "grad_scaler"]
 
@@ -87,7 +87,7 @@ def count_step(optimizer: Any, one_pass: bool = False) -> None:
     optimizer._on_after_step()
 
 
-def _sam(optimizer: Any) -> SAM | None:
+def _sam(optimizer: Any) -> Optimizer | None:
     try:
         return unwrap(optimizer)
     except TypeError:
@@ -95,7 +95,7 @@ def _sam(optimizer: Any) -> SAM | None:
 
 
 class _SAMPrecision:
-    """Mixed into the Trainer's precision plugin: SAM's passes around Lightning's closure."""
+    """Mixed into the Trainer's precision plugin: Optimizer's passes around Lightning's closure."""
 
     _sam_callback: SAMCallback
 
@@ -123,10 +123,16 @@ class _SAMPrecision:
         return self._sam_passes(sam, model, optimizer, closure, kwargs)
 
     def _sam_passes(
-        self, sam: SAM, model: pl.LightningModule, optimizer: Any, closure: Callable[[], Any], kwargs: dict
+        self,
+        sam: Optimizer,
+        model: pl.LightningModule,
+        optimizer: Any,
+        closure: Callable[[], Any],
+        kwargs: dict,
     ) -> Any:
         automatic = model.automatic_optimization
-        if sam.variant.noise and not automatic:  # automatic: drawn before the window's first micro-batch
+        # RSAM's noise (under automatic optimization: drawn before the window's first micro-batch)
+        if sam.variant.perturbs_before_pass and not automatic:
             sam.noise_step()
         first = closure()  # pass 1 of the window's last micro-batch (the others ran before)
         reported = getattr(closure, "_result", None)
@@ -157,7 +163,7 @@ class _SAMPrecision:
                 if result.closure_loss is not None:
                     call._call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
 
-    def _sam_finish(self, sam: SAM, kwargs: dict) -> Any:
+    def _sam_finish(self, sam: Optimizer, kwargs: dict) -> Any:
         """``step()`` after first_step(): the second step, or nothing after a one-pass step;
         under fp16 through the scaler, which then updates its scale once for the step."""
         scaler = getattr(self, "scaler", None)
@@ -233,7 +239,7 @@ class SAMCallback(pl.Callback):
         if batch_idx % trainer.accumulate_grad_batches == 0:  # as Lightning zeroes the gradients
             self.window = []
             sam = _sam(trainer.optimizers[0])
-            if sam is not None and sam.variant.noise:
+            if sam is not None and sam.variant.perturbs_before_pass:
                 sam.noise_step()  # RSAM: every micro-batch's first pass runs at w + delta
         self.window.append((batch, batch_idx))
 

@@ -120,7 +120,7 @@ class SAMTrainer(Trainer):
     ) -> tuple[list, Any]:
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._sam_window = (batch_samples, num_items)
-        if batch_samples and self.sam.variant.noise:
+        if batch_samples and self.sam.variant.perturbs_before_pass:
             self.sam.noise_step()  # RSAM: the window's first pass runs at w + delta
         return batch_samples, num_items
 
@@ -151,7 +151,7 @@ class SAMTrainer(Trainer):
     def _sam_after_step(self) -> None:
         if self._sam_grad_norm is not None:
             sam = self.sam
-            norm2 = sam.variant.descent_norm2(sam._engine.status, sam.variant_options)
+            norm2 = sam.variant.descent_norm2(sam.engine.status, sam.variant_options)
             self._sam_grad_norm.copy_(norm2.sqrt())
 
 
