@@ -48,10 +48,14 @@ import torch
 __all__ = ["NO_BUILD_ENV", "BackendInfo", "cpu_extension", "cuda_extension"]
 
 NO_BUILD_ENV = "SAM_FUSED_NO_BUILD"
-ABI_VERSION = 5  # kAbiVersion in csrc/sam_fused_common.h
 # The files of each library, in csrc/ (setup.py builds from these lists too); the headers
 # they include live beside them.
-CPU_SOURCES = ["sam_fused_cpu.cpp", "sam_fused_host.cpp"]
+CPU_SOURCES = [
+    "sam_fused_cpu.cpp",
+    "sam_fused_cpu_ascent.cpp",
+    "sam_fused_cpu_descent.cpp",
+    "sam_fused_host.cpp",
+]
 CUDA_SOURCES = ["sam_fused_cuda.cu"]
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -67,6 +71,24 @@ def _source_dir() -> Path:
 
 
 CSRC = _source_dir()
+ABI_HEADER = "sam_fused_common.h"
+
+
+def _abi_version(source_dir: Path = CSRC) -> int | None:
+    """The ABI number of the C++ sources this package ships: ``kAbiVersion`` in
+    ``csrc/sam_fused_common.h``, its one definition (None when the header cannot be read).
+
+    A library built from these sources reports the same number; a prebuilt one left by an
+    older install reports its own, and is refused."""
+    try:
+        text = (source_dir / ABI_HEADER).read_text()
+    except OSError:
+        return None
+    found = re.search(r"constexpr\s+int64_t\s+kAbiVersion\s*=\s*(\d+)\s*;", text)
+    return int(found[1]) if found else None
+
+
+ABI_VERSION = _abi_version()
 # Architectures for a CUDA build that sees no GPU (a docker build, a CPU build machine):
 # torch's default is the visible GPUs', an empty list there. sm_80 (A100) and sm_90
 # (H100/H200); TORCH_CUDA_ARCH_LIST chooses others.
@@ -160,6 +182,12 @@ class _Extension:
                 abi = int(ops.constants()[0])
             except (AttributeError, RuntimeError, IndexError):
                 abi = -1  # older than the version check itself
+            if ABI_VERSION is None:
+                self._fail(
+                    f"this package's csrc/{ABI_HEADER} cannot be read, so {how} cannot be checked",
+                    "reinstall sam_fused from a wheel, an sdist, a checkout or git (each ships csrc/)",
+                )
+                return
             if abi != ABI_VERSION:
                 self._fail(
                     f"{how} is out of date (ABI {abi}, this package needs {ABI_VERSION})",
@@ -202,7 +230,7 @@ class _Extension:
         build_dir = _build_directory(cpp_extension, self.jit_name)
         sources = [self.source_dir / s for s in self.sources]
         include_dirs = list(dict.fromkeys([CSRC, self.source_dir]))
-        headers = [h for folder in include_dirs for h in folder.glob("*.h")]
+        headers = [h for folder in include_dirs for pattern in ("*.h", "*.cuh") for h in folder.glob(pattern)]
         if not _cached_build_is_current(build_dir, sources + headers):
             print(
                 f"sam_fused: compiling the {self.kind} backend's library on first use "
