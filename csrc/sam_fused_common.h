@@ -112,6 +112,17 @@ inline void check_partials(const at::Tensor& t, int64_t rows, int64_t slots, con
               " on ", t.device());
 }
 
+// GCSAM's row table (Bucket.row_table): the address of each row's first element (int64) and
+// its length (int32), contiguous, on `device`.
+inline void check_rows(const at::Tensor& rows, const at::Tensor& lengths, const at::Device& device) {
+  TORCH_CHECK(rows.device() == device && rows.scalar_type() == at::kLong && rows.dim() == 1 &&
+                  rows.is_contiguous() && lengths.device() == device && lengths.scalar_type() == at::kInt &&
+                  lengths.dim() == 1 && lengths.is_contiguous() && lengths.numel() == rows.numel(),
+              "sam_fused: centralize takes a row table: contiguous int64 row addresses and int32 row lengths of "
+              "one length, on ", device, ", got ", rows.scalar_type(), " ", rows.sizes(), " and ",
+              lengths.scalar_type(), " ", lengths.sizes());
+}
+
 // The numbers Python passes for a variant's rules and a base, each refused by name if this
 // library has no functor for it (the caller asked capabilities first: this is a bug's guard).
 template <typename Family>
@@ -238,6 +249,7 @@ void dispatch_bool(bool value, const F& f) {
         &impl::perturb);                                                                                    \
     m.def("copy(Tensor(a!) dst, Tensor src, Tensor runs, Tensor like, Tensor? if_skipped) -> ()",           \
           &impl::copy);                                                                                     \
+    m.def("centralize(Tensor(a!) rows, Tensor lengths, Tensor like) -> ()", &impl::centralize);             \
     m.def(                                                                                                  \
         "descent_stats(Tensor grad, Tensor? first_grad, Tensor runs, Tensor like, Tensor(a!) partials, "    \
         "Tensor status, int unscale, bool want_gp2) -> ()",                                                 \

@@ -49,6 +49,7 @@ void perturb(const at::Tensor& param, const at::Tensor& src, const at::Tensor& g
              bool adaptive, bool normalized, bool check);
 void copy(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& runs, const at::Tensor& like,
           const OptionalTensor& if_skipped);
+void centralize(const at::Tensor& rows, const at::Tensor& lengths, const at::Tensor& like);
 void descent_stats(const at::Tensor& grad, const OptionalTensor& first_grad, const at::Tensor& runs,
                    const at::Tensor& like, const at::Tensor& partials, const at::Tensor& status, int64_t unscale,
                    bool want_gp2);

@@ -167,6 +167,47 @@ void perturb(const at::Tensor& param, const at::Tensor& src, const at::Tensor& g
   });
 }
 
+// ------------------------------------------------------------------ centralization
+namespace {
+
+// One element of a row's sum (no non-finite count: the statistics count those).
+template <typename T>
+struct RowElement {
+  const Raw<T>* __restrict g;
+
+  SAM_FUSED_INLINE void operator()(int64_t i, int l, double (&acc)[1][kLanes], int32_t (&)[kLanes]) const {
+    acc[0][l] += static_cast<double>(to_f<T>(g[i]));
+  }
+};
+
+}  // namespace
+
+// GCSAM: every row (all dimensions of a gradient but the first) loses its mean, in place; the
+// mean is summed in double in a fixed order, subtracted in the math type. Rows go to the
+// thread pool one by one.
+void centralize(const at::Tensor& rows, const at::Tensor& lengths, const at::Tensor& like) {
+  check_rows(rows, lengths, kCpu);
+  const int64_t* starts = rows.data_ptr<int64_t>();
+  const int32_t* lens = lengths.data_ptr<int32_t>();
+  dispatch_dtype<true>(like.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using F = MathOf<T>;
+    at::parallel_for(0, rows.numel(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        Raw<T>* g = reinterpret_cast<Raw<T>*>(static_cast<uintptr_t>(starts[r]));
+        const int64_t n = lens[r];
+        if (n <= 0) continue;
+        double sum[1];
+        int64_t unused = 0;
+        reduce_slot<1>(0, n, RowElement<T>{g}, sum, unused);
+        const F mean = static_cast<F>(sum[0] / static_cast<double>(n));
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) g[i] = from_f<T>(to_f<T>(g[i]) - mean);
+      }
+    });
+  });
+}
+
 // dst <- src, an exact copy (restores; with `if_skipped`, a running state's revert, only when
 // that status says the step is skipped).
 void copy(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& runs, const at::Tensor& like,

@@ -203,6 +203,17 @@ void copy(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& runs, 
   });
 }
 
+void centralize(const at::Tensor& rows, const at::Tensor& lengths, const at::Tensor& like) {
+  check_cuda(rows, "rows");
+  check_rows(rows, lengths, rows.device());
+  TORCH_CHECK(rows.numel() <= INT_MAX, "sam_fused: ", rows.numel(), " rows exceed one launch's grid");
+  constexpr unsigned kThreads = 256;
+  const Launch launch{like.scalar_type(), rows.device(), nullptr, rows.numel(), 0, kThreads};
+  dispatch_dtype<false>(launch.dtype, [&](auto tag) {
+    run(launch, centralize_kernel<decltype(tag)>, rows.data_ptr<int64_t>(), lengths.data_ptr<int32_t>());
+  });
+}
+
 void descent_stats(const at::Tensor& grad, const OptionalTensor& first_grad, const at::Tensor& runs,
                    const at::Tensor& like, const at::Tensor& partials, const at::Tensor& status, int64_t unscale,
                    bool want_gp2) {

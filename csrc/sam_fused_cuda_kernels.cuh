@@ -171,6 +171,22 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   });
 }
 
+// GCSAM: block b's row (rows[b], lengths[b] elements) loses its mean, in place: summed in
+// double in the block's fixed order, subtracted in float32.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
+    centralize_kernel(const int64_t* rows, const int32_t* lengths) {
+  T* g = reinterpret_cast<T*>(static_cast<uintptr_t>(rows[blockIdx.x]));
+  const int n = lengths[blockIdx.x];
+  double sum[1] = {0.0};
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sum[0] += to_f(g[i]);
+  block_sums(sum);
+  __shared__ float mean;
+  if (threadIdx.x == 0) mean = static_cast<float>(sum[0] / n);
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) g[i] = from_f<T>(to_f(g[i]) - mean);
+}
+
 // ------------------------------------------------------------------ the fused update
 // The roles of an update: the weights it reads (src: the backup, which fuses the restore in,
 // or the parameters) and writes, the gradient, the base's state in state_names() order, the

@@ -99,7 +99,14 @@ def test_every_cuda_kernel_is_there_and_spills_nothing(cuda_object):
         pytest.skip("cuobjdump is not available here (environment limitation)")
     names = {k.name for k in functions}
     # the fused operations of csrc/sam_fused_cuda_kernels.cuh, each instantiated for its dtypes
-    kernels = ("stats_kernel", "perturb_kernel", "copy_kernel", "descent_stats_kernel", "update_kernel")
+    kernels = (
+        "stats_kernel",
+        "perturb_kernel",
+        "copy_kernel",
+        "centralize_kernel",
+        "descent_stats_kernel",
+        "update_kernel",
+    )
     for kernel in (*kernels, "advance_steps_kernel"):
         assert any(kernel in name for name in names), f"{kernel} missing from {sorted(names)}"
     # every variant rule and every fused base, for each of the three dtypes: the ascent kernels
@@ -110,6 +117,7 @@ def test_every_cuda_kernel_is_there_and_spills_nothing(cuda_object):
         "stats_kernel": 3 * len(Ascent) * 2,
         "perturb_kernel": 3 * len(Ascent) * 2,
         "copy_kernel": 3,
+        "centralize_kernel": 3,
         "descent_stats_kernel": 3 * 2,
         "update_kernel": 3 * len(bases) * len(Descent),
     }, counts

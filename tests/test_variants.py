@@ -452,6 +452,7 @@ def test_variant_perturbation_state_first_steps(backend, device):
             torch.testing.assert_close(got, expect(gi), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", backends_for("gcsam"))
 def test_gcsam_centralizes_both_passes_in_place(backend, device):
     """Gradients of 2+ dims lose their per-row mean (all dims but the first), in place, in
     both passes; 1-D gradients are left as they are (docs/variants.md)."""

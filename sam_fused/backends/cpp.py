@@ -19,8 +19,9 @@ and the kernels read the factors from ``status`` as they load each gradient.
 What they run: every variant (the libraries' element math is ``csrc/sam_fused_math.h``'s
 functors, one per ``variants.Ascent`` and ``variants.Descent`` rule), and the base updates
 the loaded library reports (``functors``: each ``BaseSpec.kernel`` it has a functor for).
-``cpp`` also takes float64 (math in double). RSAM's noise draw and GCSAM's centralization
-are PyTorch operations here, as on the Triton backend.
+``cpp`` also takes float64 (math in double). GCSAM's centralization is one library call
+over the bucket's row table; RSAM's noise draw is PyTorch's (``torch.randn``, the reference's
+draw), as on the Triton backend.
 """
 
 from __future__ import annotations
@@ -146,8 +147,12 @@ class CppBackend:
         return slots
 
     def centralize(self, bucket: Bucket, plan: Plan) -> None:
-        # GCSAM's row means: a per-parameter reduction that ATen already does well
-        centralize_each(bucket, plan.indices)
+        """GCSAM: the rows of every contiguous gradient in one call (Bucket.row_table); a
+        gradient of another memory layout one by one in PyTorch."""
+        rows, lengths, loose = bucket.row_table(plan)
+        if rows.numel():
+            self.ops.centralize(rows=rows, lengths=lengths, like=plan.run.like)
+        centralize_each(bucket, loose)
 
     def noise(self, bucket: Bucket, ctx: StepContext, std: float, generator: torch.Generator) -> None:
         """RSAM: ``delta`` from one draw for the whole bucket, split in parameter order (the
