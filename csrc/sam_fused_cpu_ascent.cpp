@@ -14,11 +14,13 @@ namespace sam_fused {
 namespace cpu {
 namespace {
 
-// The first tensor update of the variant's running state: its vsteps count is 0.
-inline std::vector<char> first_updates(const Launch& launch, const at::Tensor& vsteps) {
+// The first tensor update of the variant's running state: its vsteps count is 0 (read only
+// for a rule that reads aux: the others need no per-tensor vector).
+inline std::vector<char> first_updates(const Launch& launch, const at::Tensor& vsteps, bool wanted) {
   check_counts(vsteps, "vsteps", -1, kCpu);
   const float* counts = vsteps.data_ptr<float>();
-  std::vector<char> first(launch.runs.size());
+  std::vector<char> first(wanted ? launch.runs.size() : 0);
+  if (!wanted) return first;
   for (size_t r = 0; r < launch.runs.size(); ++r) {
     TORCH_CHECK(launch.runs[r].count < vsteps.numel(), "sam_fused: run ", r, " names update count ",
                 launch.runs[r].count, " of ", vsteps.numel());
@@ -63,7 +65,7 @@ void stats(const at::Tensor& grad, const OptionalTensor& param, const OptionalTe
   check_unscale(unscale);
   TORCH_CHECK(unscale == kNoUnscale || status.has_value(), "sam_fused: unscaling reads status; pass it");
   check_number<math::AscentRules>(rule, "ascent rule");
-  const auto first = first_updates(launch, vsteps);
+  check_counts(vsteps, "vsteps", -1, kCpu);
   const double inv_scale = unscale == kNoUnscale ? 1.0 : host_status(*status).at(static_cast<int>(unscale));
   const int rows[2] = {1, 0};  // (bad, sumsq)
   dispatch_dtype<true>(launch.dtype, [&](auto tag) {
@@ -72,12 +74,13 @@ void stats(const at::Tensor& grad, const OptionalTensor& param, const OptionalTe
     math::AscentRules::dispatch(rule, [&](auto rule_tag) {
       using Rule = decltype(rule_tag);
       check_ascent_aux<Rule>(a_role.present());
+      const auto first = first_updates(launch, vsteps, Rule::kReadsAux);
       dispatch_bool(w_role.present(), [&](auto adaptive) {
         constexpr bool A = decltype(adaptive)::value;
         reduce_slots<1>(launch, partials, rows, [&](int64_t run) {
           return AscentElement<T, Rule, A>{g_role.at<T>(run), w_role.at<T>(run),  a_role.at<T>(run),
                                            static_cast<F>(inv_scale), static_cast<F>(eta), static_cast<F>(c1),
-                                           static_cast<F>(c2),     first[run] != 0};
+                                           static_cast<F>(c2),     Rule::kReadsAux && first[run] != 0};
         });
       });
     });
@@ -140,7 +143,7 @@ void perturb(const at::Tensor& param, const at::Tensor& src, const at::Tensor& g
   const HostStatus st = host_status(status);
   check_unscale(unscale);
   check_number<math::AscentRules>(rule, "ascent rule");
-  const auto first = first_updates(launch, vsteps);
+  check_counts(vsteps, "vsteps", -1, kCpu);
   const bool skip = check && st.at(kStatusBad1) > 0;
   const auto spans = blocks_of(launch.runs);
   dispatch_dtype<true>(launch.dtype, [&](auto tag) {
@@ -151,6 +154,7 @@ void perturb(const at::Tensor& param, const at::Tensor& src, const at::Tensor& g
     math::AscentRules::dispatch(rule, [&](auto rule_tag) {
       using Rule = decltype(rule_tag);
       check_ascent_roles<Rule>(roles.aux.present(), roles.prev.present(), roles.backup.present());
+      const auto first = first_updates(launch, vsteps, Rule::kReadsAux);
       dispatch_bool(adaptive, [&](auto adaptive_tag) {
         dispatch_bool(roles.keep.present(), [&](auto keep_tag) {
           dispatch_bool(skip, [&](auto skip_tag) {
@@ -158,7 +162,7 @@ void perturb(const at::Tensor& param, const at::Tensor& src, const at::Tensor& g
               perturb_span<T, Rule, decltype(adaptive_tag)::value, decltype(keep_tag)::value,
                            decltype(skip_tag)::value>(roles, s.run, s.start, s.stop, scale, static_cast<F>(eta),
                                                       inv_scale, static_cast<F>(c1), static_cast<F>(c2),
-                                                      first[s.run] != 0);
+                                                      Rule::kReadsAux && first[s.run] != 0);
             });
           });
         });

@@ -230,7 +230,8 @@ class _Extension:
         build_dir = _build_directory(cpp_extension, self.jit_name)
         sources = [self.source_dir / s for s in self.sources]
         include_dirs = list(dict.fromkeys([CSRC, self.source_dir]))
-        headers = [h for folder in include_dirs for pattern in ("*.h", "*.cuh") for h in folder.glob(pattern)]
+        patterns = ("*.h", "*.cuh") if self.kind != "cpp" else ("*.h",)
+        headers = [h for folder in include_dirs for pattern in patterns for h in folder.glob(pattern)]
         if not _cached_build_is_current(build_dir, sources + headers):
             print(
                 f"sam_fused: compiling the {self.kind} backend's library on first use "
