@@ -171,7 +171,9 @@ def stepper(opt: torch.optim.Optimizer) -> Callable[[], None]:
 
 
 def steps_per_call(opt: torch.optim.Optimizer) -> int:
-    return max(1, getattr(opt, "_every", 0))
+    """k for a periodic variant (a full step and k - 1 one-pass steps per call), else 1."""
+    variant = getattr(opt, "variant", None)
+    return int(opt.variant_options["k"]) if getattr(variant, "periodic", False) else 1
 
 
 def variant_accesses(variant: str, base: str) -> float:
@@ -193,9 +195,9 @@ def variant_accesses(variant: str, base: str) -> float:
         "looksam": 1 + 5 + 2 + upd + 3 + 1,  # update reads g, reads and writes g_v; ||g_v||^2
         "interval": 1 + 4 + 1 + upd,
     }[variant]
-    if not v.every_option:
+    if not v.periodic:
         return float(full)
-    k = int(v.options[v.every_option])
+    k = int(v.options["k"].default)
     reuse = 1 + upd + (1 if variant == "looksam" else 0)  # stats of g; LookSAM also reads g_v
     return (full + (k - 1) * reuse) / k
 
@@ -533,9 +535,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variants",
         default="",
         help=f"add a row per SAM variant ('all' or a subset of {','.join(VARIANT_NAMES)}), on the "
-        "triton backend (CUDA or TRITON_INTERPRET=1) or on the reference with --variant-backend",
+        "triton backend (CUDA or TRITON_INTERPRET=1), or on the one --variant-backend names "
+        "(auto: what backend='auto' picks, e.g. cpp on the CPU)",
     )
-    p.add_argument("--variant-backend", default="triton", choices=("triton", "reference"))
+    p.add_argument("--variant-backend", default="triton", choices=("triton", "reference", "cpp", "auto"))
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(

@@ -15,15 +15,13 @@ The sources are ``csrc/`` at the top of a checkout, the one copy the project edi
 wheel and sdist ships them (setup.py copies them into the package as ``sam_fused/csrc/``),
 so an installed package finds them beside its modules (:data:`CSRC`).
 
-Setting ``SAM_FUSED_NO_BUILD=1`` turns step 2 off. When neither works, the backend is
-reported unavailable (with the reason, see :func:`sam_fused.available_backends`), a
-failed build warns once, and ``backend="auto"`` uses Triton or the reference instead:
-the package never needs a compiler to import or to run.
+``SAM_FUSED_NO_BUILD=1`` turns step 2 off. When neither works, the backend is reported
+unavailable with the reason (:func:`sam_fused.available_backends`), a failed build warns
+once, and ``backend="auto"`` uses Triton or foreach: no compiler is needed to run.
 
-Importing a library registers its operations with the dispatcher, as
-``torch.ops.sam_fused_cpu.*`` / ``torch.ops.sam_fused_cuda.*`` (no pybind11, which keeps the
-build short). A process loads each library at most once: registering a namespace twice
-is an error, so the result, success or failure, is cached for the process.
+A library registers its operations as ``torch.ops.sam_fused_cpu.*`` /
+``torch.ops.sam_fused_cuda.*`` (no pybind11: a shorter build), once per process (a second
+registration is an error), so the load's result is cached.
 """
 
 from __future__ import annotations
@@ -48,25 +46,41 @@ import torch
 __all__ = ["NO_BUILD_ENV", "BackendInfo", "cpu_extension", "cuda_extension"]
 
 NO_BUILD_ENV = "SAM_FUSED_NO_BUILD"
-ABI_VERSION = 5  # kAbiVersion in csrc/sam_fused_common.h
 # The files of each library, in csrc/ (setup.py builds from these lists too); the headers
 # they include live beside them.
-CPU_SOURCES = ["sam_fused_cpu.cpp", "sam_fused_host.cpp"]
+CPU_SOURCES = [
+    "sam_fused_cpu.cpp",
+    "sam_fused_cpu_ascent.cpp",
+    "sam_fused_cpu_descent.cpp",
+    "sam_fused_host.cpp",
+]
 CUDA_SOURCES = ["sam_fused_cuda.cu"]
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def _source_dir() -> Path:
-    """Where the C++ sources are: the installed package's copy, else the checkout's csrc/.
-
-    A wheel or sdist install holds ``sam_fused/csrc/`` (setup.py copies it there at build
-    time); a checkout, or an editable install of one, has only the top-level ``csrc/``.
-    """
+    """The C++ sources: a wheel/sdist install's ``sam_fused/csrc/`` (setup.py copies it
+    there), else a checkout's (or editable install's) top-level ``csrc/``."""
     installed = PACKAGE_DIR / "csrc"
     return installed if installed.is_dir() else PACKAGE_DIR.parent / "csrc"
 
 
 CSRC = _source_dir()
+ABI_HEADER = "sam_fused_common.h"
+
+
+def _abi_version(source_dir: Path = CSRC) -> int | None:
+    """``kAbiVersion`` of the shipped ``csrc/sam_fused_common.h`` (None if unreadable); a
+    prebuilt library that reports another number (an older install's) is refused."""
+    try:
+        text = (source_dir / ABI_HEADER).read_text()
+    except OSError:
+        return None
+    found = re.search(r"constexpr\s+int64_t\s+kAbiVersion\s*=\s*(\d+)\s*;", text)
+    return int(found[1]) if found else None
+
+
+ABI_VERSION = _abi_version()
 # Architectures for a CUDA build that sees no GPU (a docker build, a CPU build machine):
 # torch's default is the visible GPUs', an empty list there. sm_80 (A100) and sm_90
 # (H100/H200); TORCH_CUDA_ARCH_LIST chooses others.
@@ -160,6 +174,12 @@ class _Extension:
                 abi = int(ops.constants()[0])
             except (AttributeError, RuntimeError, IndexError):
                 abi = -1  # older than the version check itself
+            if ABI_VERSION is None:
+                self._fail(
+                    f"this package's csrc/{ABI_HEADER} cannot be read, so {how} cannot be checked",
+                    "reinstall sam_fused from a wheel, an sdist, a checkout or git (each ships csrc/)",
+                )
+                return
             if abi != ABI_VERSION:
                 self._fail(
                     f"{how} is out of date (ABI {abi}, this package needs {ABI_VERSION})",
@@ -202,7 +222,8 @@ class _Extension:
         build_dir = _build_directory(cpp_extension, self.jit_name)
         sources = [self.source_dir / s for s in self.sources]
         include_dirs = list(dict.fromkeys([CSRC, self.source_dir]))
-        headers = [h for folder in include_dirs for h in folder.glob("*.h")]
+        patterns = ("*.h", "*.cuh") if self.kind != "cpp" else ("*.h",)
+        headers = [h for folder in include_dirs for pattern in patterns for h in folder.glob(pattern)]
         if not _cached_build_is_current(build_dir, sources + headers):
             print(
                 f"sam_fused: compiling the {self.kind} backend's library on first use "

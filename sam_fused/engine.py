@@ -121,7 +121,7 @@ class StepEngine:
         if specs is None and self.variant.descent != Descent.PLAIN:
             raise ValueError(
                 f"{self.variant.name} changes the descent gradient, which sam_fused fuses into "
-                f"torch.optim.SGD, Adam and AdamW only, and here the base update cannot be fused: {reason}"
+                f"{grouping.fused_bases()} only, and here the base update cannot be fused: {reason}"
             )
         return specs
 

@@ -16,13 +16,20 @@ from torch import Tensor
 
 from . import options
 from .backends import Backend, choose_backend
-from .base_updates import BaseSpec, check_group_values, spec_for
+from .base_updates import REGISTRY, BaseSpec, check_group_values, spec_for
 from .layout import Bucket
 from .placement import alias_layers, kernel_refusal, local_tensor, memory_span
 from .sharding import check_whole_rows, shard_group
 from .variants import Descent, Variant
 
-__all__ = ["check_groups", "fused_specs", "lay_out", "layers_of"]
+__all__ = ["check_groups", "fused_bases", "fused_specs", "lay_out", "layers_of"]
+
+
+def fused_bases() -> str:
+    """The base optimizers whose update sam_fused fuses, as refusals name them: the registry's
+    classes, e.g. "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW and sam_fused.Lion"."""
+    names = [f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__qualname__}" for cls in REGISTRY]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def layers_of(params: list[Tensor]) -> list[int]:
@@ -59,7 +66,7 @@ def lay_out(
                 if spec is None or not backend.capabilities.fuses(spec):
                     raise ValueError(
                         f"{variant.name} changes the descent gradient, which sam_fused fuses into "
-                        f"torch.optim.SGD, Adam and AdamW only; param group {index} cannot take it "
+                        f"{fused_bases()} only; param group {index} cannot take it "
                         f"({why or f'the {backend.name} backend does not fuse it'})"
                     )
             laid_out.append(([p for p, _ in members], index, backend, layer))

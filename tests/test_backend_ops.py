@@ -710,7 +710,7 @@ def test_cuda_table_bucket_takes_one_launch_per_operation(n_tensors):
     pair.set_grads(1)
     plan = bucket.plan()
     ctx = side.ctx(VARIANTS["sam"])
-    partials = torch.zeros(4, backend.partial_slots(bucket, plan))
+    partials = torch.zeros(4, backend.partial_slots(bucket, plan), dtype=torch.float64)
     assert partials.shape[1] == sum(-(-n // CHUNK) for n in sizes) >= n_tensors
     assert launches(backend.ascent_stats, plan, group(adaptive=True), ctx, partials) == 1
     assert launches(backend.perturb, plan, group(adaptive=True), ctx) == 1

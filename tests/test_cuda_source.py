@@ -1,7 +1,7 @@
 """The CUDA backend's source compiles for an H100/H200 (sm_90), also on a machine without a GPU.
 
 On a GPU machine ``benchmarks/gpu_check.sh`` builds and runs the extension itself (and
-``tests/test_cpp_backend.py`` checks it against the reference); here nvcc compiles
+``tests/test_backend_ops.py`` checks it against the reference); here nvcc compiles
 ``csrc/sam_fused_cuda.cu`` with the include paths and nvcc flags torch's extension loader
 uses, so a change that breaks the CUDA source fails CI instead of the next GPU session.
 The CPU build of torch ships the CUDA headers of ATen and c10 but not the one header its
@@ -24,9 +24,11 @@ from conftest import DEVICE
 from cubin_usage import cuobjdump, resource_usage
 
 from sam_fused._extension import NVCC_FLAGS
+from sam_fused.base_updates import REGISTRY
+from sam_fused.variants import Ascent, Descent
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "csrc" / "sam_fused_cuda.cu"
+SOURCE = ROOT / "csrc" / "sam_fused_cuda.cu"  # with the kernels of sam_fused_cuda_kernels.cuh
 
 
 def _nvcc() -> str | None:
@@ -96,10 +98,29 @@ def test_every_cuda_kernel_is_there_and_spills_nothing(cuda_object):
     if functions is None:
         pytest.skip("cuobjdump is not available here (environment limitation)")
     names = {k.name for k in functions}
-    # the fused operations of csrc/sam_fused_cuda.cu, each instantiated for its dtypes
-    for kernel in ("stats_kernel", "perturb_kernel", "sgd_kernel", "adam_kernel", "advance_steps_kernel"):
+    # the fused operations of csrc/sam_fused_cuda_kernels.cuh, each instantiated for its dtypes
+    kernels = (
+        "stats_kernel",
+        "perturb_kernel",
+        "copy_kernel",
+        "centralize_kernel",
+        "descent_stats_kernel",
+        "update_kernel",
+    )
+    for kernel in (*kernels, "advance_steps_kernel"):
         assert any(kernel in name for name in names), f"{kernel} missing from {sorted(names)}"
-    assert len(functions) >= 10, functions
+    # every variant rule and every fused base, for each of the three dtypes: the ascent kernels
+    # per ascent rule (and adaptive or not), the update kernel per base and descent rule
+    bases = {spec.kernel for spec in REGISTRY.values()}
+    counts = {kernel: sum(f"{len(kernel)}{kernel}I" in name for name in names) for kernel in kernels}
+    assert counts == {
+        "stats_kernel": 3 * len(Ascent) * 2,
+        "perturb_kernel": 3 * len(Ascent) * 2,
+        "copy_kernel": 3,
+        "centralize_kernel": 3,
+        "descent_stats_kernel": 3 * 2,
+        "update_kernel": 3 * len(bases) * len(Descent),
+    }, counts
     spilling = [(k.name, k.stack, k.local) for k in functions if k.local or k.stack]
     assert not spilling, f"kernels using local memory or stack: {spilling}"
 

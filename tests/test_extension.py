@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from conftest import BUILDS, COMPILED, DEVICE, FUSED_BACKENDS, backend_instance
 
-from sam_fused import SAM, available_backends
+from sam_fused import GSAM, SAM, Lion, available_backends
 from sam_fused._extension import ABI_VERSION, NO_BUILD_ENV, _Extension
 from sam_fused.backends import CppBackend
+from sam_fused.backends.cpp import fused_bases
+from sam_fused.base_updates import REGISTRY
 from sam_fused.tables import CHUNK
+from sam_fused.variants import VARIANTS, Ascent, Descent
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED_HERE = "cuda" if DEVICE == "cuda" else "cpp"
@@ -46,11 +50,9 @@ def test_compiled_backends_are_available_where_they_should_be():
 def test_auto_picks_cpp_for_cpu_tensors_and_names_are_validated():
     if DEVICE != "cpu":
         pytest.skip("the CPU backend's choice is tested on the CPU")
-    params = [torch.nn.Parameter(torch.randn(3, dtype=dt)) for dt in (torch.float32, torch.bfloat16)]
-    assert SAM(params, lr=0.1).backends == ["cpp", "cpp"]
-    assert SAM([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], lr=0.1).backends == ["reference"]
-    with pytest.raises(ValueError, match="float64"):
-        SAM([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], lr=0.1, backend="cpp")
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    params = [torch.nn.Parameter(torch.randn(3, dtype=dt)) for dt in dtypes]
+    assert SAM(params, lr=0.1).backends == ["cpp"] * 4  # float64 too: math in double
     with pytest.raises(ValueError, match="CUDA tensors"):
         SAM([torch.nn.Parameter(torch.randn(3))], lr=0.1, backend="cuda")
 
@@ -86,26 +88,50 @@ def test_no_build_falls_back_to_the_reference_without_a_warning():
 
 
 @pytest.mark.parametrize("backend", [name for name in FUSED_BACKENDS if name != "triton"])
-@pytest.mark.parametrize("variant", ["vasso", "fsam", "rsam", "gsam", "looksam"])
-def test_variants_without_kernels_are_refused_at_construction(device, backend, variant):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_runs_on_the_compiled_backends(device, backend, variant):
+    """The compiled libraries have every variant's rules: asked for, or under auto on the CPU."""
     model = torch.nn.Linear(7, 3).to(device)
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=f"no kernels for variant {variant!r}"):
-        SAM(model.parameters(), torch.optim.SGD, variant=variant, backend=backend, lr=0.1)
-    # auto sends them elsewhere (reference on the CPU, Triton on CUDA)
-    opt = SAM(model.parameters(), torch.optim.SGD, variant=variant, lr=0.1)
-    assert backend not in opt.backends
-    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    opt = SAM(model.parameters(), torch.optim.SGD, variant=variant, backend=backend, lr=0.1)
+    assert opt.backends == [backend]
+    if DEVICE == "cpu" and backend == "cpp":
+        assert SAM(model.parameters(), torch.optim.SGD, variant=variant, lr=0.1).backends == ["cpp"]
 
 
-@needs_compiled
-@pytest.mark.parametrize("variant", ["sam", "usam", "gcsam", "interval"])
-def test_auto_runs_gradient_ascent_variants_on_the_compiled_backend(device, variant):
-    if DEVICE == "cuda":
-        pytest.skip("backend='auto' picks Triton for CUDA tensors")
-    model = torch.nn.Linear(7, 3).to(device)
-    opt = SAM(model.parameters(), torch.optim.SGD, variant=variant, lr=0.1)
+@pytest.mark.parametrize("backend", [name for name in FUSED_BACKENDS if name != "triton"])
+def test_the_libraries_report_their_functors_under_python_s_numbers(backend):
+    """What a loaded library runs is its own report (functors()): every ascent and descent rule
+    under variants.Ascent / Descent's numbers, and every registered base under its spec's
+    kernel number; the backend's fused bases are that report's."""
+    instance = backend_instance(backend)
+    report = set(instance.ops.functors())
+    expected = {f"ascent:{r.name}={int(r)}" for r in Ascent} | {f"descent:{r.name}={int(r)}" for r in Descent}
+    specs = set(REGISTRY.values())
+    expected |= {f"base:{spec.name.upper()}={spec.kernel}" for spec in specs}
+    assert report == expected
+    assert instance.capabilities.updates == {spec.name for spec in specs} == {"sgd", "adam", "lion"}
+
+
+def test_fused_bases_come_from_the_library_s_report(monkeypatch):
+    """A library without a base's functor (an older build, or a base registered since) does not
+    fuse it: its groups take the generic path, and a variant that needs the fused update is
+    refused by name. A number under another name fuses nothing."""
+    report = ["ascent:GRAD=0", "descent:PLAIN=0", "base:SGD=0", "base:ADAM=1"]
+    assert fused_bases(report) == {"sgd", "adam"}
+    assert fused_bases(["base:SGD=0", "base:LION=1"]) == {"sgd"}  # Lion is number 2
+    if "cpp" not in COMPILED or DEVICE != "cpu":
+        return
+    instance = backend_instance("cpp")
+    monkeypatch.setattr(instance, "capabilities", replace(instance.capabilities, updates=fused_bases(report)))
+    model = torch.nn.Linear(7, 3)
+    opt = SAM(model.parameters(), Lion, lr=1e-3, backend="cpp")
     assert opt.backends == ["cpp"]
+    model(torch.randn(4, 7)).sum().backward()
+    opt.first_step()
+    model(torch.randn(4, 7)).sum().backward()
+    opt.second_step()  # restore, then Lion's own step()
+    with pytest.raises(ValueError, match=r"sam_fused\.Lion only.*cpp backend does not fuse it"):
+        GSAM(model.parameters(), Lion, lr=1e-3, backend="cpp")
 
 
 @pytest.mark.skipif(DEVICE == "cuda" or "cuda" not in COMPILED, reason="the emulated library runs on the CPU")
@@ -113,7 +139,7 @@ def test_the_emulated_library_is_the_cuda_source():
     """Built from csrc/sam_fused_cuda.cu (the CUDA slot size, not the CPU one), and used by
     backend='cuda' in the tests that ask for it."""
     abi, chunk, max_slots = torch.ops.sam_fused_cuda_emulated.constants()
-    assert (abi, chunk, max_slots) == (ABI_VERSION, 4096, 1024)
+    assert (abi, chunk, max_slots) == (ABI_VERSION, CHUNK, -1)  # one partial per chunk row
     assert int(torch.ops.sam_fused_cpu.constants()[1]) != chunk
     assert backend_instance("cuda").ops is torch.ops.sam_fused_cuda_emulated
 
@@ -152,10 +178,10 @@ def test_the_cuda_library_runs_a_table_launch_in_one_launch():
     }
     for message, args in bad_launches.items():
         with pytest.raises(RuntimeError, match=message):
-            ops.restore(*args)
+            ops.copy(*args, None)
     assert all(not p.any() for p in params)  # nothing written
     before = ops.emulated_launches()
-    ops.restore(addresses(params), addresses(backups), chunks, params[0])
+    ops.copy(addresses(params), addresses(backups), chunks, params[0], None)
     assert ops.emulated_launches() - before == 1
     assert all(torch.equal(p, b) for p, b in zip(params, backups))
 
@@ -203,8 +229,9 @@ def test_results_do_not_depend_on_the_thread_count(backend):
 
 
 @needs_compiled
-def test_float64_neighbours_make_the_status_float64():
-    """A float64 group (reference) beside a compiled one: partials and status in float64."""
+def test_float64_beside_float32_on_the_cpu_library():
+    """A float64 group beside a float32 one, both on the C++ library (math in double for the
+    first): one float64 status, and the reference's results."""
     if DEVICE != "cpu":
         pytest.skip("backend='auto' pairs the reference with cpp on the CPU only")
 
@@ -232,5 +259,5 @@ def test_float64_neighbours_make_the_status_float64():
 
     opt, fused = run("auto")
     _, ref = run("reference")
-    assert opt.backends == ["reference", "cpp"] and opt._engine.status.dtype == torch.float64
+    assert opt.backends == ["cpp", "cpp"] and opt._engine.status.dtype == torch.float64
     torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)

@@ -33,7 +33,8 @@ def test_huge_finite_gradients_perturb_along_the_gradient(backend, dtype, adapti
     weights = [torch.randn(s, generator=gen) for s in SIZES]
     grads = [torch.randn(s, generator=gen) * 1e20 for s in SIZES]  # |g|^2 ~ 1e40 > float32's max
     params = [torch.nn.Parameter(w.to(DEVICE, dtype)) for w in weights]
-    rho, eta = 0.05, 0.01
+    # rho / sqrt(numel) must exceed bfloat16's spacing near |w| ~ 1 (2^-7), or no weight moves
+    rho, eta = (1.0 if dtype == torch.bfloat16 else 0.05), 0.01
     opt = SAM(params, torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, lr=0.0, backend=backend)
     for p, g in zip(params, grads):
         p.grad = g.to(DEVICE, dtype)

@@ -1,10 +1,12 @@
-"""The compiled backends' copy of the status layout is ``sam_fused/status.py``'s, entry for entry.
+"""The compiled libraries' copies of Python's numbers are Python's, entry for entry.
 
 ``csrc/sam_fused_common.h`` cannot import Python, so it spells the status indices again
-(``kStatusSumsq`` for ``SUMSQ``, ``kStatusInvScale1`` for ``INV_SCALE1``...). These tests
-read both sources as text and compare every name and value, so that a change on either side
-alone fails here instead of making a kernel read the wrong entry. The same holds for the
-ABI number Python checks the libraries against.
+(``kStatusSumsq`` for ``SUMSQ``, ``kStatusInvScale1`` for ``INV_SCALE1``...), and
+``csrc/sam_fused_math.h`` numbers its functors as Python numbers the variants' rules
+(``variants.Ascent``, ``variants.Descent``) and the fused bases (``BaseSpec.kernel``). These
+tests read the sources as text and compare every name and number, so that a change on either
+side alone fails here instead of making a kernel read the wrong entry or run the wrong rule.
+The ABI number has one definition, the header's, which Python reads.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from pathlib import Path
 
 from sam_fused import _extension
 from sam_fused import status as S
+from sam_fused.base_updates import REGISTRY
+from sam_fused.variants import Ascent, Descent
 
 HEADER = Path(__file__).resolve().parent.parent / "csrc" / "sam_fused_common.h"
+MATH_HEADER = HEADER.parent / "sam_fused_math.h"
 STATUS_PY = Path(S.__file__)
 
 _HEADER_CONSTANT = re.compile(
@@ -75,7 +80,65 @@ def test_a_change_on_either_side_alone_is_caught():
     assert mismatches(header, python) == []
 
 
-def test_the_abi_version_is_the_header_s():
+# ---------------------------------------------------------------------- functors
+# a functor opens with its number and name: struct AscentVasso {  // ...
+#   static constexpr int kNumber = 1;
+#   static constexpr const char* kName = "VASSO";
+_FUNCTOR = re.compile(
+    r"struct (\w+) \{[^\n]*\n\s*static constexpr int kNumber = (\d+);\s*\n"
+    r"\s*static constexpr const char\* kName = \"(\w+)\";"
+)
+_FAMILY = re.compile(r"using (AscentRules|DescentRules|Bases) = Family<([^>]*)>;")
+
+
+def header_functors(text: str) -> dict[str, dict[str, int]]:
+    """Each dispatch list of the header: {functor name: number}, for the functors it lists."""
+    numbers = {struct: (name, int(number)) for struct, number, name in _FUNCTOR.findall(text)}
+    families: dict[str, dict[str, int]] = {}
+    for family, members in _FAMILY.findall(text):
+        entries = families[family] = {}
+        for struct in (m.strip() for m in members.split(",")):
+            assert struct in numbers, f"{family} lists {struct}, which opens without kNumber and kName"
+            name, number = numbers[struct]
+            assert name not in entries, f"{family} lists {name} twice"
+            entries[name] = number
+    return families
+
+
+def python_functors() -> dict[str, dict[str, int]]:
+    return {
+        "AscentRules": {rule.name: int(rule) for rule in Ascent},
+        "DescentRules": {rule.name: int(rule) for rule in Descent},
+        "Bases": {spec.name.upper(): spec.kernel for spec in set(REGISTRY.values())},
+    }
+
+
+def test_the_functors_carry_python_s_numbers():
+    header = header_functors(MATH_HEADER.read_text())
+    assert set(header["Bases"]) == {"SGD", "ADAM", "LION"}  # the parser reads what the header lists
+    assert header == python_functors()
+
+
+def test_a_renumbered_or_missing_functor_is_caught():
+    text = MATH_HEADER.read_text()
+    python = python_functors()
+    rsam = 'static constexpr const char* kName = "RSAM"'
+    edits = [
+        text.replace(f"kNumber = 3;\n  {rsam}", f"kNumber = 4;\n  {rsam}"),
+        text.replace("DescentLooksamFull, DescentLooksamReuse>", "DescentLooksamFull>"),
+        text.replace('kName = "LION"', 'kName = "LIONS"'),
+    ]
+    for edited in edits:
+        assert edited != text, "the edit did not apply"
+        assert header_functors(edited) != python, "not caught"
+
+
+# ---------------------------------------------------------------------- the ABI number
+def test_the_abi_version_is_the_header_s(tmp_path):
+    """Python's ABI number is read from the header it ships with: its one definition."""
     found = re.search(r"constexpr\s+int64_t\s+kAbiVersion\s*=\s*(\d+)\s*;", HEADER.read_text())
     assert found is not None
-    assert int(found[1]) == _extension.ABI_VERSION
+    assert int(found[1]) == _extension.ABI_VERSION == _extension._abi_version()
+    (tmp_path / HEADER.name).write_text(HEADER.read_text().replace(f"= {found[1]};", "= 99;"))
+    assert _extension._abi_version(tmp_path) == 99
+    assert _extension._abi_version(tmp_path / "missing") is None

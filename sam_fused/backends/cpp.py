@@ -1,10 +1,10 @@
 """The compiled backends: hand-written C++ (CPU) and CUDA kernels.
 
-The same operations as the Triton backend: ``cpp`` runs the C++/OpenMP kernels of
-``csrc/sam_fused_cpu.cpp`` on CPU tensors, ``cuda`` the kernels of ``csrc/sam_fused_cuda.cu``
+The same operations as the Triton backend: ``cpp`` runs the C++/OpenMP loops of
+``csrc/sam_fused_cpu*.cpp`` on CPU tensors, ``cuda`` the kernels of ``csrc/sam_fused_cuda.cu``
 on CUDA tensors. Both libraries are compiled once (by setup.py or on first use, see
 ``sam_fused/_extension.py``) and register their operations as ``torch.ops.sam_fused_cpu`` /
-``torch.ops.sam_fused_cuda``.
+``torch.ops.sam_fused_cuda``, called here with named arguments; a role a launch lacks is None.
 
 One call covers a whole bucket: every role (``param``, ``grad``, ``backup``, a state) is the
 plan's table of tensor addresses (``tables.py``), the run table says where each tensor's
@@ -12,20 +12,22 @@ elements are, and ``like``, a tensor of the element type, is what the library di
 on. The CPU library takes one row ``(0, numel, count index)`` per tensor
 (``TableRun.tensor_rows``) and cuts tensors into its own thread-pool blocks; the CUDA
 library takes the device chunk table the Triton kernels use (``TableRun.table``), one
-thread block per chunk. Scalars that change between steps (lr, rho) are plain arguments;
-nothing is recompiled. GradScaler's ``1 / scale`` and the clipping coefficient stay on the
+thread block per chunk. GradScaler's ``1 / scale`` and the clipping coefficient stay on the
 device: the operations take the status index to unscale by (``-1``: none) and a clip flag,
-and the kernels read the factors from ``status`` and multiply each gradient in float32 as
-they load it, as the Triton kernels and the reference do (gradients are never written).
+and the kernels read the factors from ``status`` as they load each gradient.
 
-Their capabilities: the variants whose ascent direction is the gradient and whose descent
-is plain (SAM, ASAM, USAM, GCSAM, interval SAM), with SGD and Adam/AdamW fused.
-``backend="auto"`` sends the other variants to the reference (CPU) or Triton (CUDA), and
-asking for ``cpp``/``cuda`` with them is refused when the optimizer is built.
+What they run: every variant (the libraries' element math is ``csrc/sam_fused_math.h``'s
+functors, one per ``variants.Ascent`` and ``variants.Descent`` rule), and the base updates
+the loaded library reports (``functors``: each ``BaseSpec.kernel`` it has a functor for).
+``cpp`` also takes float64 (math in double). GCSAM's centralization is one library call
+over the bucket's row table; RSAM's noise draw is PyTorch's (``torch.randn``, the reference's
+draw), as on the Triton backend.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from .. import status as S
 from .._extension import BackendInfo, _Extension, cpu_extension, cuda_extension
-from ..base_updates import AdamSpec, BaseSpec, SGDSpec
+from ..base_updates import REGISTRY, BaseSpec
 from ..context import StepContext
 from ..layout import Bucket, Plan
 from ..tables import TableRun
@@ -41,19 +43,41 @@ from ..variants import Ascent, Descent
 from .protocol import Capabilities
 from .reference import centralize_each
 
-__all__ = ["CppBackend", "CudaBackend"]
+__all__ = ["CppBackend", "CudaBackend", "fused_bases"]
 
-_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+_NARROW = frozenset({torch.float32, torch.bfloat16, torch.float16})
+# the descent rule's roles of an update: what it reads (aux) and the g_v it stores
+_DESCENT_ROLES: dict[Descent, tuple[str | None, str | None]] = {
+    Descent.PLAIN: (None, None),
+    Descent.GSAM: ("first_grad", None),
+    Descent.LOOKSAM_FULL: ("first_grad", "looksam_gv"),
+    Descent.LOOKSAM_REUSE: ("looksam_gv", None),
+}
+_FUNCTOR = re.compile(r"^(\w+):(\w+)=(\d+)$")
 
 
-def _capabilities(device_type: str) -> Capabilities:
+def _capabilities(device_type: str, dtypes: frozenset[torch.dtype]) -> Capabilities:
+    # the fused bases are the loaded library's (an instance's capabilities, see fused_bases);
+    # what is checked before a library is loaded needs only devices, dtypes and variant rules
     return Capabilities(
         device_types={device_type},
-        dtypes=_DTYPES,
-        ascents={Ascent.GRAD},
-        descents={Descent.PLAIN},
-        updates={SGDSpec.name, AdamSpec.name},
+        dtypes=dtypes,
+        ascents=frozenset(Ascent),
+        descents=frozenset(Descent),
+        updates=frozenset(),
     )
+
+
+def fused_bases(report: list[str]) -> frozenset[str]:
+    """The base updates (``BaseSpec.name``) a library fuses, from its ``functors()`` report
+    (``"base:ADAM=1"``...): every registered spec whose kernel number the library has under
+    the spec's own name."""
+    bases = {}
+    for entry in report:
+        found = _FUNCTOR.match(entry)
+        if found is not None and found[1] == "base":
+            bases[int(found[3])] = found[2].lower()
+    return frozenset(spec.name for spec in set(REGISTRY.values()) if bases.get(spec.kernel) == spec.name)
 
 
 class CppBackend:
@@ -61,8 +85,8 @@ class CppBackend:
 
     name = "cpp"
     device_type = "cpu"
-    dtypes = _DTYPES
-    capabilities = _capabilities("cpu")
+    dtypes = _NARROW | {torch.float64}
+    capabilities = _capabilities("cpu", dtypes)
     # the kernels multiply by 1 / scale as they read a gradient; the buffers keep scale * g
     unscales_in_place = False
 
@@ -74,6 +98,7 @@ class CppBackend:
         _, chunk, max_slots = (int(c) for c in ops.constants())
         self._chunk = chunk
         self._max_slots = max_slots
+        self.capabilities = replace(type(self).capabilities, updates=fused_bases(list(ops.functors())))
 
 
     @classmethod
@@ -97,7 +122,22 @@ class CppBackend:
     def _partials(self, run: TableRun) -> int:
         """Partial sums a statistics call writes for this run."""
         return sum(self._slots(n) for n in map(Tensor.numel, run.weights))
-    # ------------------------------------------------------------------ operations
+
+    def _launch(self, run: TableRun) -> dict[str, Any]:
+        """What every operation over ``run`` takes besides its roles and switches."""
+        return {"runs": self._rows(run), "like": run.like}
+
+    @staticmethod
+    def _unscale(ctx: StepContext, index: int) -> int:
+        """The status entry whose ``1 / scale`` the kernels multiply gradients by, or -1."""
+        return index if ctx.unscale else -1
+
+    def _copy(self, run: TableRun, dst: str, src: str, if_skipped: Tensor | None = None) -> None:
+        """``dst <- src`` over ``run`` (only when ``if_skipped``'s step is skipped, if given)."""
+        dst_table, src_table = run.addresses(dst), run.addresses(src)
+        self.ops.copy(dst=dst_table, src=src_table, if_skipped=if_skipped, **self._launch(run))
+
+    # ------------------------------------------------------------------ ascent
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         slots = plan.cache.get(self.name)
         if slots is None:
@@ -105,77 +145,98 @@ class CppBackend:
         return slots
 
     def centralize(self, bucket: Bucket, plan: Plan) -> None:
-        # GCSAM's row means: a per-parameter reduction that ATen already does well
-        centralize_each(bucket, plan.indices)
+        """GCSAM: the rows of every contiguous gradient in one call (TableRun.centralize_rows); a
+        gradient of another memory layout one by one in PyTorch."""
+        rows, lengths, loose = plan.run.centralize_rows()
+        if rows.numel():
+            self.ops.centralize(rows=rows, lengths=lengths, like=plan.run.like)
+        centralize_each(bucket, loose)
 
     def noise(self, bucket: Bucket, ctx: StepContext, std: float, generator: torch.Generator) -> None:
-        raise NotImplementedError("RSAM is not among the compiled backends' capabilities")
-
-    @staticmethod
-    def _unscale(ctx: StepContext, index: int) -> int:
-        """The status entry whose ``1 / scale`` the kernels multiply gradients by, or -1."""
-        return index if ctx.unscale else -1
-
-    def _stats(
-        self,
-        run: TableRun,
-        ctx: StepContext,
-        sumsq: Tensor | None,
-        bad: Tensor,
-        index: int,
-        eta: float | None,
-    ) -> None:
-        self.ops.stats(
-            run.addresses("grad"),
-            run.addresses("param"),
-            self._rows(run),
-            run.like,
-            sumsq,
-            bad,
-            ctx.status,
-            self._unscale(ctx, index),
-            eta is not None,
-            eta or 0.0,
-        )
+        """RSAM: ``delta`` from one draw for the whole bucket, split in parameter order (the
+        reference's, so every backend sees the same noise); backup, then ``w <- w + delta``."""
+        run = bucket.all_run()
+        draw = torch.randn(sum(bucket.numels), generator=generator, device=bucket.device, dtype=torch.float32)
+        pieces = torch.split(draw.mul_(std), bucket.numels)
+        deltas = run.tensors("rsam_delta")
+        torch._foreach_copy_(deltas, [piece.view(d.shape) for piece, d in zip(pieces, deltas)])
+        self._copy(run, "backup", "param")
+        torch._foreach_add_(run.weights, deltas)
 
     def ascent_stats(
         self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
     ) -> None:
-        eta = float(group["eta"]) if group["adaptive"] else None
-        self._stats(plan.run, ctx, partials[0], partials[1], S.INV_SCALE1, eta)
-
-    def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
+        run, variant = plan.run, ctx.variant
         adaptive = bool(group["adaptive"])
-        run = plan.run
-        self.ops.perturb(
-            run.addresses("param"),
-            run.addresses("grad"),
-            run.addresses("backup"),
-            ctx.status,
-            self._rows(run),
-            run.like,
-            float(group["rho"]),
-            float(group["eta"]) if adaptive else 0.0,
-            float(ctx.norm_eps),
-            self._unscale(ctx, S.INV_SCALE1),
-            adaptive,
-            bool(ctx.variant.normalized),
-            bool(ctx.check),
+        c1, c2 = ctx.scalars
+        self.ops.stats(
+            grad=run.addresses("grad"),
+            param=run.addresses("param") if adaptive else None,
+            aux=run.addresses(variant.aux_role) if variant.aux_role else None,
+            vsteps=bucket.vsteps,
+            partials=partials,
+            status=ctx.status,
+            rule=int(variant.ascent),
+            unscale=self._unscale(ctx, S.INV_SCALE1),
+            eta=float(group["eta"]) if adaptive else 0.0,
+            c1=c1,
+            c2=c2,
+            **self._launch(run),
         )
 
+    def perturb(self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext) -> None:
+        run, variant = plan.run, ctx.variant
+        adaptive = bool(group["adaptive"])
+        c1, c2 = ctx.scalars
+        self.ops.perturb(
+            param=run.addresses("param"),
+            src=run.addresses("backup" if variant.perturbs_before_pass else "param"),  # RSAM: from w before the noise
+            grad=run.addresses("grad"),
+            backup=None if variant.perturbs_before_pass else run.addresses("backup"),
+            aux=run.addresses(variant.aux_role) if variant.aux_role else None,
+            keep=run.addresses("first_grad") if variant.keeps_first_grad else None,
+            prev=run.addresses("state_prev") if variant.ascent_updates_state else None,
+            vsteps=bucket.vsteps,
+            status=ctx.status,
+            rule=int(variant.ascent),
+            rho=float(group["rho"]),
+            eta=float(group["eta"]) if adaptive else 0.0,
+            norm_eps=float(ctx.norm_eps),
+            c1=c1,
+            c2=c2,
+            unscale=self._unscale(ctx, S.INV_SCALE1),
+            adaptive=adaptive,
+            normalized=bool(variant.normalized),
+            check=bool(ctx.check),
+            **self._launch(run),
+        )
+        left_out = bucket.complement_run(plan)
+        if left_out is not None:
+            if variant.perturbs_before_pass:  # parameters that took no part lose their noise
+                self._copy(left_out, "param", "backup")
+            if variant.keeps_first_grad:  # and have g = 0, not last step's
+                torch._foreach_zero_(left_out.tensors("first_grad"))
+
+    # ------------------------------------------------------------------ descent
     def revert_state(self, bucket: Bucket, plan: Plan, ctx: StepContext, force: bool = False) -> None:
-        """Nothing to revert: the variants these backends run keep no running state."""
+        self._copy(plan.run, ctx.variant.running_state, "state_prev", None if force else ctx.status)
 
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
-        # the non-finite count of g_p, and ||g_p||^2 for clipping; the inner products belong
-        # to GSAM / LookSAM, which are not among these backends' capabilities
-        partials[1:].zero_()
-        self._stats(plan.run, ctx, partials[2] if ctx.clip else None, partials[0], S.INV_SCALE2, None)
+        run = plan.run
+        self.ops.descent_stats(
+            grad=run.addresses("grad"),
+            first_grad=run.addresses("first_grad") if ctx.variant.keeps_first_grad else None,
+            partials=partials,
+            status=ctx.status,
+            unscale=self._unscale(ctx, S.INV_SCALE2),
+            want_gp2=bool(ctx.clip),
+            **self._launch(run),
+        )
 
     def restore(self, bucket: Bucket, plan: Plan | None) -> None:
         run = bucket.all_run() if plan is None else plan.run  # None: every parameter (RSAM)
         if not run.empty:
-            self.ops.restore(run.addresses("param"), run.addresses("backup"), self._rows(run), run.like)
+            self._copy(run, "param", "backup")
 
     def update(
         self,
@@ -195,61 +256,66 @@ class CppBackend:
         if plan.empty:
             return
         run = plan.run
-        src, param, grad = (run.addresses(role) for role in (source, "param", "grad"))
-        common: tuple[Any, ...] = (bucket.steps, ctx.status, self._rows(run), run.like)
-        # the descent gradient: the second pass's (INV_SCALE2; a one-pass step writes both
-        # entries), clipped by status[CLIP] when max_grad_norm is set
-        reads = (self._unscale(ctx, S.INV_SCALE2), bool(ctx.clip), bool(ctx.check))
-        lr = float(spec.lr)  # a CUDA tensor lr costs a sync here (the Triton backend reads it on the device)
-        if isinstance(spec, SGDSpec):
-            buf = run.addresses("momentum_buffer") if spec.momentum != 0 else None
-            self.ops.sgd(
-                src,
-                param,
-                grad,
-                buf,
-                *common,
-                lr,
-                spec.momentum,
-                1.0 - spec.dampening,
-                spec.weight_decay,
-                spec.nesterov,
-                spec.maximize,
-                *reads,
-            )
-        else:
-            assert isinstance(spec, AdamSpec)
-            self.ops.adam(
-                src,
-                param,
-                grad,
-                run.addresses("exp_avg"),
-                run.addresses("exp_avg_sq"),
-                run.addresses("max_exp_avg_sq") if spec.amsgrad else None,
-                *common,
-                lr,
-                spec.beta1,
-                spec.beta2,
-                spec.eps,
-                spec.weight_decay,
-                spec.decoupled,
-                spec.maximize,
-                *reads,
-            )
+        # the base's state in state_names() order, as state0, state1...; None beyond
+        states: dict[str, Tensor | None] = dict.fromkeys(("state0", "state1", "state2"))
+        states.update((f"state{k}", run.addresses(name)) for k, name in enumerate(spec.state_names()))
+        aux, gv = _DESCENT_ROLES[descent]
+        self.ops.update(
+            src=run.addresses(source),
+            param=run.addresses("param"),
+            grad=run.addresses("grad"),
+            **states,
+            aux=run.addresses(aux) if aux else None,
+            gv=run.addresses(gv) if gv else None,
+            steps=bucket.steps,
+            status=ctx.status,
+            base=spec.kernel,
+            scalars=[float(h) for h in spec.kernel_scalars()],
+            options=int(spec.kernel_options()),
+            device_scalars=[float(d) for d in spec.device_scalars()],
+            lr=float(spec.lr),  # a CUDA tensor lr costs a sync here (Triton reads it on the device)
+            descent=int(descent),
+            alpha=float(ctx.alpha),
+            # the descent gradient: the second pass's (a one-pass step writes both entries),
+            # clipped by status[CLIP] when max_grad_norm is set
+            unscale=self._unscale(ctx, S.INV_SCALE2),
+            clip=bool(ctx.clip),
+            check=bool(ctx.check),
+            **self._launch(run),
+        )
 
     def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
-        raise NotImplementedError("LookSAM is not among the compiled backends' capabilities")
+        """The sum of squares of state ``name`` over the plan into ``partials[0]`` (LookSAM's
+        ``||g_v||^2``): the first pass's statistics over the state, with the gradient's rule."""
+        run = plan.run
+        self.ops.stats(
+            grad=run.addresses(name),
+            param=None,
+            aux=None,
+            vsteps=bucket.vsteps,
+            partials=partials,
+            status=None,
+            rule=int(Ascent.GRAD),
+            unscale=-1,
+            eta=0.0,
+            c1=0.0,
+            c2=0.0,
+            **self._launch(run),
+        )
 
     def advance_steps(
         self, bucket: Bucket, plan: Plan, ctx: StepContext, count_skip: bool, base: bool, variant: bool
     ) -> None:
-        # the variants run here keep no running state: vsteps never moves
-        mask = (
-            bucket.mask_of(plan)
-            if base
-            else bucket.cache.setdefault("no_count", torch.zeros_like(bucket.steps))
+        self.ops.advance_steps(
+            steps=bucket.steps,
+            vsteps=bucket.vsteps,
+            mask=bucket.mask_of(plan),
+            status=ctx.status,
+            base=bool(base),
+            variant=bool(variant),
+            check=bool(ctx.check),
+            count_skip=bool(count_skip),
         )
-        self.ops.advance_steps(bucket.steps, mask, ctx.status, bool(ctx.check), bool(count_skip))
 
 
 class CudaBackend(CppBackend):
@@ -261,7 +327,8 @@ class CudaBackend(CppBackend):
 
     name = "cuda"
     device_type = "cuda"
-    capabilities = _capabilities("cuda")
+    dtypes = _NARROW
+    capabilities = _capabilities("cuda", dtypes)
 
     @classmethod
     def extension(cls) -> _Extension:
