@@ -11,7 +11,7 @@ Each extension is found in one of two ways, tried in order:
 
 Setting ``SAM_FUSED_NO_BUILD=1`` turns step 2 off. When neither works, the backend is
 reported unavailable (with the reason, see :func:`sam_fused.available_backends`), a
-failed build warns once, and ``backend="auto"`` uses Triton or the reference instead:
+failed build warns once, and ``backend="auto"`` uses Triton or foreach instead:
 the package never needs a compiler to import or to run.
 
 Importing a library registers its operations with the dispatcher, as
@@ -183,7 +183,7 @@ class _Extension:
 
     def _fail(self, reason: str) -> None:
         self._info = BackendInfo(False, reason)
-        fallback = "the reference backend" if self.kind == "cpp" else "Triton or the reference backend"
+        fallback = "the foreach backend" if self.kind == "cpp" else "Triton or the foreach backend"
         warnings.warn(
             f"sam_fused: the {self.kind} backend is unavailable: {reason}. {fallback} runs instead. "
             f"To build it: install a C++ compiler and ninja (pip install ninja), then reinstall with "
