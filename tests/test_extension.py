@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BUILDS, COMPILED, DEVICE, FUSED_BACKENDS, backend_instance
+from conftest import BUILDS, COMPILED, DEVICE, backend_instance
 
 from sam_fused import SAM, available_backends
 from sam_fused._extension import ABI_VERSION, NO_BUILD_ENV, _Extension
@@ -46,7 +46,7 @@ def test_auto_picks_cpp_for_cpu_tensors_and_names_are_validated():
         pytest.skip("the CPU backend's choice is tested on the CPU")
     params = [torch.nn.Parameter(torch.randn(3, dtype=dt)) for dt in (torch.float32, torch.bfloat16)]
     assert SAM(params, lr=0.1).backends == ["cpp", "cpp"]
-    assert SAM([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], lr=0.1).backends == ["reference"]
+    assert SAM([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], lr=0.1).backends == ["foreach"]
     with pytest.raises(ValueError, match="float64"):
         SAM([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], lr=0.1, backend="cpp")
     with pytest.raises(ValueError, match="CUDA tensors"):
@@ -65,7 +65,7 @@ def test_unavailable_extension_warns_once_and_reports_why(monkeypatch):
     assert ext.ops() is None
 
 
-def test_no_build_falls_back_to_the_reference_without_a_warning():
+def test_no_build_falls_back_to_foreach_without_a_warning():
     code = textwrap.dedent(
         """
         import warnings
@@ -80,17 +80,17 @@ def test_no_build_falls_back_to_the_reference_without_a_warning():
     )
     env = dict(os.environ, **{NO_BUILD_ENV: "1", "PYTHONPATH": str(ROOT)})
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "['reference'] False"
+    assert out.stdout.strip() == "['foreach'] False"
 
 
-@pytest.mark.parametrize("backend", [name for name in FUSED_BACKENDS if name != "triton"])
+@pytest.mark.parametrize("backend", list(COMPILED))
 @pytest.mark.parametrize("variant", ["vasso", "fsam", "rsam", "gsam", "looksam"])
 def test_variants_without_kernels_are_refused_at_construction(device, backend, variant):
     model = torch.nn.Linear(7, 3).to(device)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=f"no kernels for variant {variant!r}"):
         SAM(model.parameters(), torch.optim.SGD, variant=variant, backend=backend, lr=0.1)
-    # auto sends them elsewhere (reference on the CPU, Triton on CUDA)
+    # auto sends them elsewhere (foreach on the CPU, Triton on CUDA)
     opt = SAM(model.parameters(), torch.optim.SGD, variant=variant, lr=0.1)
     assert backend not in opt.backends
     assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
@@ -172,9 +172,9 @@ def test_results_do_not_depend_on_the_thread_count(backend):
 
 @needs_compiled
 def test_float64_neighbours_make_the_status_float64():
-    """A float64 group (reference) beside a compiled one: partials and status in float64."""
+    """A float64 group (foreach) beside a compiled one: partials and status in float64."""
     if DEVICE != "cpu":
-        pytest.skip("backend='auto' pairs the reference with cpp on the CPU only")
+        pytest.skip("backend='auto' pairs foreach with cpp on the CPU only")
 
     def run(backend: str):
         torch.manual_seed(0)
@@ -200,5 +200,5 @@ def test_float64_neighbours_make_the_status_float64():
 
     opt, fused = run("auto")
     _, ref = run("reference")
-    assert opt.backends == ["reference", "cpp"] and opt._engine.status.dtype == torch.float64
+    assert opt.backends == ["foreach", "cpp"] and opt._engine.status.dtype == torch.float64
     torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
