@@ -7,6 +7,7 @@ Implementations:
 * ``baseline``: the per-parameter loop of ``benchmarks/baseline.py`` (davda54 style) with a
   ``foreach=False`` base optimizer;
 * ``reference``: ``sam_fused.SAM(backend="reference")``;
+* ``foreach``: ``sam_fused.SAM(backend="foreach")``, PyTorch over the flat buffers (any device);
 * ``triton``: ``sam_fused.SAM(backend="triton")``, the default ``skip_nonfinite=True``;
 * ``triton_noskip``: the same with ``skip_nonfinite=False``, which moves exactly the bytes
   the floor counts;
@@ -68,7 +69,7 @@ BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 # perturb reads w, g, writes w, backup (4); restore + SGD reads backup, g, momentum and
 # writes w, momentum (5), restore + AdamW reads backup, g, m, v and writes w, m, v (7)
 FLOOR_ACCESSES = {"sgd": 10, "adamw": 12}
-IMPLS = ("baseline", "reference", "triton", "triton_noskip", "cpp", "cuda", "cuda_noskip")
+IMPLS = ("baseline", "reference", "foreach", "triton", "triton_noskip", "cpp", "cuda", "cuda_noskip")
 # compiled backends: the row's name is the backend's name (a "_noskip" row: skip_nonfinite=False)
 COMPILED = ("cpp", "cuda", "cuda_noskip")
 COMPILED_DEVICE = {"cpp": "cpu", "cuda": "cuda", "cuda_noskip": "cuda"}  # the device type each one runs on
@@ -78,6 +79,7 @@ LABELS = {
     "floor": "floor (fewest bytes)",
     "baseline": "per-param loop (davda54)",
     "reference": "sam_fused reference",
+    "foreach": "sam_fused foreach",
     "triton": "sam_fused triton",
     "triton_noskip": "sam_fused triton, no skip",
     "cpp": "sam_fused cpp (C++/OpenMP)",
@@ -146,7 +148,7 @@ def build(impl: str, params: list[torch.nn.Parameter], base: str) -> torch.optim
     if impl in COMPILED:
         backend, skip = impl.removesuffix("_noskip"), not impl.endswith("_noskip")
         return SAM(params, cls, rho=RHO, backend=backend, skip_nonfinite=skip, **kwargs)
-    backend = "reference" if impl == "reference" else "triton"
+    backend = impl if impl in ("reference", "foreach") else "triton"
     return SAM(params, cls, rho=RHO, backend=backend, skip_nonfinite=impl != "triton_noskip", **kwargs)
 
 
@@ -538,7 +540,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "triton backend (CUDA or TRITON_INTERPRET=1), or on the one --variant-backend names "
         "(auto: what backend='auto' picks, e.g. cpp on the CPU)",
     )
-    p.add_argument("--variant-backend", default="triton", choices=("triton", "reference", "cpp", "auto"))
+    p.add_argument(
+        "--variant-backend", default="triton", choices=("triton", "reference", "foreach", "cpp", "auto")
+    )
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(

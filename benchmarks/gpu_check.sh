@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared check for a GPU machine, inside five minutes: versions, the build of the
-# compiled extensions, the test suite on CUDA, the optimizer-step benchmark (triton and
-# cuda rows), the variant rows, then the end-to-end training-step benchmark in --quick
+# compiled extensions, the test suite on CUDA, the optimizer-step benchmark (triton, cuda
+# and foreach rows), the variant rows, then the end-to-end training-step benchmark in --quick
 # mode. Installs nothing (the GPU machine has no network).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # results and logs land in $OUT
@@ -189,14 +189,15 @@ else
   summary+=("tests: skipped (no pytest)")
 fi
 
-section "benchmark (optimizer step; triton and cuda rows)"
+section "benchmark (optimizer step; triton, cuda and foreach rows)"
 t=$(cap "${BENCH_TIMEOUT:-60}" "$reserve")
 if [ "$t" -lt 30 ]; then
   echo "SKIPPED: only $(left) s left" | tee "$OUT/bench.txt"
   summary+=("benchmark: skipped (no time left)")
 else
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-  timeout -k 10 "$t" "$PYTHON" -m benchmarks.bench_sam_step --json "$OUT/bench.json" ${BENCH_ARGS---quick} \
+  timeout -k 10 "$t" "$PYTHON" -m benchmarks.bench_sam_step --json "$OUT/bench.json" \
+    --impls baseline,reference,foreach,triton,triton_noskip,cuda,cuda_noskip ${BENCH_ARGS---quick} \
     2>>"$progress" | tee "$OUT/bench.txt"
   rc=$?
   [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s (bench.json holds the rows that finished)" | tee -a "$OUT/bench.txt"

@@ -254,7 +254,7 @@ class _Extension:
 
     def _fail(self, reason: str, fix: str) -> None:
         self._info = BackendInfo(False, reason)
-        fallback = "The reference backend" if self.kind == "cpp" else "Triton or the reference backend"
+        fallback = "the foreach backend" if self.kind == "cpp" else "Triton or the foreach backend"
         warnings.warn(
             f"sam_fused: the {self.kind} backend is unavailable: {reason}. {fallback} runs instead. "
             f"To get it: {fix}; or set {NO_BUILD_ENV}=1 to run without it and without this warning.",

@@ -4,9 +4,11 @@ The fused backends do not call ``torch.optim.SGD.step`` or ``torch.optim.AdamW.s
 they apply the same update inside the kernel that restores the weights. Each entry of the
 registry is a *spec* class: it reads a param group of the user's base optimizer
 (``from_group``), names the per-parameter state it keeps under torch.optim's key names
-(``state_names``) and holds the reference math of one parameter's update
-(``reference_update``), which the reference backend runs and every kernel is tested
-against. A base optimizer class that is not in :data:`REGISTRY` runs its own ``step()``
+(``state_names``) and holds the PyTorch math of the update: ``update_`` in place, over one
+parameter or many in a flat buffer (the foreach backend), and ``reference_update``, the same
+math on copies of one parameter's tensors, which the reference backend runs and every kernel
+is tested against (a spec may define either; ``elementwise.py`` says how update counts
+reach the math). A base optimizer class that is not in :data:`REGISTRY` runs its own ``step()``
 after the restore (the generic path).
 
 The update rules (PyTorch's exact semantics, math in float32 or wider):
@@ -49,6 +51,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .elementwise import add_product, add_quotient_, first_or_, is_zero, narrow, per_count, wide
 from .options import check_tensor_scalar
 
 __all__ = [
@@ -118,8 +121,27 @@ class BaseSpec:
         self, w: Tensor, d: Tensor, state: dict[str, Tensor], step: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """One parameter's update: new ``w`` and new state, from ``d`` at update count ``step``
-        (the number of earlier updates; the state holds zeros where it is fresh)."""
-        raise NotImplementedError
+        (the number of earlier updates; the state holds zeros where it is fresh).
+
+        A spec defines this or :meth:`update_`; this default runs ``update_`` on copies."""
+        if type(self).update_ is BaseSpec.update_:
+            raise NotImplementedError(f"{type(self).__name__} defines neither reference_update nor update_")
+        w, state = w.clone(), {name: t.clone() for name, t in state.items()}
+        self.update_(w, d, state, step)
+        return w, state
+
+    def update_(self, w: Tensor, d: Tensor, state: dict[str, Tensor], step: Any) -> None:
+        """The update in place: ``w`` and the tensors of ``state`` are overwritten (``d`` is
+        only read). ``w``, ``d`` and the state may hold one parameter or many laid out in a
+        flat buffer; ``step`` is a number, a tensor, or a :class:`~sam_fused.elementwise.PerTensor`
+        (``elementwise.py``). This default runs :meth:`reference_update` and copies back."""
+        if type(self).reference_update is BaseSpec.reference_update:
+            raise NotImplementedError(f"{type(self).__name__} defines neither reference_update nor update_")
+        counts = per_count(step, lambda c: torch.as_tensor(c, dtype=torch.float32, device=w.device))
+        w_new, new = self.reference_update(w, d, state, counts)
+        w.copy_(w_new)
+        for name, value in new.items():
+            state[name].copy_(value)
 
     def kernel_scalars(self) -> tuple[float, ...]:
         """The float32 scalars of the kernels' element math (at most six, in its order)."""
@@ -173,16 +195,21 @@ class SGDSpec(BaseSpec):
             | self.maximize << 3
         )
 
-    def reference_update(self, w, d, state, step):
+    def update_(self, w, d, state, step):
+        # the rounding of the formulas above, product by product (no fused multiply-add):
+        # the compiled SGD kernels give the same bits on the CPU
         if self.maximize:
             d = -d
         if self.weight_decay != 0:
-            d = d + self.weight_decay * w
-        if self.momentum == 0:
-            return w - self.lr * d, {}
-        buf = torch.where(step == 0, d, self.momentum * state["momentum_buffer"] + (1 - self.dampening) * d)
-        d = d + self.momentum * buf if self.nesterov else buf
-        return w - self.lr * d, {"momentum_buffer": buf}
+            d = add_product(d, w, self.weight_decay)  # d + weight_decay * w
+        if self.momentum != 0:
+            buf = state["momentum_buffer"]
+            damped = d if self.dampening == 0 else d * (1 - self.dampening)  # (1 - 0) * d is d
+            # buf = d on the first update, momentum * buf + (1 - dampening) * d afterwards
+            later = lambda b: add_product(damped, b, self.momentum, out=b)
+            first_or_(per_count(step, is_zero), buf, d, later)
+            d = add_product(d, buf, self.momentum) if self.nesterov else buf
+        add_product(w, d, -self.lr, out=w)  # w - lr * d
 
 
 @dataclass(frozen=True)
@@ -230,25 +257,29 @@ class AdamSpec(BaseSpec):
     def device_scalars(self) -> tuple[float, ...]:
         return (self.beta1, self.beta2)  # the bias corrections 1 - beta^t, formed in float64
 
-    def reference_update(self, w, d, state, step):
+    def bias_corrections(self, step: Any) -> tuple[Any, Any]:
+        """``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` at update ``t = step + 1``, in float64."""
+        t = wide(step) + 1
+        return 1 - self.beta1**t, (1 - self.beta2**t) ** 0.5
+
+    def update_(self, w, d, state, step):
+        # torch.optim's single-tensor Adam, operation by operation
         if self.maximize:
             d = -d
         if self.weight_decay != 0:
             if self.decoupled:
-                w = w * (1 - self.lr * self.weight_decay)
+                w.mul_(1 - self.lr * self.weight_decay)
             else:
-                d = d + self.weight_decay * w
-        m = torch.lerp(state["exp_avg"], d, 1 - self.beta1)
-        v = self.beta2 * state["exp_avg_sq"] + (1 - self.beta2) * d * d
-        t = (step + 1).to(torch.float64)
-        bias_correction1 = 1 - self.beta1**t
-        bias_correction2_sqrt = (1 - self.beta2**t).sqrt().to(w.dtype)
-        step_size = (self.lr / bias_correction1).to(w.dtype)
-        new = {"exp_avg": m, "exp_avg_sq": v}
+                d = add_product(d, w, self.weight_decay)  # d + weight_decay * w
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(d, 1 - self.beta1)
+        v.mul_(self.beta2).addcmul_(d, d, value=1 - self.beta2)
         if self.amsgrad:
-            v = new["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], v)
-        denom = v.sqrt() / bias_correction2_sqrt + self.eps
-        return w - step_size * (m / denom), new
+            v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+        bias_correction1, bias_correction2_sqrt = per_count(step, self.bias_corrections)
+        step_size = narrow(self.lr / bias_correction1, w.dtype)
+        denom = v.sqrt().div_(narrow(bias_correction2_sqrt, w.dtype)).add_(self.eps)
+        add_quotient_(w, m, denom, -step_size)  # w - step_size * m / denom
 
 
 # optimizer classes whose update sam_fused runs itself (exact classes: a subclass may

@@ -2,7 +2,7 @@
 
 Parameters are split into buckets: one per param group, (real) dtype, alias layer
 (``placement.alias_layers``: parameters that share memory go to different layers) and kind
-(dense, or strided with gaps, which only the reference backend runs). Each bucket gets its
+(dense, or strided with gaps, which only foreach and the reference run). Each bucket gets its
 backend from :func:`~sam_fused.backends.choose_backend`. Everything here validates and
 returns; the step engine then builds the buckets (``StepEngine.adopt``). No parameter moves.
 """

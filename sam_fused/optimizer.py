@@ -64,7 +64,7 @@ class SAM(torch.optim.Optimizer):
         variant: ``"sam"``, ``"usam"``, ``"vasso"``, ``"fsam"``, ``"gcsam"``, ``"rsam"``,
             ``"gsam"``, ``"looksam"`` or ``"interval"`` (the classes of the same names).
         norm_eps: added to the global norm after the square root (default 1e-12).
-        backend: ``"auto"``, ``"triton"``, ``"reference"``, ``"cpp"`` or ``"cuda"``; the
+        backend: ``"auto"``, ``"triton"``, ``"foreach"``, ``"reference"``, ``"cpp"`` or ``"cuda"``; the
             environment variable ``SAM_FUSED_BACKEND`` replaces ``"auto"``.
         skip_nonfinite: skip steps whose gradients hold a NaN or infinity (default True).
         max_grad_norm: clip the descent gradient to this global norm (default None).

@@ -6,7 +6,7 @@ through tables of their addresses, so this module answers three questions about 
 
 * :func:`kernel_refusal`: can the multi-tensor kernels walk this tensor as ``numel``
   consecutive elements from its address? A view with gaps (a column slice) cannot; it runs
-  on the reference backend, parameter by parameter.
+  on the foreach backend (``torch._foreach_*`` handles any strides).
 * :func:`memory_span`: which bytes a tensor may touch, for finding parameters that share
   memory (two Parameters over one storage, overlapping views of one tensor).
 * :func:`alias_layers`: a *layer* per parameter, such that parameters sharing memory are in
@@ -93,7 +93,7 @@ def kernel_refusal(p: Tensor) -> str | None:
     """Why the multi-tensor kernels cannot run ``p`` in place, or None.
 
     They walk each tensor as ``numel`` consecutive elements from its address, so its memory
-    (a DTensor's local shard) must be dense; a view with gaps runs on the reference backend.
+    (a DTensor's local shard) must be dense; a view with gaps runs on the foreach backend.
     """
     if not is_dense(local_tensor(p)):
         return "it is a strided view with gaps between its elements (e.g. a column slice)"

@@ -269,9 +269,7 @@ class OptimizerState(MutableMapping):
         if not isinstance(key, Tensor):
             return key in self.foreign
         found = self.engine.locate(key)
-        return (
-            found is not None and len(ParamState(self.engine, *found, with_variant=self._with_variant)) > 0
-        )
+        return found is not None and len(ParamState(self.engine, *found, with_variant=self._with_variant)) > 0
 
     def __iter__(self) -> Iterator[Any]:
         for bucket in self.engine.buckets:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import status as S
+from .elementwise import select
 
 __all__ = ["VARIANTS", "Ascent", "Descent", "Option", "Variant", "descent_gradient", "get_variant"]
 
@@ -182,7 +183,8 @@ class Variant:
         in PyTorch: the specification of ``kernels/variants.py`` and ``csrc/sam_fused_math.h``.
 
         ``aux`` is the variant's running state before this step (VaSSO's ``d``, F-SAM's ``m``)
-        or RSAM's noise ``delta``; ``first`` is True while the running state was never updated.
+        or RSAM's noise ``delta``; ``first`` is True while the running state was never updated
+        (a bool tensor, per element over a flat buffer, or a Python bool: ``elementwise.py``).
         """
         return g, None  # SAM, ASAM, USAM, GSAM, LookSAM, GCSAM (after centralization)
 
@@ -203,7 +205,7 @@ class _VaSSO(Variant):
     def direction(self, options, g, aux, first):
         # d <- (1 - theta) d + theta g, with d = g on the first update
         theta = options["theta"]
-        d = torch.where(first, g, (1 - theta) * aux + theta * g)
+        d = select(first, g, (1 - theta) * aux + theta * g)
         return d, d
 
 
@@ -216,8 +218,8 @@ class _FSAM(Variant):
         # v = g - sigma m (the previous m), then m <- lam m + (1 - lam) g; the first update
         # takes v = g and m = g (the official code)
         lam = options["lam"]
-        v = torch.where(first, g, g - options["sigma"] * aux)
-        return v, torch.where(first, g, lam * aux + (1 - lam) * g)
+        v = select(first, g, g - options["sigma"] * aux)
+        return v, select(first, g, lam * aux + (1 - lam) * g)
 
 
 @dataclass(frozen=True)

@@ -81,8 +81,8 @@ def runs_variant(backend: str, variant: str) -> bool:
 
 def auto_backend(variant: str) -> str:
     """What ``backend="auto"`` runs FSDP2's CPU shards on: the C++ backend where it takes table
-    buckets and the variant, else the reference."""
-    return "cpp" if "cpp" in table_backends() and runs_variant("cpp", variant) else "reference"
+    buckets and the variant, else foreach."""
+    return "cpp" if "cpp" in table_backends() and runs_variant("cpp", variant) else "foreach"
 
 
 def fused_fsdp_cases() -> tuple[tuple[str, str, str, dict[str, Any]], ...]:

@@ -6,9 +6,11 @@ be switched on before triton is first imported, hence the environment line at th
 and the ``cuda`` backend runs its own source built as host C++ against an emulation of
 the CUDA runtime (``tests/emulated_cuda/``), installed for the tests that ask for it.
 
-``BACKENDS`` (reference, triton) parametrize the general suites. ``ALL_BACKENDS`` adds the
-compiled ones; :func:`backends_for` keeps those whose declared capabilities accept a
-variant and dtype, so a table of cases runs on every backend that says it can run it.
+``BACKENDS`` (reference, foreach, triton) parametrize the general suites. ``FUSED_BACKENDS``
+are every backend the reference checks (triton, foreach and the compiled ones),
+``ALL_BACKENDS`` adds the reference; :func:`backends_for` keeps those whose declared
+capabilities accept a variant and dtype, so a table of cases runs on every backend that
+says it can run it. ``COMPILED`` are the compiled ones alone.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ BUILDS = os.environ.get(NO_BUILD_ENV, "0") in ("", "0")
 
 BACKENDS = [
     "reference",
+    "foreach",
     pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason=TRITON_SKIP_REASON)),
 ]
 
@@ -98,10 +101,11 @@ def _compiled() -> dict[str, type]:
 
 
 COMPILED = _compiled()  # builds the extensions on first use (cached across runs)
-FUSED_BACKENDS = (["triton"] if HAS_TRITON else []) + list(COMPILED)
+FUSED_BACKENDS = (["triton"] if HAS_TRITON else []) + ["foreach"] + list(COMPILED)
 ALL_BACKENDS = ["reference", *FUSED_BACKENDS]
 _CLASSES = {
     "reference": backends_module.ReferenceBackend,
+    "foreach": backends_module.ForeachBackend,
     "triton": backends_module.TritonBackend,
     **COMPILED,
 }
@@ -111,6 +115,11 @@ def supports(name: str, variant: str | Variant = "sam", dtype: torch.dtype = tor
     """Whether backend ``name`` declares it runs ``variant`` with ``dtype`` on the test device."""
     variant = VARIANTS[variant] if isinstance(variant, str) else variant
     return _CLASSES[name].capabilities.refusal(torch.device(DEVICE), dtype, variant) is None
+
+
+def runs_strided(name: str) -> bool:
+    """Whether backend ``name`` declares it runs parameters with gaps in their memory."""
+    return _CLASSES[name].capabilities.strided
 
 
 def backends_for(

@@ -459,7 +459,7 @@ def _cpu_auto_backend() -> str:
     """What backend="auto" gives float CPU tensors: the C++ backend when it is available."""
     from sam_fused import available_backends
 
-    return "cpp" if available_backends()["cpp"] else "reference"
+    return "cpp" if available_backends()["cpp"] else "foreach"
 
 
 def test_auto_backend_for_cpu_tensors_is_cpp_when_available():
@@ -473,8 +473,8 @@ def test_triton_backend_refuses_float64(device):
     model = make_model(device, torch.float64)
     with pytest.raises(ValueError, match="float64"):
         SAM(model.parameters(), backend="triton")
-    # auto: the C++ backend on the CPU (it takes float64), the reference on CUDA
-    expected = _cpu_auto_backend() if device == "cpu" else "reference"
+    # auto: the C++ backend on the CPU (it takes float64), foreach on CUDA
+    expected = _cpu_auto_backend() if device == "cpu" else "foreach"
     assert SAM(model.parameters(), backend="auto").backends == [expected]
 
 

@@ -512,7 +512,9 @@ def test_norm_is_bitwise_reproducible(fused, device):
     side = pair.fused
     plan = side.bucket.plan()
     n = side.backend.partial_slots(side.bucket, plan)
-    assert n > 2  # several partials, so that their order could matter
+    # several partials, so that their order could matter (foreach sums its rows in a fixed
+    # order itself, into one partial)
+    assert n > 2 or backend_of(fused) == "foreach"
     results = []
     for _ in range(3):
         partials = torch.full((4, n), float("nan"), dtype=torch.float64, device=device)

@@ -153,17 +153,18 @@ def test_step_benchmark_cpu_quick_run(tmp_path, capsys, restore_threads):
 
     out = tmp_path / "step.json"
     argv = ["--quick", "--sets", "resnet50", "--base", "sgd,adamw", "--device", "cpu"]
-    argv += ["--impls", "baseline,reference,cpp,cuda_noskip", "--json", str(out)]
+    argv += ["--impls", "baseline,reference,foreach,cpp,cuda_noskip", "--json", str(out)]
     assert bench_sam_step.main(argv) == 0
     payload = json.loads(out.read_text())
     rows = {(r["base"], r["impl"]): r for r in payload["rows"]}
     for base in ("sgd", "adamw"):
-        for impl in ("baseline", "reference", "cpp"):
+        for impl in ("baseline", "reference", "foreach", "cpp"):
             assert rows[(base, impl)]["ms"] > 0, rows[(base, impl)]
     assert "cuda" in payload["skipped"]["cuda_noskip"]
     agreement = payload["agreement"]
     assert set(agreement) == {"sgd", "adamw"}, agreement
-    assert all(set(per_impl) == {"baseline", "reference", "cpp"} for per_impl in agreement.values())
+    impls = {"baseline", "reference", "foreach", "cpp"}
+    assert all(set(per_impl) == impls for per_impl in agreement.values())
     for per_impl in agreement.values():
         for impl, difference in per_impl.items():
             assert difference < 1e-5, (impl, difference)
@@ -176,4 +177,4 @@ def test_step_benchmark_cpu_quick_run(tmp_path, capsys, restore_threads):
     markdown = capsys.readouterr().out
     for r in payload["rows"]:
         assert f"| {r['set']} | {r['base']} | {r['impl']} | {r['ms']:.3f} |" in markdown
-    assert "--impls baseline,reference,cpp,cuda_noskip" in markdown
+    assert "--impls baseline,reference,foreach,cpp,cuda_noskip" in markdown

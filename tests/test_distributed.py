@@ -200,7 +200,7 @@ def test_fsdp2_equals_single_process_full_batch(ranks, variant, base, backend, o
     want = _single_process_sam(base, backend, variant, options)
     for res in ranks:
         got = res["fsdp"][key]
-        # local shards: reference math, or the C++ table kernels where "auto" picks them
+        # local shards: foreach, or the C++ table kernels where "auto" picks them
         assert got["backends"] == [W.auto_backend(variant) if backend == "auto" else "reference"]
         _assert_close_runs(got, want)
         torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(want["norms"]), rtol=RTOL, atol=0)

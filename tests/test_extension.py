@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BUILDS, COMPILED, DEVICE, FUSED_BACKENDS, backend_instance
+from conftest import BUILDS, COMPILED, DEVICE, backend_instance
 
 from sam_fused import GSAM, SAM, Lion, available_backends
 from sam_fused._extension import ABI_VERSION, NO_BUILD_ENV, _Extension
@@ -69,7 +69,7 @@ def test_unavailable_extension_warns_once_and_reports_why(monkeypatch):
     assert ext.ops() is None
 
 
-def test_no_build_falls_back_to_the_reference_without_a_warning():
+def test_no_build_falls_back_to_foreach_without_a_warning():
     code = textwrap.dedent(
         """
         import warnings
@@ -84,10 +84,10 @@ def test_no_build_falls_back_to_the_reference_without_a_warning():
     )
     env = dict(os.environ, **{NO_BUILD_ENV: "1", "PYTHONPATH": str(ROOT)})
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "['reference'] False"
+    assert out.stdout.strip() == "['foreach'] False"
 
 
-@pytest.mark.parametrize("backend", [name for name in FUSED_BACKENDS if name != "triton"])
+@pytest.mark.parametrize("backend", list(COMPILED))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_runs_on_the_compiled_backends(device, backend, variant):
     """The compiled libraries have every variant's rules: asked for, or under auto on the CPU."""
@@ -98,7 +98,7 @@ def test_every_variant_runs_on_the_compiled_backends(device, backend, variant):
         assert SAM(model.parameters(), torch.optim.SGD, variant=variant, lr=0.1).backends == ["cpp"]
 
 
-@pytest.mark.parametrize("backend", [name for name in FUSED_BACKENDS if name != "triton"])
+@pytest.mark.parametrize("backend", list(COMPILED))
 def test_the_libraries_report_their_functors_under_python_s_numbers(backend):
     """What a loaded library runs is its own report (functors()): every ascent and descent rule
     under variants.Ascent / Descent's numbers, and every registered base under its spec's
@@ -233,7 +233,7 @@ def test_float64_beside_float32_on_the_cpu_library():
     """A float64 group beside a float32 one, both on the C++ library (math in double for the
     first): one float64 status, and the reference's results."""
     if DEVICE != "cpu":
-        pytest.skip("backend='auto' pairs the reference with cpp on the CPU only")
+        pytest.skip("backend='auto' pairs foreach with cpp on the CPU only")
 
     def run(backend: str):
         torch.manual_seed(0)

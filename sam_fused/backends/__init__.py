@@ -5,13 +5,16 @@ Every backend implements the :class:`~sam_fused.backends.protocol.Backend` opera
 :class:`~sam_fused.backends.protocol.Capabilities`; :func:`choose_backend` is the one
 place that decides which backend a bucket gets.
 
-* ``reference``: pure PyTorch, parameter by parameter; any device and dtype.
+* ``reference``: pure PyTorch, parameter by parameter; any device and dtype. The readable
+  specification and the tests' oracle: ``auto`` never picks it.
+* ``foreach``: the reference's PyTorch math over the buckets' flat buffers, the parameters
+  read and written with ``torch._foreach_*``; any device, dtype, variant and base update,
+  strided parameters included. ``auto``'s choice wherever no compiled backend runs a bucket.
 * ``triton``: fused multi-tensor kernels (one launch per operation per bucket); CUDA
   tensors (or CPU tensors when ``TRITON_INTERPRET=1``), float32/bfloat16/float16.
 * ``cpp`` / ``cuda``: the same fused operations as compiled C++/OpenMP (CPU tensors) and
-  CUDA kernels (CUDA tensors), float32/bfloat16/float16; built by setup.py or on first use
-  (``sam_fused/_extension.py``). They run the variants with the gradient as ascent
-  direction and a plain descent (SAM, ASAM, USAM, GCSAM, interval SAM).
+  CUDA kernels (CUDA tensors); built by setup.py or on first use (``sam_fused/_extension.py``).
+  What they run is in their capabilities (``cpp.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from .._extension import BackendInfo
 from ..variants import Variant
 from .cpp import CppBackend, CudaBackend
+from .foreach import ForeachBackend
 from .protocol import Backend, Capabilities
 from .reference import ReferenceBackend
 from .triton import TritonBackend, interpreting, triton_available
@@ -35,6 +39,7 @@ __all__ = [
     "Capabilities",
     "CppBackend",
     "CudaBackend",
+    "ForeachBackend",
     "ReferenceBackend",
     "TritonBackend",
     "available_backends",
@@ -43,8 +48,16 @@ __all__ = [
 ]
 
 BACKEND_ENV = "SAM_FUSED_BACKEND"
-BACKEND_NAMES = ("auto", "triton", "reference", "cpp", "cuda")
-_CLASSES = {"reference": ReferenceBackend, "triton": TritonBackend, "cpp": CppBackend, "cuda": CudaBackend}
+BACKEND_NAMES = ("auto", "triton", "reference", "foreach", "cpp", "cuda")
+_CLASSES = {
+    "reference": ReferenceBackend,
+    "foreach": ForeachBackend,
+    "triton": TritonBackend,
+    "cpp": CppBackend,
+    "cuda": CudaBackend,
+}
+# auto's compiled backend per device type, tried before foreach
+_COMPILED = {"cuda": "triton", "cpu": "cpp"}
 _INSTANCES: dict[str, Backend] = {}
 
 
@@ -64,7 +77,8 @@ def available_backends() -> dict[str, BackendInfo]:
     else:
         triton_info = BackendInfo(False, "no CUDA device (TRITON_INTERPRET=1 runs it on the CPU)")
     return {
-        "reference": BackendInfo(True, "plain PyTorch; any device and dtype"),
+        "reference": BackendInfo(True, "plain PyTorch, one parameter at a time; any device and dtype"),
+        "foreach": BackendInfo(True, "PyTorch over flat buffers and torch._foreach_*; any device and dtype"),
         "triton": triton_info,
         "cpp": CppBackend.info(),
         "cuda": CudaBackend.info(),
@@ -77,6 +91,8 @@ def get_backend(name: str) -> Backend:
     if backend is None:
         if name == "reference":
             backend = ReferenceBackend()
+        elif name == "foreach":
+            backend = ForeachBackend()
         elif name == "triton":
             if not triton_available():
                 raise RuntimeError("backend='triton' was requested but triton is not installed")
@@ -93,16 +109,22 @@ def get_backend(name: str) -> Backend:
 
 
 def _auto(device: torch.device, dtype: torch.dtype, variant: Variant, strided: str | None) -> Backend:
-    """Triton for CUDA tensors, the C++ backend for CPU tensors, where they run the bucket;
-    the reference backend for everything else."""
-    fused, usable = (
-        ("triton", triton_available) if device.type == "cuda" else ("cpp", lambda: bool(CppBackend.info()))
-    )
-    if strided is None and device.type in ("cuda", "cpu") and usable():
-        backend = get_backend(fused)
+    """The compiled backend of the device type (triton for CUDA tensors, cpp for CPU ones)
+    where it is here and its capabilities take the bucket; foreach everywhere else (float64,
+    a variant or device it does not run, strided parameters, no compiler). Never the
+    reference: that is the specification, not a fallback."""
+    name = _COMPILED.get(device.type)
+    if name is not None and strided is None and _usable(name):
+        backend = get_backend(name)
         if backend.capabilities.refusal(device, dtype, variant) is None:
             return backend
-    return get_backend("reference")
+    return get_backend("foreach")
+
+
+def _usable(name: str) -> bool:
+    if name == "triton":
+        return triton_available()
+    return bool(_CLASSES[name].info())
 
 
 def choose_backend(
@@ -134,5 +156,5 @@ def choose_backend(
     raise ValueError(
         f"the {name} backend cannot run these parameters ({str(dtype).removeprefix('torch.')} on "
         f"{device}, variant {variant.name!r}): {reason}. Use backend='auto' (it picks a backend per "
-        "bucket) or backend='reference'."
+        "bucket) or backend='foreach' (any device, dtype and variant)."
     )

@@ -100,7 +100,6 @@ class CppBackend:
         self._max_slots = max_slots
         self.capabilities = replace(type(self).capabilities, updates=fused_bases(list(ops.functors())))
 
-
     @classmethod
     def extension(cls) -> _Extension:
         return cpu_extension()
@@ -190,7 +189,8 @@ class CppBackend:
         c1, c2 = ctx.scalars
         self.ops.perturb(
             param=run.addresses("param"),
-            src=run.addresses("backup" if variant.perturbs_before_pass else "param"),  # RSAM: from w before the noise
+            # RSAM: from w before the noise
+            src=run.addresses("backup" if variant.perturbs_before_pass else "param"),
             grad=run.addresses("grad"),
             backup=None if variant.perturbs_before_pass else run.addresses("backup"),
             aux=run.addresses(variant.aux_role) if variant.aux_role else None,

@@ -10,7 +10,7 @@ not move). It reads top to bottom as the math of ``docs/variants.md``:
    finite float32 gradient's square can overflow float32), and a count of non-finite
    gradient entries.
 3. ``perturb``: back ``w`` up, then ``w <- w + eps`` with
-   ``eps = rho * T * u / (||u|| + norm_eps)``; update the variant's running state.
+   ``eps = c * T * u``, ``c = rho / (||u|| + norm_eps)``; update the variant's running state.
 4. ``descent_stats``: non-finite entries of the second-pass gradient ``g_p``, and the
    inner products GSAM and LookSAM need (``||g_p||^2`` also for clipping);
    ``revert_state`` undoes step 3's state update when the second pass was non-finite.
@@ -50,6 +50,7 @@ from .protocol import Capabilities
 
 __all__ = [
     "ReferenceBackend",
+    "ascent_coefficient",
     "ascent_scale",
     "centralize_each",
     "math_dtype",
@@ -78,13 +79,14 @@ def ascent_scale(weight: Tensor, adaptive: bool, eta: float) -> Tensor | float:
     return weight.abs() + eta if adaptive else 1.0
 
 
-def perturbation(
-    u: Tensor, t: Tensor | float, rho: Any, norm: Tensor, variant: Variant, eps: float
-) -> Tensor:
-    """``eps = rho T u / (||u|| + norm_eps)``, or ``rho T u`` for unnormalized variants."""
-    if variant.normalized:
-        return rho * t * u / (norm + eps)
-    return rho * t * u
+def ascent_coefficient(rho: Any, norm: Any, variant: Variant, eps: float) -> Any:
+    """``c = rho / (||u|| + norm_eps)``, or ``rho`` for unnormalized variants: ``eps = c T u``."""
+    return rho / (norm + eps) if variant.normalized else rho
+
+
+def perturbation(u: Tensor, t: Tensor | float, coefficient: Any) -> Tensor:
+    """``eps = c T u`` (:func:`ascent_coefficient`)."""
+    return coefficient * t * u
 
 
 def centralized(g: Tensor) -> Tensor:
@@ -114,7 +116,6 @@ class ReferenceBackend:
         descents=frozenset(Descent),
         updates=None,
     )
-
 
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         return 1
@@ -187,7 +188,7 @@ class ReferenceBackend:
             aux = self._aux(bucket, i, ctx, compute)
             v, new_state = variant.direction(ctx.options, g, aux, bucket.vsteps[i] == 0)
             t = ascent_scale(src.to(compute), group["adaptive"], group["eta"])
-            eps = perturbation(t * v, t, group["rho"], norm, variant, ctx.norm_eps)
+            eps = perturbation(t * v, t, ascent_coefficient(group["rho"], norm, variant, ctx.norm_eps))
             w.copy_(torch.where(skip, src, (src.to(compute) + eps).to(w.dtype)))
             if new_state is not None:
                 old = bucket.state_tensor(variant.running_state, i)

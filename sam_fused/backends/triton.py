@@ -69,7 +69,6 @@ class TritonBackend:
         self.ascent = ascent
         self.descent = descent
 
-
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
         """Partial sums (= programs) of a statistics launch: one per chunk."""
         return plan.run.programs()
