@@ -372,8 +372,13 @@ def test_clipping_matches_clip_grad_norm(any_backend, device, base, kw, max_norm
         x, y = batch(step, device)
         clip_by_torch_step(ref_model, ref_opt, x, y, max_norm)
         plain_step(model, opt, x, y)
+    # SAM sums the squares for the clip factor in float64, clip_grad_norm_ in float32: the
+    # factors can differ in their last bit. SGD and AdamW carry that as it is; RMSprop's
+    # g / (sqrt(v) + eps), with v ~ g^2 on the first steps, is ill-conditioned for the few
+    # elements whose |g| is near eps, and magnifies it there.
+    rtol, atol = (1e-4, 1e-5) if base is torch.optim.RMSprop else (2e-6, 1e-7)
     for a, b in zip(snapshot(model, opt), snapshot(ref_model, ref_opt)):
-        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
     if max_norm == 0.05:  # the clipping mattered: an unclipped run ends elsewhere
         free_model = make_model(9, device)
         free_opt = build(SAM, free_model, any_backend, base, **kw)
