@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from _helpers import classification_batch, cross_entropy_of, mlp
 from conftest import BACKENDS, DEVICE
 
 from sam_fused import GSAM, SAM, IntervalSAM, LookSAM, VaSSO
@@ -37,23 +38,14 @@ def any_backend(request) -> str:
 
 
 def make_model(seed: int, device: str, dtype=torch.float32) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.Tanh(), torch.nn.Linear(33, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model.to(device=device, dtype=dtype)
+    return mlp([7, 33, 3], seed=seed, device=device, dtype=dtype, init_std=0.5)
 
 
 def batch(step: int, device: str, n: int = 17):
-    gen = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(n, 7, generator=gen)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return x.to(device), y.to(device)
+    return classification_batch(1000 + step, n, 7, 3, device)
 
 
-def loss_of(model, x, y) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
+loss_of = cross_entropy_of
 
 
 def snapshot(model, opt) -> list[torch.Tensor]:

@@ -14,42 +14,22 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _helpers import mlp, mse_loss_of, regression_batch, sam_step
 from conftest import BACKENDS, HAS_TRITON, NEEDS_TRITON
 
 from sam_fused import SAM
 
 
 def make_model(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(7, 33),
-        torch.nn.Tanh(),
-        torch.nn.Linear(33, 5),
-        torch.nn.Tanh(),
-        torch.nn.Linear(5, 1),
-    )
-    return model.to(device=device, dtype=dtype)
+    return mlp([7, 33, 5, 1], seed=seed, device=device, dtype=dtype)
 
 
 def batch(device: str, seed: int, dtype: torch.dtype = torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(16, 7, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    y = torch.randn(16, 1, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    return x, y
+    return regression_batch(seed, 16, 7, 1, device, dtype)
 
 
-def loss_of(model, x, y):
-    return F.mse_loss(model(x), y)
-
-
-def manual_step(model, opt, x, y):
-    loss = loss_of(model, x, y)
-    loss.backward()
-    opt.first_step(zero_grad=True)
-    loss_of(model, x, y).backward()
-    opt.second_step(zero_grad=True)
-    return loss
+loss_of = mse_loss_of
+manual_step = sam_step
 
 
 def flat_params(model) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import classification_batch, mlp
 from conftest import DEVICE
 
 from sam_fused import GSAM, SAM
@@ -22,16 +23,11 @@ TOL = dict(rtol=1e-4, atol=1e-5) if COMPILER == "inductor" else dict(rtol=1e-5, 
 
 
 def make_model(device: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(7, 33), torch.nn.LayerNorm(33), torch.nn.GELU(), torch.nn.Linear(33, 3)
-    )
-    return model.to(device)
+    return mlp([7, 33, 3], device=device, norm=torch.nn.LayerNorm, activation=torch.nn.GELU)
 
 
 def batch(step: int, device: str):
-    gen = torch.Generator().manual_seed(step)
-    return torch.randn(16, 7, generator=gen).to(device), torch.randint(0, 3, (16,), generator=gen).to(device)
+    return classification_batch(step, 16, 7, 3, device)
 
 
 def loss_fn(out, y):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import classification_batch, mlp, sam_step
 from conftest import DEVICE
 
 from sam_fused import GSAM, RSAM, SAM, IntervalSAM, LookSAM, VaSSO
@@ -23,17 +24,11 @@ needs_cuda = pytest.mark.skipif(
 
 
 def make_model(seed: int, device: str, bn: bool = False) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    layers = [torch.nn.Linear(7, 33)]
-    if bn:
-        layers.append(torch.nn.BatchNorm1d(33))
-    layers += [torch.nn.Tanh(), torch.nn.Linear(33, 3)]
-    return torch.nn.Sequential(*layers).to(device)
+    return mlp([7, 33, 3], seed=seed, device=device, norm=torch.nn.BatchNorm1d if bn else None)
 
 
 def batch(step: int, device: str, n: int = 16):
-    gen = torch.Generator().manual_seed(500 + step)
-    return torch.randn(n, 7, generator=gen).to(device), torch.randint(0, 3, (n,), generator=gen).to(device)
+    return classification_batch(500 + step, n, 7, 3, device)
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -41,12 +36,7 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def manual_step(model, opt, x, y) -> torch.Tensor:
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    if opt.first_step(zero_grad=True):
-        loss_fn(model(x), y).backward()
-        opt.second_step(zero_grad=True)
-    return loss.detach()
+    return sam_step(model, opt, x, y, lambda m, xs, ys: loss_fn(m(xs), ys))
 
 
 def state_of(model, opt) -> list[torch.Tensor]:

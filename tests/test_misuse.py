@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import mlp, mse_loss_of, regression_batch, sam_step
 from conftest import ALL_BACKENDS, COMPILED, backends_for, runs_strided
 
 from sam_fused import FSAM, GSAM, RSAM, SAM, VaSSO
@@ -27,32 +28,15 @@ GRADIENT_VARIANTS = ["sam", "vasso", "fsam", "rsam", "gsam", "looksam"]
 
 # ---------------------------------------------------------------------- helpers
 def make_model(device: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3), torch.nn.Tanh()
-    )
-    return model.to(device=device, dtype=dtype)
+    return mlp([5, 9, 3], final_activation=True, seed=seed, device=device, dtype=dtype)
 
 
 def batch(device: str, seed: int, dtype: torch.dtype = torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(8, 5, generator=gen).to(device, dtype),
-        torch.randn(8, 3, generator=gen).to(device, dtype),
-    )
+    return regression_batch(seed, 8, 5, 3, device, dtype, draw=torch.float32)
 
 
-def loss_of(model, x, y):
-    return F.mse_loss(model(x), y)
-
-
-def manual_step(model, opt, x, y) -> None:
-    if opt.variant.perturbs_before_pass:
-        opt.noise_step()
-    loss_of(model, x, y).backward()
-    if opt.first_step(zero_grad=True):
-        loss_of(model, x, y).backward()
-        opt.second_step(zero_grad=True)
+loss_of = mse_loss_of
+manual_step = sam_step
 
 
 def bits(t: torch.Tensor) -> bytes:

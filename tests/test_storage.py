@@ -18,6 +18,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import regression_batch
 from conftest import ALL_BACKENDS, DEVICE, FUSED_BACKENDS, supports
 
 from sam_fused import SAM
@@ -42,10 +43,7 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
 
 
 def batch(seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(16, 7, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    y = torch.randn(16, 7, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    return x, y
+    return regression_batch(seed, 16, 7, 7, DEVICE, dtype)
 
 
 def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
