@@ -5,7 +5,8 @@
 
 ``tests/`` is the test suite (``testpaths`` in pyproject.toml); these files are not part of
 it. Besides the timings, a few plain tests check what the timings rest on: the parameter
-sets have the ANCHORS sizes, and the implementations being compared compute the same step.
+sets have the sizes benchmarks/param_sets.py documents, and the implementations being
+compared compute the same step.
 """
 
 from __future__ import annotations
