@@ -15,7 +15,7 @@ It checks, and exits non-zero naming the first thing that is wrong:
 * one step of every variant (SAM, ASAM and the nine others of ``sam_fused.VARIANTS``) runs,
   with ``backend="auto"``, on the backend that ``auto`` documents: the ``cpp`` backend for
   each variant whose ascent and descent rules the ``cpp`` backend's capabilities declare,
-  the reference backend for the others. The expectation is read from those capabilities,
+  ``foreach`` for any others. The expectation is read from those capabilities,
   so it grows stricter by itself when they grow;
 * each step equals the same step on the reference backend (the specification), from the
   same weights and data.
@@ -92,11 +92,11 @@ def check_cpp_backend(expect: str) -> None:
 
 def expected_backend(variant) -> str:
     """What ``backend="auto"`` documents for float32 CPU tensors: cpp where its capabilities
-    declare the variant's rules, the reference backend elsewhere."""
+    declare the variant's rules, foreach elsewhere."""
     from sam_fused.backends import CppBackend
 
     refusal = CppBackend.capabilities.refusal(torch.device("cpu"), torch.float32, variant)
-    return "cpp" if refusal is None else "reference"
+    return "cpp" if refusal is None else "foreach"
 
 
 def one_step(kwargs: dict, backend: str) -> tuple[list[str], list[torch.Tensor]]:
