@@ -89,7 +89,7 @@ SCRIPT = [((), (), None), ((1,), (1,), None), ((), (), 2), ((0,), (), None), (()
 
 def run_step(params, opt, step: int, dtype) -> None:
     first, second, poison = SCRIPT[step]
-    if opt.variant.noise:
+    if opt.variant.perturbs_before_pass:
         opt.noise_step()
     feed(params, 10 * step, dtype, first)
     if opt.first_step():
@@ -313,13 +313,16 @@ def test_auto_picks_a_compiled_backend_or_foreach_never_the_reference(monkeypatc
     assert strided.name == "foreach"
 
 
-def test_auto_runs_float64_beside_float32_on_foreach(monkeypatch):
+def test_auto_runs_float64_beside_float32_on_a_fused_backend(monkeypatch):
+    """float64 takes the C++ library on the CPU (math in double) and foreach elsewhere;
+    never the reference."""
     monkeypatch.delenv(backends_module.BACKEND_ENV, raising=False)
     params = [
         torch.nn.Parameter(torch.randn(3, device=DEVICE, dtype=dt)) for dt in (torch.float64, torch.float32)
     ]
     opt = SAM(params, torch.optim.SGD, lr=0.1)
-    assert opt.backends[0] == "foreach" and "reference" not in opt.backends
+    cpp_here = DEVICE == "cpu" and bool(backends_module.available_backends()["cpp"])
+    assert opt.backends[0] == ("cpp" if cpp_here else "foreach") and "reference" not in opt.backends
     assert backends_module.available_backends()["foreach"]
 
 

@@ -149,7 +149,7 @@ def test_a_missing_extension_warns_at_the_users_line(monkeypatch):
     assert (warning.filename, warning.lineno) == (__file__, line)
     message = str(warning.message)
     assert "gone.cpp" in message and "reinstall" in message and "rerun" not in message
-    assert opt.backends == ["reference"]
+    assert opt.backends == ["foreach"]
 
 
 def test_graphs_on_a_cpu_name_the_eager_fix():

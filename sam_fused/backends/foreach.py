@@ -72,7 +72,7 @@ class ForeachBackend:
         self.host_types = frozenset(host_types)  # device types whose values are read on the host
 
     def partial_slots(self, bucket: Bucket, plan: Plan) -> int:
-        return 1
+        return 0 if plan.empty else 1  # one partial sum per bucket, none for an empty plan
 
     # ------------------------------------------------------------------ shared pieces
     def _host(self, bucket: Bucket) -> bool:
@@ -156,6 +156,8 @@ class ForeachBackend:
         self, bucket: Bucket, plan: Plan, group: dict, ctx: StepContext, partials: Tensor
     ) -> None:
         """``[sum of u^2, non-finite count]`` of this bucket into ``partials[:2, 0]``."""
+        if plan.empty:  # no partial slot (partial_slots): nothing to add
+            return
         host, flat, variant = self._host(bucket), self._flat(bucket, plan), ctx.variant
         acc, compute = partials.dtype, math_dtype(bucket.dtype)
         counts = bucket.vsteps if variant.ascent_updates_state else None
@@ -255,6 +257,8 @@ class ForeachBackend:
 
     def descent_stats(self, bucket: Bucket, plan: Plan, ctx: StepContext, partials: Tensor) -> None:
         """``[non-finite count of g_p, <g, g_p>, ||g_p||^2, ||g||^2]`` into ``partials[:, 0]``."""
+        if plan.empty:  # no partial slot (partial_slots): nothing to add
+            return
         host, flat = self._host(bucket), self._flat(bucket, plan)
         acc, compute = partials.dtype, math_dtype(bucket.dtype)
         inner = ctx.variant.keeps_first_grad
@@ -338,6 +342,8 @@ class ForeachBackend:
 
     def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
         """The sum of squares of state ``name`` over the plan (LookSAM's ``||g_v||^2``)."""
+        if plan.empty:  # no partial slot (partial_slots): nothing to add
+            return
         host, flat = self._host(bucket), self._flat(bucket, plan)
         compute = math_dtype(bucket.dtype)
         total: Any = 0.0
