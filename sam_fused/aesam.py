@@ -12,9 +12,10 @@ optimizer's own count), with ``q = ||g||^2`` of the first pass's gradient (globa
 The decision is the one host read of the step: ``[||g||^2, non-finite count]`` is read after
 the first pass's statistics (one synchronisation), which is also why a CUDA graph cannot
 replay AESAM (``graph.py`` refuses it). On a SAM step of plain SAM those statistics are the
-perturbation's norm as well and are not taken again. mu, sigma^2 and the counts live in
-``opt.state["aesam"]`` (so in ``state_dict()``); a step whose gradient is not finite is a
-skipped base step and leaves mu and sigma^2 where they were.
+perturbation's norm as well and are not taken again. mu, sigma^2 and the counts
+(``opt.statistics``) are saved with the step count, in the "sam_fused" entry of
+``state_dict()``'s groups (where torch.distributed.checkpoint keeps it). A step whose
+gradient is not finite is a skipped base step and leaves mu and sigma^2 where they were.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .variants import _number, fraction, get_variant, non_negative, positive_int
 
 __all__ = ["AESAM", "AdaptivePolicy"]
 
-KEY = "aesam"  # opt.state[KEY]: {"mean", "var", "sam_steps", "steps"}
+KEY = "aesam"  # the policy's entry in a checkpoint: {"mean", "var", "sam_steps", "steps"}
 # ascent rules that take their first pass at w and perturb every step they are asked to
 # (RSAM's first pass is at w + delta; LookSAM and interval SAM keep schedules of their own)
 VARIANTS_OVER = ("sam", "usam", "vasso", "fsam", "gcsam", "gsam")
@@ -41,26 +42,18 @@ VARIANTS_OVER = ("sam", "usam", "vasso", "fsam", "gcsam", "gsam")
 class AdaptivePolicy(StepPolicy):
     """AE-SAM's rule around the variant's schedule: each SAM step becomes a ``BY_NORM`` one."""
 
-    def __init__(self, inner: StepPolicy, owner: SAM, total_steps: int, settings: dict[str, float]) -> None:
+    def __init__(self, inner: StepPolicy, total_steps: int, settings: dict[str, float]) -> None:
         super().__init__(inner)
-        self.owner = owner
         self.total_steps = total_steps
         self.delta, self.lambda1, self.lambda2 = settings["delta"], settings["lambda1"], settings["lambda2"]
-        self.initial = {
-            "mean": settings["initial_mean"],
-            "var": settings["initial_var"],
-            "sam_steps": 0,
-            "steps": 0,
-        }
-        self._before: tuple[int, dict | None] | None = None  # (step, entry) before the last settle
+        mean, var = settings["initial_mean"], settings["initial_var"]
+        self.initial = {"mean": mean, "var": var, "sam_steps": 0, "steps": 0}
+        self.values = dict(self.initial)  # {"mean", "var", "sam_steps", "steps"}
+        self._before: tuple[int, dict] | None = None  # (step, values) before the last settle
 
     def kind(self, index: int) -> StepKind:
         kind = super().kind(index)
         return StepKind.BY_NORM if kind is StepKind.SAM else kind
-
-    def entry(self) -> dict[str, Any]:
-        found = self.owner.state.get(KEY)
-        return dict(self.initial) if found is None else found
 
     def threshold_scale(self, index: int) -> float:
         """``c_t``: lambda2 at the first step, lambda1 from step T on."""
@@ -69,9 +62,8 @@ class AdaptivePolicy(StepPolicy):
 
     def settle(self, engine: Any, index: int) -> bool:
         q, bad = engine.status[S.FIRST_PASS].tolist()  # the step's one host read
-        state = self.owner.state
-        self._before = (index, state.get(KEY))
-        old = self.entry()
+        old = self.values
+        self._before = (index, old)
         new = {**old, "steps": old["steps"] + 1}
         sam = False
         if bad == 0 and math.isfinite(q):  # else skipped on the device: mu and sigma^2 stay
@@ -80,26 +72,34 @@ class AdaptivePolicy(StepPolicy):
             new["var"] = var = d * old["var"] + (1 - d) * (q - mean) ** 2
             sam = q >= mean + self.threshold_scale(index) * math.sqrt(var)
             new["sam_steps"] = old["sam_steps"] + int(sam)
-        state[KEY] = new  # a new dict: a state_dict() taken before keeps its values
+        self.values = new  # a new dict: a state_dict() taken before keeps its values
         return sam
 
     def abandon(self, index: int) -> None:
         if self._before is not None and self._before[0] == index:
-            previous = self._before[1]
-            if previous is None:
-                self.owner.state.foreign.pop(KEY, None)
-            else:
-                self.owner.state[KEY] = previous
+            self.values = self._before[1]
         self._before = None
         super().abandon(index)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), KEY: dict(self.values)}
+
+    def checked_state(self, saved: dict[str, Any] | None) -> dict[str, Any]:
+        entry = None if saved is None else saved.get(KEY) if isinstance(saved, dict) else saved
+        own = dict(self.initial) if entry is None else check_entry(entry)
+        return {**super().checked_state(saved), KEY: own}
+
+    def load_state(self, checked: dict[str, Any]) -> None:
+        self.values, self._before = checked[KEY], None
+        super().load_state(checked)
 
     def host_decision(self) -> str | None:
         return "AESAM reads ||g||^2 on the host every step to choose between a SAM and a base step"
 
 
 def check_entry(entry: Any) -> dict[str, Any]:
-    """A saved ``opt.state["aesam"]``, checked (ValueError names what is wrong)."""
-    where = f"the checkpoint's state[{KEY!r}]"
+    """A saved AE-SAM entry (the "policy" of the checkpoint's "sam_fused" group entry), checked."""
+    where = f"the checkpoint's AESAM statistics ({KEY!r})"
     if not isinstance(entry, dict) or set(entry) != {"mean", "var", "sam_steps", "steps"}:
         raise ValueError(f"{where} must be a dict with 'mean', 'var', 'sam_steps' and 'steps', got {entry!r}")
     values: dict[str, Any] = {}
@@ -173,7 +173,7 @@ class AESAM(SAM):
             )
         super().__init__(params, base_optimizer, rho, variant=name, **kwargs)
         engine = self.engine
-        engine.policy = AdaptivePolicy(engine.policy, self, total_steps, settings)
+        engine.policy = AdaptivePolicy(engine.policy, total_steps, settings)
 
     @property
     def policy(self) -> AdaptivePolicy:
@@ -182,15 +182,12 @@ class AESAM(SAM):
         return found
 
     @property
+    def statistics(self) -> dict[str, Any]:
+        """``{"mean": mu, "var": sigma^2, "sam_steps": ..., "steps": ...}`` so far (a copy)."""
+        return dict(self.policy.values)
+
+    @property
     def sam_fraction(self) -> float:
         """The fraction of the steps so far that were SAM steps (0 before the first step)."""
-        entry = self.policy.entry()
-        return entry["sam_steps"] / entry["steps"] if entry["steps"] else 0.0
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :meth:`SAM.load_state_dict`; the AE-SAM entry is checked first (nothing changes
-        on a refusal). A checkpoint without it (a plain SAM one) starts mu and sigma^2 afresh."""
-        state = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
-        if isinstance(state, dict) and KEY in state:
-            check_entry(state[KEY])
-        super().load_state_dict(state_dict)
+        values = self.policy.values
+        return values["sam_steps"] / values["steps"] if values["steps"] else 0.0

@@ -69,6 +69,18 @@ class StepPolicy:
         if self.inner is not None:
             self.inner.abandon(index)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the chain keeps across steps, by policy (saved in the "sam_fused" group entry)."""
+        return {} if self.inner is None else self.inner.state_dict()
+
+    def checked_state(self, saved: dict[str, Any] | None) -> dict[str, Any]:
+        """``saved`` (a checkpoint's, None: none) checked, as :meth:`load_state` takes it."""
+        return {} if self.inner is None else self.inner.checked_state(saved)
+
+    def load_state(self, checked: dict[str, Any]) -> None:
+        if self.inner is not None:
+            self.inner.load_state(checked)
+
     def host_decision(self) -> str | None:
         """Why one CUDA graph cannot replay the steps (the host picks their kind), or None."""
         return None if self.inner is None else self.inner.host_decision()

@@ -89,7 +89,7 @@ def drive(opt, params, problem, steps, read=None):
 
 
 def statistics(opt) -> tuple[float, float]:
-    return opt.state["aesam"]["mean"], opt.state["aesam"]["var"]
+    return opt.statistics["mean"], opt.statistics["var"]
 
 
 def rel(a: float, b: float) -> float:
@@ -226,8 +226,8 @@ def test_resume_is_bitwise_the_uninterrupted_run(backend, device):
     """mu, sigma^2, the counts and t come back from state_dict(): the resumed run is the same."""
     params, opt = _run(backend, device, 9)
     resumed, opt2 = _run(backend, device, 9, stop=5)
-    assert opt2.state["aesam"] == opt.state["aesam"]
-    assert 0 < opt.state["aesam"]["sam_steps"] < 9
+    assert opt2.statistics == opt.statistics
+    assert 0 < opt.statistics["sam_steps"] < 9
     for p, q in zip(params, resumed):
         assert torch.equal(p, q)
         for key, value in opt.state[p].items():
@@ -239,7 +239,7 @@ def _snapshot(opt, params):
         [p.detach().clone() for p in params],
         [p.grad.clone() for p in params],
         {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)},
-        dict(opt.state.get("aesam") or {}),
+        opt.statistics,
         opt.engine.step.step_index,
     )
 
@@ -271,7 +271,10 @@ def test_refused_checkpoints_change_nothing(backend, device):
         [1.0, 0.0],
     ]
     for entry in bad_entries:
-        saved = {**good, "state": {**good["state"], "aesam": entry}}
+        groups = [
+            {**g, "sam_fused": {**g["sam_fused"], "policy": {"aesam": entry}}} for g in good["param_groups"]
+        ]
+        saved = {**good, "param_groups": groups}
         with pytest.raises(ValueError, match="aesam"):
             opt.load_state_dict(saved)
         assert _same(before, _snapshot(opt, params)), entry
@@ -309,11 +312,11 @@ def test_abandoned_sam_step_puts_the_statistics_back(backend, device):
         aborted = False
         for step in range(8):
             problem.set_grads(params, step)
-            entry = opt.state.get("aesam")
+            entry = opt.statistics
             sam = opt.first_step()
             if sam and interrupt and step > 0 and not aborted:
                 assert opt.abort_step()
-                assert opt.state.get("aesam") == entry
+                assert opt.statistics == entry
                 aborted = True
                 problem.set_grads(params, step)
                 sam = opt.first_step()
@@ -322,7 +325,7 @@ def test_abandoned_sam_step_puts_the_statistics_back(backend, device):
                 problem.set_grads(params, step)
                 opt.second_step()
         assert aborted or not interrupt
-        runs.append((params, opt.state["aesam"]))
+        runs.append((params, opt.statistics))
     (p1, e1), (p2, e2) = runs
     assert e1 == e2
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
@@ -344,7 +347,7 @@ def test_nonfinite_gradient_is_a_skipped_base_step(backend, device):
     assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
     assert before[2].keys() == after[2].keys()
     assert all(torch.equal(before[2][i][k], after[2][i][k]) for i in before[2] for k in before[2][i])
-    entry, old = opt.state["aesam"], before[3]
+    entry, old = opt.statistics, before[3]
     assert (entry["mean"], entry["var"], entry["sam_steps"]) == (old["mean"], old["var"], old["sam_steps"])
     assert entry["steps"] == old["steps"] + 1
     assert float(opt.skipped_steps) == 1
@@ -374,7 +377,7 @@ def test_grad_scaler_gives_the_unscaled_norm(device):
                 opt.second_step(grad_scaler=scaler)
             if scaler is not None:
                 scaler.update()
-        entries.append(dict(opt.state["aesam"]))
+        entries.append(opt.statistics)
     plain, scaled = entries
     assert plain["sam_steps"] == scaled["sam_steps"] and 0 < plain["sam_steps"] < 6
     assert rel(scaled["mean"], plain["mean"]) < 1e-6 and rel(scaled["var"], plain["var"]) < 1e-5
@@ -392,3 +395,43 @@ def test_threshold_scale_runs_from_lambda2_to_lambda1():
     opt = AESAM([torch.nn.Parameter(torch.ones(2))], total_steps=4, lambda1=-0.5, lambda2=2.0, lr=0.1)
     scales = [opt.policy.threshold_scale(t) for t in (0, 2, 4, 9)]
     assert scales == [2.0, 0.75, -0.5, -0.5]  # t / T capped at 1 past the planned end
+
+
+def test_dcp_round_trip_is_bitwise(tmp_path):
+    """torch.distributed.checkpoint (one process): the statistics travel in the "sam_fused"
+    group entry; a freshly built model and optimizer continue as the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+        opt = AESAM(model.parameters(), total_steps=10, delta=0.5, lr=0.1, momentum=0.9, backend="reference")
+        return model, opt
+
+    gen = torch.Generator().manual_seed(11)
+    data = [(torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(6)]
+
+    def train(model, opt, steps):
+        for i in steps:
+            x, y = data[i]
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if opt.first_step(zero_grad=True):
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+
+    model, opt = make(0)
+    train(model, opt, range(6))
+    want, want_statistics = [p.detach().clone() for p in model.parameters()], opt.statistics
+    model, opt = make(0)
+    train(model, opt, range(3))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path)
+    model, opt = make(1)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    assert opt.statistics["steps"] == 3
+    train(model, opt, range(3, 6))
+    assert opt.statistics == want_statistics and 0 < want_statistics["sam_steps"] < 6
+    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), want))

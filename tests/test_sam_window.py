@@ -146,11 +146,11 @@ def test_window_over_aesam_leaves_its_statistics_alone_outside(backend, device):
     SAMWindow(opt, 2, 6)
     assert opt.perturbs_this_step is False
     drive(opt, params, problem, 2)
-    assert "aesam" not in opt.state
+    assert opt.statistics["steps"] == 0
     assert opt.perturbs_this_step is None  # inside: AESAM decides from the gradient
     records = drive(opt, params, problem, 6)
-    assert opt.state["aesam"]["steps"] == 4
-    assert sum(r[0] for r in records) == opt.state["aesam"]["sam_steps"]
+    assert opt.statistics["steps"] == 4
+    assert sum(r[0] for r in records) == opt.statistics["sam_steps"]
     assert not records[-1][0] and not records[-2][0]
 
 
