@@ -288,10 +288,10 @@ def initialize_state(opt: Optimizer) -> bool:
     the gradient is zero, so both of SAM's passes would see the same zero gradient and the
     step needs no closure: it runs here as a whole SAM step, which creates the state entries
     (base optimizer and variant) that DCP then saves, or loads into. sam_fused's own step
-    count and RSAM's generator are put back, so a periodic schedule or the noise sequence does
-    not shift. Returns False, having changed nothing, for any other closure-less ``step()``
-    (no gradient, a gradient that is not zero, existing state, a learning rate that is not
-    0): the caller's error stands.
+    count, RSAM's generator and AESAM's statistics are put back, so a periodic schedule, the
+    noise sequence or AESAM's decisions do not shift. Returns False, having changed nothing,
+    for any other closure-less ``step()`` (no gradient, a gradient that is not zero, existing
+    state, a learning rate that is not 0): the caller's error stands.
 
     The decision reads every gradient (one host sync) and is all-reduced over FSDP2's shard
     group, so that all ranks take the same branch of the collectives that follow.
@@ -312,12 +312,14 @@ def initialize_state(opt: Optimizer) -> bool:
     step = engine.step
     index, generator = step.step_index, step.generator
     before = None if generator is None else generator.get_state()
+    policy = engine.policy.checked_state(engine.policy.state_dict())  # AESAM's statistics stay too
     with torch.no_grad():
         if engine.variant.perturbs_before_pass:
             opt.noise_step()
         if opt.first_step():
             opt.second_step()
     step.step_index = index
+    engine.policy.load_state(policy)
     step.generator = generator
     if generator is not None:
         generator.set_state(before)

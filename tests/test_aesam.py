@@ -428,7 +428,8 @@ def test_dcp_round_trip_is_bitwise(tmp_path):
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path)
     model, opt = make(1)
-    model_sd, optim_sd = get_state_dict(model, opt)
+    model_sd, optim_sd = get_state_dict(model, opt)  # creates the state with a zero-gradient step()
+    assert opt.statistics == {"mean": 0.0, "var": 0.0, "sam_steps": 0, "steps": 0}
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path)
     set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     assert opt.statistics["steps"] == 3
