@@ -5,6 +5,7 @@
 """
 
 from . import family
+from .aesam import AESAM
 from .backends import available_backends
 from .batchnorm import frozen_bn_stats
 from .family import *  # noqa: F403  (one class per variant: family.__all__)
@@ -14,6 +15,7 @@ from .variants import VARIANTS, Variant
 
 __all__ = [
     *family.__all__,
+    "AESAM",
     "SAM",
     "Lion",
     "VARIANTS",

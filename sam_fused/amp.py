@@ -24,6 +24,7 @@ __all__ = [
     "handed_scale",
     "report_overflow",
     "scaler_scale",
+    "second_scaler",
     "unscaled_by_user",
     "write_inverse_scale",
 ]
@@ -111,3 +112,19 @@ def report_overflow(scaler: Any, key: int, status: Tensor, mark_stepped: bool) -
         per_device[scaler._scale.device] = found.to(scaler._scale.device).reshape(())
     if mark_stepped:
         state["stage"] = _stages().STEPPED
+
+
+def second_scaler(first: Any, scaler_arg: Any, key: int, device: torch.device) -> Any:
+    """The second pass's scaler: the first pass's (``first``) unless ``second_step(grad_scaler=)``
+    names one (``scaler_arg``), which must then be that same scaler."""
+    if scaler_arg is None:
+        return first
+    scaler = active_scaler(scaler_arg, key, device, first_pass=False)
+    if scaler is not None and first is None:
+        raise RuntimeError(
+            "second_step(grad_scaler=...) needs first_step(grad_scaler=...) with the same "
+            "scaler: the first pass's gradients were taken as unscaled"
+        )
+    if scaler is not first:
+        raise RuntimeError("second_step() got another GradScaler than first_step()")
+    return scaler

@@ -109,6 +109,7 @@ def load_state_dict(opt: Optimizer, saved: dict[str, Any]) -> None:
         check_entry(bucket, i, entry, names, counts_steps, engine.variant.running_state)
         entries[id(by_id[key])] = entry
     generator = None if extra is None else _checked_generator(engine, extra["generator"])
+    policy = engine.policy.checked_state(None if extra is None else extra["policy"])
     # ---- everything is checked: apply
     for group, new in zip(groups, new_groups):
         params_list, names = group["params"], group.get("param_names")
@@ -133,6 +134,7 @@ def load_state_dict(opt: Optimizer, saved: dict[str, Any]) -> None:
     engine.status[S.GV2] = 0.0 if extra is None else extra["looksam_gv2"]
     if generator is not None:
         step.generator = generator
+    engine.policy.load_state(policy)
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
         hook(opt)
 
@@ -144,12 +146,14 @@ def _extra(engine: Any) -> dict[str, Any]:
         # the generator RSAM's first noise_step() would seed: a fresh optimizer's entry has the
         # same structure as a trained one's (torch.distributed.checkpoint loads into it)
         generator = _seeded(engine)
-    return {
+    extra = {
         "step_index": engine.step.step_index,
         "skipped_steps": float(engine.status[S.SKIPPED]),
         "looksam_gv2": float(engine.status[S.GV2]),
         "generator": None if generator is None else generator.get_state(),
     }
+    policy = engine.policy.state_dict()  # AESAM's statistics (policies.py); none for the others
+    return {**extra, "policy": policy} if policy else extra
 
 
 def _seeded(engine: Any) -> torch.Generator:
@@ -213,7 +217,7 @@ def _checked_extra(entry: Any, where: str) -> dict[str, Any]:
         index = int(index)
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"{where}: step_index must be a non-negative integer, got {index!r}")
-    values = {"step_index": index, "generator": entry["generator"]}
+    values = {"step_index": index, "generator": entry["generator"], "policy": entry.get("policy")}
     for key in ("skipped_steps", "looksam_gv2"):
         value = entry[key]
         if isinstance(value, Tensor) and value.numel() == 1:
@@ -284,10 +288,10 @@ def initialize_state(opt: Optimizer) -> bool:
     the gradient is zero, so both of SAM's passes would see the same zero gradient and the
     step needs no closure: it runs here as a whole SAM step, which creates the state entries
     (base optimizer and variant) that DCP then saves, or loads into. sam_fused's own step
-    count and RSAM's generator are put back, so a periodic schedule or the noise sequence does
-    not shift. Returns False, having changed nothing, for any other closure-less ``step()``
-    (no gradient, a gradient that is not zero, existing state, a learning rate that is not
-    0): the caller's error stands.
+    count, RSAM's generator and AESAM's statistics are put back, so a periodic schedule, the
+    noise sequence or AESAM's decisions do not shift. Returns False, having changed nothing,
+    for any other closure-less ``step()`` (no gradient, a gradient that is not zero, existing
+    state, a learning rate that is not 0): the caller's error stands.
 
     The decision reads every gradient (one host sync) and is all-reduced over FSDP2's shard
     group, so that all ranks take the same branch of the collectives that follow.
@@ -308,12 +312,14 @@ def initialize_state(opt: Optimizer) -> bool:
     step = engine.step
     index, generator = step.step_index, step.generator
     before = None if generator is None else generator.get_state()
+    policy = engine.policy.checked_state(engine.policy.state_dict())  # AESAM's statistics stay too
     with torch.no_grad():
         if engine.variant.perturbs_before_pass:
             opt.noise_step()
         if opt.first_step():
             opt.second_step()
     step.step_index = index
+    engine.policy.load_state(policy)
     step.generator = generator
     if generator is not None:
         generator.set_state(before)

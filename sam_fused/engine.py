@@ -33,6 +33,7 @@ from .base_updates import BaseSpec
 from .buckets import Buckets
 from .context import StepContext
 from .layout import Bucket, LayoutError, Plan
+from .policies import StepKind, StepPolicy, VariantSchedule, plain_stats_serve
 from .step_state import Phase, StepState
 from .variants import VARIANTS, Descent, Variant
 
@@ -65,6 +66,7 @@ class StepEngine:
         self.layout = Buckets(owner, variant, keys, backend)
         self.status = torch.zeros(S.SIZE, dtype=torch.float32)
         self.step = StepState()
+        self.policy: StepPolicy = VariantSchedule(variant, variant_options)  # per-step kind (policies.py)
         self.contexts_changed()
 
     def contexts_changed(self) -> None:
@@ -153,6 +155,8 @@ class StepEngine:
         st = self.step
         if st.phase is not Phase.IDLE:
             raise RuntimeError("noise_step() was called again before first_step()/second_step() finished")
+        if self.policy.kind(st.step_index) is StepKind.BASE:
+            return  # a base step (outside a SAMWindow): no noise, no backup
         grouping.check_groups(self.owner.param_groups, self.layout.groups, self.keys, self.device)
         self._plans(grads=False)  # the parameters only: the gradients are last step's
         generator = st.generator
@@ -180,14 +184,15 @@ class StepEngine:
                 "first_step() was called twice without second_step(): the weights are "
                 "already perturbed; call second_step() to restore and update them (or abort_step())"
             )
-        if self.variant.perturbs_before_pass and st.phase is not Phase.NOISED:
+        kind = self.policy.kind(st.step_index)
+        if self.variant.perturbs_before_pass and st.phase is not Phase.NOISED and kind is not StepKind.BASE:
             raise RuntimeError("RSAM takes its first pass at w + delta: call noise_step() before it")
         st.one_pass_done = False
         grouping.check_groups(self.owner.param_groups, self.layout.groups, self.keys, self.device)
         if scaler is not None:
             scaler = amp.active_scaler(scaler, key, self.device, first_pass=True)
         plans = self._plans()
-        perturbs = self.variant.perturbs(st.step_index, self.variant_options)
+        perturbs = kind is StepKind.SAM
         specs = self.descent_specs() if not perturbs or self.variant.descent != Descent.PLAIN else None
         # ---- everything is validated: from here on the step changes things
         if scaler is not None:  # both passes of a step share the scale (it moves in update())
@@ -195,8 +200,7 @@ class StepEngine:
                 self.status, amp.scaler_scale(scaler), slice(S.INV_SCALE1, S.INV_SCALE2 + 1)
             )
         ctx = self.context(scaler is not None)
-        if not perturbs:
-            self._one_pass_step(plans, specs, ctx)
+        if not perturbs and not self._one_pass_step(plans, specs, ctx, kind):
             if scaler is not None:  # the scaler stays ready: a framework's scaler.step(opt) follows
                 amp.report_overflow(scaler, key, self.status, mark_stepped=False)
             st.step_index += 1
@@ -216,7 +220,7 @@ class StepEngine:
                         bucket.backend.centralize(bucket, plan)
             self.status[S.SECOND_PASS].zero_()  # this step's, not the last one's (a skip reads them)
             groups = self.owner.param_groups
-            if self.variant.normalized or ctx.check:
+            if (self.variant.normalized or ctx.check) and not plain_stats_serve(self, kind):
                 fill = lambda b, p, out: b.backend.ascent_stats(b, p, self._group(groups, b), ctx, out)
                 self.reduce(plans, fill, S.FIRST_PASS)
             for i, (bucket, plan) in enumerate(zip(self.buckets, plans)):
@@ -237,21 +241,28 @@ class StepEngine:
             return group
         return {**group, **{name: group[key] for name, key in self.keys.items()}}
 
-    def _one_pass_step(self, plans: list[Plan], specs: list[BaseSpec] | None, ctx: StepContext) -> None:
-        """LookSAM / interval SAM between perturbed steps: one pass, one update."""
+    def _one_pass_step(
+        self, plans: list[Plan], specs: list[BaseSpec] | None, ctx: StepContext, kind=StepKind.CHEAP
+    ) -> bool:
+        """One pass, one update: LookSAM's / interval SAM's cheap step, or a policy's base step;
+        True, with nothing updated, when AESAM's policy settles it as a SAM step."""
         try:
             # ||g|| and the non-finite count, as plain SAM's first pass takes them
             plain = {"adaptive": False, "eta": 0.0}
             sam = replace(ctx, variant=VARIANTS["sam"], options={})
             self.reduce(plans, lambda b, p, out: b.backend.ascent_stats(b, p, plain, sam, out), S.FIRST_PASS)
+            if kind is StepKind.BY_NORM and self.policy.settle(self, self.step.step_index):
+                return True
             self.status[S.SECOND_PASS].zero_()
             if ctx.clip:  # the descent gradient is this pass's g: its norm is the ascent's
                 self.status[S.GP2].copy_(self.status[S.SUMSQ])
-            descent = Descent.LOOKSAM_REUSE if self.variant.descent == Descent.LOOKSAM_FULL else Descent.PLAIN
-            self._descend(None, plans, specs, ctx, descent)
+            reuse = kind is StepKind.CHEAP and self.variant.descent == Descent.LOOKSAM_FULL
+            self.policy.before_update(self, self.step.step_index)
+            self._descend(None, plans, specs, ctx, Descent.LOOKSAM_REUSE if reuse else Descent.PLAIN)
         except BaseException as exc:
             self._abandoned(exc)
             raise
+        return False
 
     def second_step(self, scaler_arg: Any, key: int, step_scale: tuple | None) -> None:
         st = self.step
@@ -261,7 +272,7 @@ class StepEngine:
                 "undo. Call first_step() after the first backward pass."
             )
         try:
-            scaler = st.scaler if scaler_arg is None else self._second_scaler(scaler_arg, key)
+            scaler = amp.second_scaler(st.scaler, scaler_arg, key, self.device)
             # the param lists only: rho, eta and adaptive are the ascent's, checked in first_step()
             grouping.check_groups(self.owner.param_groups, self.layout.groups, None, self.device)
             plans = self._plans()
@@ -290,6 +301,7 @@ class StepEngine:
                 for bucket, plan in zip(self.buckets, st.plans):
                     if not plan.empty:
                         bucket.backend.revert_state(bucket, plan, ctx)
+            self.policy.before_update(self, st.step_index - 1)
             self._descend(st.plans, plans, specs, ctx, variant.descent)
             if variant.descent == Descent.LOOKSAM_FULL:
                 fill = lambda b, p, out: b.backend.state_sumsq(b, p, "looksam_gv", out)
@@ -314,18 +326,6 @@ class StepEngine:
             amp.report_overflow(st.scaler, st.scaler_key, self.status, mark_stepped=False)
         st.scaler = None
         return True
-
-    def _second_scaler(self, scaler_arg: Any, key: int) -> Any:
-        st = self.step
-        scaler = amp.active_scaler(scaler_arg, key, self.device, first_pass=False)
-        if scaler is not None and st.scaler is None:
-            raise RuntimeError(
-                "second_step(grad_scaler=...) needs first_step(grad_scaler=...) with the same "
-                "scaler: the first pass's gradients were taken as unscaled"
-            )
-        if scaler is not st.scaler:
-            raise RuntimeError("second_step() got another GradScaler than first_step()")
-        return scaler
 
     def _descend(
         self,
@@ -374,6 +374,7 @@ class StepEngine:
         if st.generator is not None and st.generator_before is not None:
             st.generator.set_state(st.generator_before)
         st.step_index = st.index_before
+        self.policy.abandon(st.step_index)
         st.phase, st.plans, st.scaler, st.backed_up, st.hooks_open = Phase.IDLE, None, None, 0, False
         return True
 

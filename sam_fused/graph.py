@@ -156,6 +156,9 @@ class GraphedSAMStep:
                 "k steps), so one graph cannot replay it; graphs=False"
             )
         engine = opt.engine
+        why_not = engine.policy.host_decision()
+        if why_not is not None:  # AESAM, SAMWindow
+            raise ValueError(f"{why_not}, so one graph cannot replay its steps; graphs=False")
         specs, why = fused_specs(engine.buckets, opt.param_groups, type(opt.base_optimizer), engine.device)
         if specs is None:
             raise ValueError(

@@ -17,6 +17,7 @@ from . import status as S
 from .closure_check import FirstClosureCheck
 from .engine import StepEngine
 from .integrations import check_closure_loop
+from .policies import StepKind
 from .state import OptimizerState
 from .step_state import Phase
 
@@ -264,10 +265,11 @@ class SAM(torch.optim.Optimizer):
         return self._engine.step.phase is Phase.PERTURBED
 
     @property
-    def perturbs_this_step(self) -> bool:
-        """Whether the coming step perturbs (False on LookSAM and interval SAM one-pass steps)."""
-        engine = self._engine
-        return engine.variant.perturbs(engine.step.step_index, engine.variant_options)
+    def perturbs_this_step(self) -> bool | None:
+        """Whether the coming step perturbs (False on LookSAM and interval SAM one-pass steps and
+        outside a SAMWindow); None for AESAM, which decides from the step's gradient."""
+        kind = self._engine.policy.kind(self._engine.step.step_index)
+        return None if kind is StepKind.BY_NORM else kind is StepKind.SAM
 
     @property
     def skipped_steps(self) -> Tensor:

@@ -38,6 +38,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from .options import rho_key
+from .window import SAMWindow
 
 __all__ = [
     "SEED_PAPER_SCHEDULES",
@@ -45,6 +46,7 @@ __all__ = [
     "LrProportionalRho",
     "PolynomialRho",
     "RhoScheduler",
+    "SAMWindow",
     "SeedPaperLR",
     "seed_paper_factor",
 ]
