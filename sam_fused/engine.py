@@ -19,7 +19,6 @@ are ``buckets.Buckets``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import amp, grouping, updates
+from . import amp, grouping, perturb_groups, updates
 from . import status as S
 from .base_updates import BaseSpec
 from .buckets import Buckets
@@ -92,6 +91,7 @@ class StepEngine:
     # ------------------------------------------------------------------ layout
     def adopt(self, groups: list[dict], start: int) -> None:
         """Take ``groups`` (numbered from ``start``) into the layout (``Buckets.adopt``)."""
+        perturb_groups.check_variant(self.variant, groups, self.keys["perturb"], start)
         self.layout.adopt(groups, start)
         self._buckets_changed()
 
@@ -155,19 +155,17 @@ class StepEngine:
             raise RuntimeError("noise_step() was called again before first_step()/second_step() finished")
         grouping.check_groups(self.owner.param_groups, self.layout.groups, self.keys, self.device)
         self._plans(grads=False)  # the parameters only: the gradients are last step's
+        on, scales = perturb_groups.noise_scales(self)  # SAM-ON: None where a group is not perturbed
         generator = st.generator
         if generator is None:  # seeded before it is kept: a seed that fails leaves none behind
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(self.variant_options["seed"]))
         st.generator, st.generator_before, st.index_before = generator, generator.get_state(), st.step_index
-        st.phase, st.plans, st.backed_up = Phase.NOISED, None, 0
-        total = max(1, sum(p.numel() for b in self.buckets for p in b.params))
+        st.phase, st.plans, st.backed_up, st.perturbed = Phase.NOISED, None, 0, on
         try:
-            for i, bucket in enumerate(self.buckets):
-                rho = self.owner.param_groups[bucket.group_index][self.keys["rho"]]
-                std = self.variant_options["noise_std"]
-                std = float(rho) / math.sqrt(total) if std is None else float(std)
-                bucket.backend.noise(bucket, self.context(False), std, generator)
+            for i, (bucket, std) in enumerate(zip(self.buckets, scales)):
+                if std is not None:
+                    bucket.backend.noise(bucket, self.context(False), std, generator)
                 st.backed_up = i + 1
         except BaseException as exc:
             self._abandoned(exc)
@@ -187,6 +185,7 @@ class StepEngine:
         if scaler is not None:
             scaler = amp.active_scaler(scaler, key, self.device, first_pass=True)
         plans = self._plans()
+        on = perturb_groups.step_flags(self)  # SAM-ON: which buckets the ascent covers
         perturbs = self.variant.perturbs(st.step_index, self.variant_options)
         specs = self.descent_specs() if not perturbs or self.variant.descent != Descent.PLAIN else None
         # ---- everything is validated: from here on the step changes things
@@ -204,6 +203,7 @@ class StepEngine:
             return False
         if st.phase is Phase.IDLE:
             st.index_before = st.step_index
+        plans = perturb_groups.ascent_plans(self.buckets, plans, on)  # SAM-ON: empty where not perturbed
         st.phase, st.plans, st.backed_up = (
             Phase.PERTURBED,
             plans,
@@ -361,7 +361,7 @@ class StepEngine:
             return False
         ctx = self.context(False)
         every = self.variant.perturbs_before_pass or st.plans is None  # RSAM backed every parameter up
-        plans = [None] * len(self.buckets) if every else st.plans
+        plans = perturb_groups.restore_plans(self.buckets, st.perturbed) if every else st.plans
         try:  # where the parameters are now (a parameter moved since is restored where it went)
             plans = [plan if plan is None else b.refresh(plan) for b, plan in zip(self.buckets, plans)]
         except LayoutError:  # cast since: restored parameter by parameter, converting

@@ -121,6 +121,7 @@ class SAM(torch.optim.Optimizer):
             keys["rho"]: rho,
             keys["adaptive"]: bool(adaptive),
             keys["eta"]: float(eta),
+            keys["perturb"]: True,  # SAM-ON's groups set False (norm_param_groups)
         }
         # torch.optim's own bookkeeping (hook registries) on the base optimizer's groups
         torch.optim.Optimizer.__setstate__(self, {"defaults": defaults, "param_groups": base.param_groups})
