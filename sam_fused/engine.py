@@ -91,7 +91,6 @@ class StepEngine:
     # ------------------------------------------------------------------ layout
     def adopt(self, groups: list[dict], start: int) -> None:
         """Take ``groups`` (numbered from ``start``) into the layout (``Buckets.adopt``)."""
-        perturb_groups.check_variant(self.variant, groups, self.keys["perturb"], start)
         self.layout.adopt(groups, start)
         self._buckets_changed()
 
@@ -203,7 +202,7 @@ class StepEngine:
             return False
         if st.phase is Phase.IDLE:
             st.index_before = st.step_index
-        plans = perturb_groups.ascent_plans(self.buckets, plans, on)  # SAM-ON: empty where not perturbed
+        all_plans, plans = plans, perturb_groups.ascent_plans(self.buckets, plans, on)  # SAM-ON
         st.phase, st.plans, st.backed_up = (
             Phase.PERTURBED,
             plans,
@@ -219,6 +218,8 @@ class StepEngine:
             if self.variant.normalized or ctx.check:
                 fill = lambda b, p, out: b.backend.ascent_stats(b, p, self._group(groups, b), ctx, out)
                 self.reduce(plans, fill, S.FIRST_PASS)
+            if self.variant.keeps_first_grad:  # GSAM, LookSAM: g of the groups left out too
+                perturb_groups.keep_first_grads(self.buckets, all_plans, on, ctx)
             for i, (bucket, plan) in enumerate(zip(self.buckets, plans)):
                 if not plan.empty:
                     bucket.backend.perturb(bucket, plan, self._group(groups, bucket), ctx)

@@ -13,9 +13,10 @@ are perturbed; ``norm_groups.py`` builds such groups) is left out of the ascent 
 
 The key is read once per step, when ``first_step()`` (RSAM: ``noise_step()``) validates:
 an edit between the passes takes effect at the next step, so a step never restores what
-it did not back up. GSAM and LookSAM are refused with such a group (:func:`flags`): their
-descent correction reads the first-pass gradient of every parameter, which a group left
-out of the ascent does not keep (``docs/variants.md``, SAM-ON).
+it did not back up. GSAM and LookSAM correct the descent with the first-pass gradient ``g``
+of *every* parameter: for them the groups left out of the ascent still keep ``g``
+(:func:`keep_first_grads`: a copy, unscaled, and its non-finite entries counted), and
+nothing else (``docs/variants.md``, SAM-ON).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from . import status as S
+from .context import StepContext
 from .layout import Bucket, Plan
 from .step_state import Phase
 from .tables import TableRun
@@ -32,28 +37,13 @@ from .variants import Variant
 if TYPE_CHECKING:
     from .engine import StepEngine
 
-__all__ = ["ascent_plans", "check_variant", "flags", "noise_scales", "restore_plans", "step_flags"]
-
-
-def check_variant(variant: Variant, groups: Sequence[Mapping[str, Any]], key: str, start: int = 0) -> None:
-    """Refuse ``perturb=False`` groups under a variant whose descent needs every first gradient."""
-    if not variant.keeps_first_grad:
-        return
-    for index, group in enumerate(groups, start):
-        if not group.get(key, True):
-            raise ValueError(
-                f"param_groups[{index}][{key!r}] is False, which {variant.name.upper()} cannot take: "
-                "its descent correction reads the first-pass gradient of every parameter, and a group "
-                "left out of the ascent keeps none. Use SAM-ON with variant 'sam' (or ASAM, USAM, "
-                "VaSSO, F-SAM, GCSAM, RSAM), or set perturb=True on every group"
-            )
+__all__ = ["ascent_plans", "flags", "keep_first_grads", "noise_scales", "restore_plans", "step_flags"]
 
 
 def flags(
     variant: Variant, groups: Sequence[Mapping[str, Any]], buckets: Sequence[Bucket], key: str
 ) -> tuple:
     """Whether each bucket is perturbed this step (its group's key, already validated)."""
-    check_variant(variant, groups, key)
     return tuple(bool(groups[b.group_index][key]) for b in buckets)
 
 
@@ -97,3 +87,25 @@ def restore_plans(buckets: Sequence[Bucket], perturbed: Sequence[bool]) -> list[
     """What an abandoned RSAM step restores: every parameter (None) of the noised buckets."""
     perturbed = perturbed or (True,) * len(buckets)  # (none recorded: every bucket)
     return [None if on else _empty_plan(b) for b, on in zip(buckets, perturbed)]
+
+
+def keep_first_grads(
+    buckets: Sequence[Bucket], plans: Sequence[Plan], perturbed: Sequence[bool], ctx: StepContext
+) -> None:
+    """GSAM, LookSAM: the first-pass gradient of the buckets left out of the ascent, kept as
+    their ``perturb`` does for the others (unscaled, in the bucket's dtype; 0 where a
+    parameter has none), and its non-finite entries added to the first pass's count."""
+    for bucket, plan, on in zip(buckets, plans, perturbed):
+        if on:
+            continue
+        compute = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+        grads = [bucket.grad(i).to(compute) for i in plan.indices]
+        if grads:
+            bad = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum()
+            ctx.status[S.BAD1] += bad.to(ctx.status.device)
+            if ctx.unscale:
+                grads = torch._foreach_mul(grads, ctx.status[S.INV_SCALE1].to(compute))
+            torch._foreach_copy_(bucket.storage.views("first_grad", plan.indices), grads)
+        left_out = [i for i in range(len(bucket.params)) if not plan.key[i]]
+        if left_out:
+            torch._foreach_zero_(bucket.storage.views("first_grad", left_out))

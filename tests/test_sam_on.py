@@ -8,8 +8,9 @@ Rules checked here (``docs/variants.md``, SAM-ON):
   (mueller-mp/SAM-ON, ``sam_on.py``: ``ASAM_ON.ascent_step`` with ``elementwise``,
   ``normalize_bias``, ``only_norm``), written below, over several steps, with SGD and AdamW;
 * every fused backend agrees with the reference under each variant that takes the key;
+* GSAM's descent still uses every parameter's first gradient (float64 re-implementation);
 * a non-bool ``perturb`` is refused naming the group, with parameters, gradients and state
-  bitwise as they were; GSAM and LookSAM refuse ``perturb=False``;
+  bitwise as they were;
 * ``norm_param_groups`` picks normalization layers by type; checkpoints round-trip.
 """
 
@@ -73,12 +74,14 @@ def build(backend, base, norm, other, variant="sam", empty_group=False, **kw):
 
 
 # ---------------------------------------------------------------------------- the official rule
-def official_steps(problem, norm, other, base, steps, rho, eta, adaptive, perturb_all=False):
+def official_steps(problem, norm, other, base, steps, rho, eta, adaptive, perturb_all=False, gsam=None):
     """The official ``ASAM_ON``/``SAM_ON`` step in float64 (sam_on.py, p='2', elementwise,
     normalize_bias, only_norm): t = |w| + eta on the norm parameters, grad *= t, norm over
     them only (+1e-16), grad *= t again, eps = rho grad / norm, w += eps; descent: every
     parameter back to its old value, then the base optimizer's step with the second-pass
-    gradient. ``perturb_all``: the mutant that perturbs (and normalizes over) everything."""
+    gradient. ``perturb_all``: the mutant that perturbs (and normalizes over) everything.
+    ``gsam``: GSAM's alpha; the descent is ``g_p - alpha (g - (<g, g_p> / ||g_p||^2) g_p)``
+    with the inner products over every parameter."""
     cls, opts = BASES[base]
     ws = [p.detach().double().clone().requires_grad_(True) for p in norm + other]
     base_opt = cls(ws, **opts)
@@ -94,6 +97,10 @@ def official_steps(problem, norm, other, base, steps, rho, eta, adaptive, pertur
             for w, x, ti in zip(ws, u, t):
                 w.add_(x * ti * (rho / norm_u))
             grads_p = problem.grads(ws, step)
+            if gsam is not None:
+                dot = sum((g * gp).sum() for g, gp in zip(grads, grads_p))
+                gp2 = sum((gp * gp).sum() for gp in grads_p)
+                grads_p = [gp - gsam * (g - dot / gp2 * gp) for g, gp in zip(grads, grads_p)]
             for w, o, g in zip(ws, old, grads_p):
                 w.copy_(o)
                 w.grad = g.clone()
@@ -142,6 +149,50 @@ def test_matches_float64_official_sam_on(backend, base, adaptive, dtype, device)
     assert rel_error(params, wrong[-1]) > 30 * tol
 
 
+@pytest.mark.parametrize("backend", backends_for("gsam"))
+@pytest.mark.parametrize("base", list(BASES))
+def test_gsam_on_matches_float64(backend, base, device):
+    """GSAM with SAM-ON's groups: eps over the norm group only, the descent correction over
+    every parameter's first gradient (the groups left out of the ascent keep theirs)."""
+    problem, steps, rho, alpha = Problem(12), 3, 0.5, 0.3
+    norm, other = init(9, device=device)
+    want = official_steps(problem, norm, other, base, steps, rho, 0.0, False, gsam=alpha)
+    opt = build(backend, base, norm, other, "gsam", rho=rho, norm_eps=1e-16, variant_options={"alpha": alpha})
+    params = norm + other
+    for step in range(steps):
+        problem.feed(params, step)
+        opt.first_step(zero_grad=True)
+        problem.feed(params, step)
+        opt.second_step(zero_grad=True)
+        err = rel_error(params, want[step])
+        assert err <= 2e-5, f"step {step}: off by {err:.3g}"
+    wrong = official_steps(problem, norm, other, base, steps, rho, 0.0, False, gsam=0.0)  # plain SAM-ON
+    assert rel_error(params, wrong[-1]) > 1e-3
+
+
+@pytest.mark.parametrize("backend", backends_for("gsam"))
+def test_gsam_skips_on_a_nonfinite_first_gradient_outside_the_ascent(backend, device):
+    """GSAM reads the other group's first gradient: a NaN there skips the step (weights and
+    state as before), as one in the perturbed group does."""
+    norm, other = init(10, device=device)
+    params = norm + other
+    problem = Problem(10)
+    opt = build(backend, "sgd", norm, other, "gsam")
+    problem.feed(params, 0)
+    opt.first_step()
+    problem.feed(params, 0)
+    opt.second_step()
+    snap = snapshot(opt, params)
+    problem.feed(params, 1)
+    other[2].grad[5] = float("nan")
+    opt.first_step()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(params, snap[0])), "a skipped step perturbed"
+    problem.feed(params, 1)
+    opt.second_step()
+    assert_bitwise(opt, params, snap, "skipped step", grads_too=False)
+    assert float(opt.skipped_steps) == 1
+
+
 # ---------------------------------------------------------------------------- fused vs reference
 VARIANTS = {  # variant -> constructor options (every variant that takes perturb=False)
     "sam": {"adaptive": True, "eta": 0.0, "rho": 2.0},
@@ -151,6 +202,8 @@ VARIANTS = {  # variant -> constructor options (every variant that takes perturb
     "gcsam": {},
     "rsam": {"variant_options": {"lam": 0.02, "seed": 3}},
     "interval": {"variant_options": {"k": 2}},
+    "gsam": {"variant_options": {"alpha": 0.3}},
+    "looksam": {"variant_options": {"k": 2, "alpha": 0.7}},
 }
 PARITY = [
     pytest.param(fused, variant, base, id=f"{fused}-{variant}-{base}")
@@ -257,22 +310,6 @@ def test_non_bool_perturb_is_refused_with_nothing_changed(backend, value, device
     opt.second_step()
 
 
-@pytest.mark.parametrize("backend", backends_for("gsam"))
-@pytest.mark.parametrize("variant", ["gsam", "looksam"])
-def test_gsam_and_looksam_refuse_unperturbed_groups(backend, variant, device):
-    norm, other = init(3, device=device)
-    with pytest.raises(ValueError, match=r"param_groups\[1\]\['perturb'\] is False.*first-pass gradient"):
-        build(backend, "sgd", norm, other, variant)
-    opt = SAM([{"params": norm}, {"params": other}], backend=backend, variant=variant, lr=0.1)
-    params = norm + other
-    Problem(3).feed(params, 0)
-    opt.param_groups[1]["perturb"] = False
-    snap = snapshot(opt, params)
-    with pytest.raises(ValueError, match="first-pass gradient"):
-        opt.first_step()
-    assert_bitwise(opt, params, snap, "refused first_step")
-
-
 # ---------------------------------------------------------------------------- mid-step
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_edit_between_passes_takes_effect_next_step(backend, device):
@@ -299,7 +336,7 @@ def test_edit_between_passes_takes_effect_next_step(backend, device):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("variant", ["sam", "vasso", "rsam"])
+@pytest.mark.parametrize("variant", ["sam", "vasso", "rsam", "gsam"])
 def test_abort_and_failures_leave_everything_as_before(backend, variant, device):
     norm, other = init(6, device=device)
     params = norm + other
