@@ -116,6 +116,18 @@ def rel_error(got, want) -> float:
     )
 
 
+def steps_against(opt, params, problem, want, tol) -> None:
+    """Manual SAM steps on the problem's gradients; after each, the weights are within
+    ``tol`` (relative to max(1, |w|)) of the float64 history ``want``."""
+    for step, expected in enumerate(want):
+        problem.feed(params, step)
+        opt.first_step(zero_grad=True)
+        problem.feed(params, step)
+        opt.second_step(zero_grad=True)
+        err = rel_error(params, expected)
+        assert err <= tol, f"step {step}: off the float64 rule by {err:.3g}"
+
+
 OFFICIAL = [
     pytest.param(backend, base, adaptive, dtype, id=f"{backend}-{base}-{'asam' if adaptive else 'sam'}{tag}")
     for base in BASES
@@ -137,13 +149,7 @@ def test_matches_float64_official_sam_on(backend, base, adaptive, dtype, device)
     )
     params = norm + other
     tol = 2e-5 if dtype == torch.float32 else 1e-11
-    for step in range(steps):
-        problem.feed(params, step)
-        opt.first_step(zero_grad=True)
-        problem.feed(params, step)
-        opt.second_step(zero_grad=True)
-        err = rel_error(params, want[step])
-        assert err <= tol, f"step {step}: off the official rule by {err:.3g}"
+    steps_against(opt, params, problem, want, tol)
     # the comparison can fail: perturbing every parameter (plain (A)SAM) is far off
     wrong = official_steps(problem, norm, other, base, steps, rho, 0.0, adaptive, perturb_all=True)
     assert rel_error(params, wrong[-1]) > 30 * tol
@@ -159,13 +165,7 @@ def test_gsam_on_matches_float64(backend, base, device):
     want = official_steps(problem, norm, other, base, steps, rho, 0.0, False, gsam=alpha)
     opt = build(backend, base, norm, other, "gsam", rho=rho, norm_eps=1e-16, variant_options={"alpha": alpha})
     params = norm + other
-    for step in range(steps):
-        problem.feed(params, step)
-        opt.first_step(zero_grad=True)
-        problem.feed(params, step)
-        opt.second_step(zero_grad=True)
-        err = rel_error(params, want[step])
-        assert err <= 2e-5, f"step {step}: off by {err:.3g}"
+    steps_against(opt, params, problem, want, 2e-5)
     wrong = official_steps(problem, norm, other, base, steps, rho, 0.0, False, gsam=0.0)  # plain SAM-ON
     assert rel_error(params, wrong[-1]) > 1e-3
 
