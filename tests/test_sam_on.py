@@ -502,3 +502,42 @@ def test_checkpoint_round_trip_into_a_fresh_model(backend, tmp_path, device):
 
 def test_every_backend_is_covered():
     assert set(FUSED_BACKENDS) <= {p.values[0] for p in PARITY}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("variant", ["sam", "vasso", "gsam", "looksam"])
+def test_grad_scaler_run_equals_unscaled_run(backend, variant, device):
+    """Under a GradScaler (a power-of-two scale: exact), SAM-ON's steps equal the unscaled
+    ones bit for bit: the groups left out of the ascent are unscaled where they are read
+    (the descent; GSAM's and LookSAM's kept first gradient)."""
+    x, y = torch.randn(4, 3, 6, 6, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Net().to(device)
+        opts = {**VARIANTS[variant], "rho": 0.5, "adaptive": False}
+        runs.append(
+            (
+                model,
+                SAM(
+                    norm_param_groups(model),
+                    torch.optim.SGD,
+                    lr=0.05,
+                    backend=backend,
+                    variant=variant,
+                    **opts,
+                ),
+            )
+        )
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    for _ in range(3):
+        for scaled, (model, opt) in enumerate(runs):
+            scale = scaler.scale if scaled else (lambda loss: loss)
+            kw = {"grad_scaler": scaler} if scaled else {}
+            scale(nn.functional.cross_entropy(model(x), y)).backward()
+            if opt.first_step(zero_grad=True, **kw):
+                scale(nn.functional.cross_entropy(model(x), y)).backward()
+                opt.second_step(zero_grad=True, **kw)
+        scaler.update()
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.equal(a, b)
