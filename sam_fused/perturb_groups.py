@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import status as S
+from .backends.reference import math_dtype
 from .context import StepContext
 from .layout import Bucket, Plan
 from .step_state import Phase
 from .tables import TableRun
-from .variants import Variant
 
 if TYPE_CHECKING:
     from .engine import StepEngine
@@ -40,9 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["ascent_plans", "flags", "keep_first_grads", "noise_scales", "restore_plans", "step_flags"]
 
 
-def flags(
-    variant: Variant, groups: Sequence[Mapping[str, Any]], buckets: Sequence[Bucket], key: str
-) -> tuple:
+def flags(groups: Sequence[Mapping[str, Any]], buckets: Sequence[Bucket], key: str) -> tuple:
     """Whether each bucket is perturbed this step (its group's key, already validated)."""
     return tuple(bool(groups[b.group_index][key]) for b in buckets)
 
@@ -51,7 +49,7 @@ def step_flags(engine: StepEngine) -> tuple:
     """:func:`flags` for this step: RSAM's first_step() keeps what its noise_step() chose."""
     if engine.step.phase is Phase.NOISED:
         return engine.step.perturbed
-    return flags(engine.variant, engine.owner.param_groups, engine.buckets, engine.keys["perturb"])
+    return flags(engine.owner.param_groups, engine.buckets, engine.keys["perturb"])
 
 
 def noise_scales(engine: StepEngine) -> tuple[tuple, list[float | None]]:
@@ -98,13 +96,10 @@ def keep_first_grads(
     for bucket, plan, on in zip(buckets, plans, perturbed):
         if on:
             continue
-        compute = torch.float64 if bucket.dtype == torch.float64 else torch.float32
-        grads = [bucket.grad(i).to(compute) for i in plan.indices]
-        if grads:
-            bad = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum()
-            ctx.status[S.BAD1] += bad.to(ctx.status.device)
-            if ctx.unscale:
-                grads = torch._foreach_mul(grads, ctx.status[S.INV_SCALE1].to(compute))
+        raw = [bucket.grad(i).to(math_dtype(bucket.dtype)) for i in plan.indices]
+        if raw:  # non-finite entries are counted on the raw (scaled) values, where overflow shows
+            ctx.status[S.BAD1] += torch.stack([(~torch.isfinite(g)).sum() for g in raw]).sum()
+            grads = [ctx.unscaled(g, S.INV_SCALE1) for g in raw]
             torch._foreach_copy_(bucket.storage.views("first_grad", plan.indices), grads)
         left_out = [i for i in range(len(bucket.params)) if not plan.key[i]]
         if left_out:
