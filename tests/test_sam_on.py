@@ -541,3 +541,20 @@ def test_grad_scaler_run_equals_unscaled_run(backend, variant, device):
         scaler.update()
     for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_plain_torch_optim_checkpoint_keeps_the_groups_perturb(device):
+    """A checkpoint without SAM's keys (torch.optim.SGD's) takes the optimizer's defaults for
+    rho and the others, but each group keeps its own perturb: SAM-ON stays SAM-ON."""
+    model = Net().to(device)
+    sgd = torch.optim.SGD([{"params": g["params"]} for g in norm_param_groups(model)], lr=0.2, momentum=0.9)
+    x, y = torch.randn(4, 3, 6, 6, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    nn.functional.cross_entropy(model(x), y).backward()
+    sgd.step()
+    opt = SAM(norm_param_groups(model, lr=0.05), torch.optim.SGD, momentum=0.9, backend="reference")
+    opt.param_groups[0]["rho"] = 0.3
+    saved = sgd.state_dict()
+    assert not any("perturb" in g for g in saved["param_groups"])
+    opt.load_state_dict(saved)
+    assert [g["perturb"] for g in opt.param_groups] == [True, False]
+    assert [g["rho"] for g in opt.param_groups] == [0.05, 0.05] and opt.param_groups[0]["lr"] == 0.2
