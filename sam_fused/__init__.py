@@ -10,6 +10,7 @@ from .backends import available_backends
 from .batchnorm import frozen_bn_stats
 from .family import *  # noqa: F403  (one class per variant: family.__all__)
 from .lion import Lion
+from .norm_groups import norm_param_groups
 from .optimizer import SAM
 from .variants import VARIANTS, Variant
 
@@ -23,5 +24,6 @@ __all__ = [
     "__version__",
     "available_backends",
     "frozen_bn_stats",
+    "norm_param_groups",
 ]
 __version__ = "0.1.0"

@@ -252,8 +252,9 @@ def _checked_groups(opt: Optimizer, saved_groups: list[dict]) -> list[dict]:
     keys = opt.engine.keys
     for index, group in enumerate(saved_groups):
         check_saved_group(opt.base_optimizer, set(keys.values()), group, index)
-        for key in keys.values():  # a plain torch.optim checkpoint: SAM's keys take our defaults
-            group.setdefault(key, opt.defaults[key])
+        for key in keys.values():  # a plain torch.optim checkpoint: SAM's keys take our defaults,
+            # but perturb the group's own (SAM-ON's groups stay SAM-ON's)
+            group.setdefault(key, groups[index][key] if key == keys["perturb"] else opt.defaults[key])
         options.check_group(group, keys, index, opt.engine.device)
     return saved_groups
 

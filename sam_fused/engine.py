@@ -12,14 +12,12 @@ halves that never mix:
 
 Per-step host state lives in one :class:`StepState` object that is only ever mutated, never
 rebound: framework wrappers that copy the optimizer's ``__dict__`` (Lightning's
-``LightningOptimizer``) share it, and see the same step. The buckets, and what concerns
-them as a whole (laying them out, following moved parameters, restoring in alias order),
-are ``buckets.Buckets``.
+``LightningOptimizer``) share it, and see the same step. The buckets as a whole (layout,
+moved parameters, restores in alias order) are ``buckets.Buckets``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import amp, grouping, updates
+from . import amp, grouping, perturb_groups, updates
 from . import status as S
 from .base_updates import BaseSpec
 from .buckets import Buckets
@@ -159,19 +157,17 @@ class StepEngine:
             return  # a base step (outside a SAMWindow): no noise, no backup
         grouping.check_groups(self.owner.param_groups, self.layout.groups, self.keys, self.device)
         self._plans(grads=False)  # the parameters only: the gradients are last step's
+        on, scales = perturb_groups.noise_scales(self)  # SAM-ON: None where a group is not perturbed
         generator = st.generator
         if generator is None:  # seeded before it is kept: a seed that fails leaves none behind
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(self.variant_options["seed"]))
         st.generator, st.generator_before, st.index_before = generator, generator.get_state(), st.step_index
-        st.phase, st.plans, st.backed_up = Phase.NOISED, None, 0
-        total = max(1, sum(p.numel() for b in self.buckets for p in b.params))
+        st.phase, st.plans, st.backed_up, st.perturbed = Phase.NOISED, None, 0, on
         try:
-            for i, bucket in enumerate(self.buckets):
-                rho = self.owner.param_groups[bucket.group_index][self.keys["rho"]]
-                std = self.variant_options["noise_std"]
-                std = float(rho) / math.sqrt(total) if std is None else float(std)
-                bucket.backend.noise(bucket, self.context(False), std, generator)
+            for i, (bucket, std) in enumerate(zip(self.buckets, scales)):
+                if std is not None:
+                    bucket.backend.noise(bucket, self.context(False), std, generator)
                 st.backed_up = i + 1
         except BaseException as exc:
             self._abandoned(exc)
@@ -192,6 +188,7 @@ class StepEngine:
         if scaler is not None:
             scaler = amp.active_scaler(scaler, key, self.device, first_pass=True)
         plans = self._plans()
+        on = perturb_groups.step_flags(self)  # SAM-ON: which buckets the ascent covers
         perturbs = kind is StepKind.SAM
         specs = self.descent_specs() if not perturbs or self.variant.descent != Descent.PLAIN else None
         # ---- everything is validated: from here on the step changes things
@@ -208,6 +205,7 @@ class StepEngine:
             return False
         if st.phase is Phase.IDLE:
             st.index_before = st.step_index
+        all_plans, plans = plans, perturb_groups.ascent_plans(self.buckets, plans, on)  # SAM-ON
         st.phase, st.plans, st.backed_up = (
             Phase.PERTURBED,
             plans,
@@ -223,6 +221,8 @@ class StepEngine:
             if (self.variant.normalized or ctx.check) and not plain_stats_serve(self, kind):
                 fill = lambda b, p, out: b.backend.ascent_stats(b, p, self._group(groups, b), ctx, out)
                 self.reduce(plans, fill, S.FIRST_PASS)
+            if self.variant.keeps_first_grad:  # GSAM, LookSAM: g of the groups left out too
+                perturb_groups.keep_first_grads(self.buckets, all_plans, on, ctx)
             for i, (bucket, plan) in enumerate(zip(self.buckets, plans)):
                 if not plan.empty:
                     bucket.backend.perturb(bucket, plan, self._group(groups, bucket), ctx)
@@ -361,7 +361,7 @@ class StepEngine:
             return False
         ctx = self.context(False)
         every = self.variant.perturbs_before_pass or st.plans is None  # RSAM backed every parameter up
-        plans = [None] * len(self.buckets) if every else st.plans
+        plans = perturb_groups.restore_plans(self.buckets, st.perturbed) if every else st.plans
         try:  # where the parameters are now (a parameter moved since is restored where it went)
             plans = [plan if plan is None else b.refresh(plan) for b, plan in zip(self.buckets, plans)]
         except LayoutError:  # cast since: restored parameter by parameter, converting

@@ -57,7 +57,8 @@ class SAM(torch.optim.Optimizer):
         params: parameters, ``(name, parameter)`` pairs or param groups, as for any
             ``torch.optim`` optimizer. Groups may set ``rho``, ``adaptive``, ``eta`` (named
             ``sam_rho``, ... where the base optimizer has an option of that name, such as
-            Adadelta's ``rho``) and any base-optimizer option.
+            Adadelta's ``rho``), ``perturb`` (False: SAM-ON's groups, left out of the ascent;
+            ``sam_fused.norm_param_groups``) and any base-optimizer option.
         base_optimizer: the base optimizer *class* (default ``torch.optim.SGD``).
         rho: the radius of the perturbation (default 0.05).
         adaptive: ASAM: scale the perturbation by ``T = |w| + eta`` (default False).
@@ -122,6 +123,7 @@ class SAM(torch.optim.Optimizer):
             keys["rho"]: rho,
             keys["adaptive"]: bool(adaptive),
             keys["eta"]: float(eta),
+            keys["perturb"]: True,  # SAM-ON's groups set False (norm_param_groups)
         }
         # torch.optim's own bookkeeping (hook registries) on the base optimizer's groups
         torch.optim.Optimizer.__setstate__(self, {"defaults": defaults, "param_groups": base.param_groups})

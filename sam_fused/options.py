@@ -28,7 +28,7 @@ __all__ = [
     "rho_key",
 ]
 
-SAM_KEYS = ("rho", "adaptive", "eta")
+SAM_KEYS = ("rho", "adaptive", "eta", "perturb")  # perturb: SAM-ON (perturb_groups.py)
 _INF = math.inf
 
 
@@ -99,11 +99,13 @@ def check_group(
 ) -> None:
     """SAM's keys of one param group (run at every step: cheap)."""
     rho, adaptive, eta = group[keys["rho"]], group[keys["adaptive"]], group[keys["eta"]]
+    perturb = group[keys["perturb"]]
     # the common case in a few comparisons; anything else takes the full checks below
     if (
         type(rho) is float
         and type(eta) is float
         and type(adaptive) is bool
+        and type(perturb) is bool
         and 0 <= rho < _INF
         and 0 <= eta < _INF
     ):
@@ -112,6 +114,7 @@ def check_group(
     check_rho(rho, f"{where}[{keys['rho']!r}]", device)
     check_bool(adaptive, f"{where}[{keys['adaptive']!r}]")
     check_eta(eta, f"{where}[{keys['eta']!r}]")
+    check_bool(perturb, f"{where}[{keys['perturb']!r}] (whether SAM perturbs the group)")
 
 
 def check_params(params: list[Tensor], index: int) -> None:

@@ -110,8 +110,9 @@ class VariantSchedule(StepPolicy):
 
 def plain_stats_serve(engine: StepEngine, kind: StepKind) -> bool:
     """Whether a ``BY_NORM`` step's plain ``||g||^2``, already taken, is the ascent's norm as well
-    (plain SAM, no adaptive group), so that its SAM step does not take it twice."""
+    (plain SAM, no adaptive group, every group perturbed), so that its SAM step does not take
+    it twice. A SAM-ON group (``perturb=False``) is in ``||g||^2`` but not in the ascent's norm."""
     if kind is not StepKind.BY_NORM or engine.variant is not VARIANTS["sam"]:
         return False
-    adaptive = engine.keys["adaptive"]
-    return not any(group[adaptive] for group in engine.owner.param_groups)
+    adaptive, perturb = engine.keys["adaptive"], engine.keys["perturb"]
+    return not any(group[adaptive] or not group[perturb] for group in engine.owner.param_groups)

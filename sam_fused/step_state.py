@@ -33,6 +33,7 @@ class StepState:
     phase: Phase = Phase.IDLE
     plans: list[Plan] | None = None  # the perturbed plans
     backed_up: int = 0  # buckets (in order) that hold this step's backup
+    perturbed: tuple = ()  # RSAM: whether noise_step() perturbed each bucket (SAM-ON's key)
     step_index: int = 0  # steps taken; periodic variants perturb by it
     index_before: int = 0
     scaler: Any = None

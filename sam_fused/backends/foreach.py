@@ -311,11 +311,18 @@ class ForeachBackend:
             return
         compute, status = math_dtype(bucket.dtype), ctx.status
         names = spec.state_names()
+        # the backup is the update's scratch; a bucket that never backs up (SAM-ON's
+        # perturb=False groups) keeps none, and works in a transient buffer instead
+        scratch = fused or "backup" in bucket.storage.buffers
         for seg in flat.segments:
             weights = plan.run.weights[seg.slots]
-            backup = flat.buffer("backup", seg)
+            if scratch:
+                backup, sources = flat.buffer("backup", seg), flat.views("backup", seg)
+            else:
+                backup = torch.zeros(seg.size, dtype=bucket.dtype, device=bucket.device)
+                sources = flat.views_of(backup, seg)
             if not fused:  # the update starts from the weights (the backup is scratch now)
-                torch._foreach_copy_(flat.views("backup", seg), weights)
+                torch._foreach_copy_(sources, weights)
             w = self._working(backup, compute, host)
             gp = ctx.unscaled(self._grads(bucket, plan, flat, seg).to(compute), S.INV_SCALE2)
             first_grad = flat.buffer("first_grad", seg).to(compute) if ctx.variant.keeps_first_grad else None
@@ -338,7 +345,7 @@ class ForeachBackend:
                     self._store(target, state[name], skip)
             if w is not backup:
                 self._store(backup, w, skip)  # (on a skip the backup keeps w)
-            torch._foreach_copy_(weights, flat.views("backup", seg))
+            torch._foreach_copy_(weights, sources)
 
     def state_sumsq(self, bucket: Bucket, plan: Plan, name: str, partials: Tensor) -> None:
         """The sum of squares of state ``name`` over the plan (LookSAM's ``||g_v||^2``)."""
