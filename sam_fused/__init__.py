@@ -9,6 +9,7 @@ from .backends import available_backends
 from .batchnorm import frozen_bn_stats
 from .family import *  # noqa: F403  (one class per variant: family.__all__)
 from .lion import Lion
+from .msam import MSAM
 from .optimizer import SAM
 from .variants import VARIANTS, Variant
 
@@ -16,6 +17,7 @@ __all__ = [
     *family.__all__,
     "SAM",
     "Lion",
+    "MSAM",
     "VARIANTS",
     "Variant",
     "__version__",

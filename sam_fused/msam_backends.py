@@ -1,0 +1,236 @@
+"""MSAM's operations over one bucket, per backend, and the choice of backend.
+
+Four operations (``msam_rules.py`` holds their math):
+
+* ``stats``: add ``sum(v'^2)`` (the new first moment's squares, in float64) and the count of
+  non-finite gradient entries into ``status[SUMSQ]``, ``status[BAD]``;
+* ``apply``: unless ``status[BAD] > 0`` (then nothing moves): the new moments, ``w'`` from the
+  stored ``w``, the stored ``w <- w'``, and ``p <- w' - c v'``; the update counts advance;
+* ``restore``: ``p <- w`` for every parameter that has a stored ``w`` (``unperturbed()``);
+* ``perturb``: ``p <- w - c v`` for those parameters (leaving ``unperturbed()``, loading a
+  checkpoint, and the parameters without a gradient at a step, which take the new ``c``).
+
+``reference`` runs the rules parameter by parameter with ``torch.where`` (no host sync);
+``foreach`` runs them over the bucket's tensors with ``torch._foreach_*`` and reads the skip
+flag and the update counts on the host (free for CPU tensors, one sync a step elsewhere);
+``triton`` fuses each operation into one launch per bucket (``msam_triton.py``). The C++
+libraries (``cpp``, ``cuda``) have no MSAM kernels yet and are refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .backends import BACKEND_ENV, BACKEND_NAMES
+from .backends.triton import interpreting, triton_available
+from .layout import Bucket, Plan
+from .msam_rules import (
+    WEIGHT,
+    MSAMHyper,
+    compute_dtype,
+    first_moment,
+    perturbed,
+    second_moment,
+    squares,
+    state_roles,
+    updated_weight,
+)
+from .tables import TableRun
+
+__all__ = ["BAD", "SUMSQ", "ForeachMSAM", "ReferenceMSAM", "choose_msam_backend"]
+
+SUMSQ, BAD = 0, 1  # the entries of MSAM's status tensor (float64, on the device)
+
+
+class ReferenceMSAM:
+    """The specification: one parameter at a time, ``torch.where`` for the skip."""
+
+    name = "reference"
+
+    def stats(self, bucket: Bucket, plan: Plan, h: MSAMHyper, status: Tensor) -> None:
+        ct = compute_dtype(bucket.dtype)
+        s0_role = state_roles(h.base)[0]
+        for i in plan.indices:
+            g = bucket.grad(i)
+            v = first_moment(h, g.to(ct), bucket.weight(i).to(ct), bucket.state_tensor(s0_role, i).to(ct))
+            status[SUMSQ] += squares(v)
+            status[BAD] += (~torch.isfinite(g)).sum()
+
+    def apply(
+        self, bucket: Bucket, plan: Plan, h: MSAMHyper, status: Tensor, scales: Tensor, group: int
+    ) -> None:
+        ct, skip, scale = compute_dtype(bucket.dtype), status[BAD] > 0, scales[group]
+        roles = state_roles(h.base)
+        for i in plan.indices:
+            p, g, count = bucket.weight(i), bucket.grad(i).to(ct), bucket.steps[i]
+            stored = bucket.state_tensor(WEIGHT, i)
+            s0 = bucket.state_tensor(roles[0], i)
+            w = torch.where(count > 0, stored.to(ct), p.to(ct))  # no stored w yet: p is w
+            v = first_moment(h, g, p.to(ct), s0.to(ct))
+            s1_new = None
+            if h.base == "adamw":
+                s1 = bucket.state_tensor(roles[1], i)
+                s1_new = second_moment(h, g, s1.to(ct))
+                s1.copy_(torch.where(skip, s1, s1_new.to(s1.dtype)))
+            w_new = updated_weight(h, w, v, s1_new, count)
+            stored.copy_(torch.where(skip, stored, w_new.to(stored.dtype)))
+            s0.copy_(torch.where(skip, s0, v.to(s0.dtype)))
+            # from the stored (rounded) values, as perturb() recomputes it
+            p.copy_(torch.where(skip, p, perturbed(stored.to(ct), s0.to(ct), scale).to(p.dtype)))
+            count.add_((~skip).to(count.dtype))
+        bucket.counts_moved()
+
+    def restore(self, bucket: Bucket) -> None:
+        for i in range(len(bucket.params)):
+            p = bucket.weight(i)
+            p.copy_(torch.where(bucket.steps[i] > 0, bucket.state_tensor(WEIGHT, i), p))
+
+    def perturb(self, bucket: Bucket, run: TableRun, base: str, scales: Tensor, group: int) -> None:
+        ct, s0_role, scale = compute_dtype(bucket.dtype), state_roles(base)[0], scales[group]
+        for i in run.indices:
+            p = bucket.weight(i)
+            w, v = bucket.state_tensor(WEIGHT, i).to(ct), bucket.state_tensor(s0_role, i).to(ct)
+            p.copy_(torch.where(bucket.steps[i] > 0, perturbed(w, v, scale).to(p.dtype), p))
+
+
+def _upcast(tensors: list[Tensor], ct: torch.dtype) -> list[Tensor]:
+    return tensors if not tensors or tensors[0].dtype == ct else [t.to(ct) for t in tensors]
+
+
+class ForeachMSAM:
+    """The rules over the bucket's tensors with ``torch._foreach_*``; host-side decisions."""
+
+    name = "foreach"
+
+    @staticmethod
+    def _moment(h: MSAMHyper, g: list[Tensor], p: list[Tensor], s0: list[Tensor]) -> list[Tensor]:
+        if h.base == "sgd":
+            d = torch._foreach_add(g, p, alpha=h.weight_decay) if h.weight_decay != 0 else g
+            v = torch._foreach_mul(s0, h.momentum)
+            torch._foreach_add_(v, d)
+            return v
+        v = torch._foreach_mul(s0, h.beta1)
+        torch._foreach_add_(v, torch._foreach_mul(g, 1.0 - h.beta1))
+        return v
+
+    def stats(self, bucket: Bucket, plan: Plan, h: MSAMHyper, status: Tensor) -> None:
+        if plan.empty:
+            return
+        ct, run = compute_dtype(bucket.dtype), plan.run
+        grads = run.tensors("grad")
+        g, p = _upcast(grads, ct), _upcast(run.tensors("param"), ct)
+        v = self._moment(h, g, p, _upcast(run.tensors(state_roles(h.base)[0]), ct))
+        status[SUMSQ] += torch.stack([n.to(torch.float64) for n in torch._foreach_norm(v)]).square().sum()
+        # 0 * x is NaN exactly where x is not finite (the infinity norm refuses empty tensors)
+        status[BAD] += torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0))).isnan().sum()
+
+    def apply(
+        self, bucket: Bucket, plan: Plan, h: MSAMHyper, status: Tensor, scales: Tensor, group: int
+    ) -> None:
+        if plan.empty or bool(status[BAD] > 0):  # a host read (a sync off the CPU)
+            return
+        ct, run, roles = compute_dtype(bucket.dtype), plan.run, state_roles(h.base)
+        counts = bucket.host_counts()[0]
+        params, stored = run.tensors("param"), run.tensors(WEIGHT)
+        s0 = run.tensors(roles[0])
+        g, p = _upcast(run.tensors("grad"), ct), _upcast(params, ct)
+        w = _upcast([s if counts[i] > 0 else q for i, s, q in zip(plan.indices, stored, params)], ct)
+        v = self._moment(h, g, p, _upcast(s0, ct))
+        if h.base == "sgd":
+            w_new = torch._foreach_add(w, v, alpha=-h.lr)
+        else:
+            s1 = run.tensors(roles[1])
+            s1_new = torch._foreach_mul(_upcast(s1, ct), h.beta2)
+            torch._foreach_addcmul_(s1_new, g, g, value=1.0 - h.beta2)
+            ts = [counts[i] + 1 for i in plan.indices]
+            denom = torch._foreach_sqrt(s1_new)
+            torch._foreach_div_(denom, [(1 - h.beta2**t) ** 0.5 for t in ts])
+            torch._foreach_add_(denom, h.eps)
+            step = torch._foreach_div(v, denom)
+            torch._foreach_mul_(step, [h.lr / (1 - h.beta1**t) for t in ts])
+            w_new = torch._foreach_sub(w, step)
+            torch._foreach_mul_(w_new, 1 - h.lr * h.weight_decay)
+            torch._foreach_copy_(s1, s1_new)
+        torch._foreach_copy_(stored, w_new)
+        torch._foreach_copy_(s0, v)
+        self._write_perturbed(params, stored, s0, ct, float(scales[group]))
+        index = torch.tensor(plan.indices, device=bucket.device)
+        bucket.steps.index_add_(0, index, torch.ones(len(plan.indices), device=bucket.device))
+        bucket.counts_moved()
+
+    @staticmethod
+    def _write_perturbed(params: list[Tensor], stored: list[Tensor], s0: list[Tensor], ct, c: float) -> None:
+        """``p <- w - c v`` from the stored values, rounded as ``perturbed`` rounds it."""
+        if not params:
+            return
+        shift = torch._foreach_mul(_upcast(s0, ct), c)
+        torch._foreach_copy_(params, torch._foreach_sub(_upcast(stored, ct), shift))
+
+    def restore(self, bucket: Bucket) -> None:
+        counts = bucket.host_counts()[0]
+        held = [i for i in range(len(bucket.params)) if counts[i] > 0]
+        if held:
+            torch._foreach_copy_([bucket.weight(i) for i in held], bucket.storage.views(WEIGHT, held))
+
+    def perturb(self, bucket: Bucket, run: TableRun, base: str, scales: Tensor, group: int) -> None:
+        counts = bucket.host_counts()[0]
+        held = [i for i in run.indices if counts[i] > 0]
+        views = bucket.storage.views
+        params = [bucket.weight(i) for i in held]
+        s0 = views(state_roles(base)[0], held)
+        self._write_perturbed(
+            params, views(WEIGHT, held), s0, compute_dtype(bucket.dtype), float(scales[group])
+        )
+
+
+_MISSING = {
+    "cpp": "the C++ CPU library has no MSAM kernels yet: use backend='foreach' or 'auto'",
+    "cuda": "the CUDA C++ library has no MSAM kernels yet: use backend='triton' or 'auto'",
+}
+
+
+def choose_msam_backend(request: str, device: torch.device, dtype: torch.dtype, strided: str | None):
+    """The MSAM backend of one bucket: ``auto`` takes triton for CUDA tensors (where it is
+    installed and the parameters are dense float32/bfloat16/float16), foreach everywhere else
+    (the CPU: the ``cpp`` library has no MSAM kernels yet); an explicit request that cannot
+    run the bucket is refused by name."""
+    name = request
+    if name == "auto":
+        name = os.environ.get(BACKEND_ENV, "auto") or "auto"
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
+    fused_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if name == "auto":
+        if device.type == "cuda" and strided is None and fused_dtype and triton_available():
+            name = "triton"
+        else:
+            name = "foreach"
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
+    if name in _MISSING:
+        raise ValueError(f"MSAM cannot run on the {name} backend: {_MISSING[name]}")
+    if name == "reference":
+        return ReferenceMSAM()
+    if name == "foreach":
+        return ForeachMSAM()
+    reason = None
+    if not triton_available():
+        reason = "triton is not installed"
+    elif device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        reason = (
+            f"it runs CUDA tensors, not {device.type.upper()} ones (TRITON_INTERPRET=1 runs it on the CPU)"
+        )
+    elif not fused_dtype:
+        reason = f"it handles float32, bfloat16 and float16, not {str(dtype).removeprefix('torch.')}"
+    elif strided is not None:
+        reason = f"its multi-tensor kernels need dense tensors, and a parameter is not: {strided}"
+    if reason is not None:
+        raise ValueError(
+            f"MSAM cannot run these parameters on the triton backend: {reason}; use backend='foreach'"
+        )
+    from .msam_triton import TritonMSAM  # imports triton
+
+    return TritonMSAM()
