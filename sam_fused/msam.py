@@ -251,7 +251,6 @@ class MSAM(torch.optim.Optimizer):
         """torch.optim's layout plus what resumes the run exactly: per parameter the base's
         state (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``), ``step`` and the stored
         ``unperturbed_weight`` (w); ``msam_scales``: each group's ``c = rho / ||v||``."""
-        self._check_idle("state_dict()")
         return msam_checkpoint.save(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
