@@ -28,6 +28,8 @@ from .backends import BACKEND_ENV, BACKEND_NAMES
 from .backends.triton import interpreting, triton_available
 from .layout import Bucket, Plan
 from .msam_rules import (
+    BAD,
+    SUMSQ,
     WEIGHT,
     MSAMHyper,
     compute_dtype,
@@ -40,9 +42,7 @@ from .msam_rules import (
 )
 from .tables import TableRun
 
-__all__ = ["BAD", "SUMSQ", "ForeachMSAM", "ReferenceMSAM", "choose_msam_backend"]
-
-SUMSQ, BAD = 0, 1  # the entries of MSAM's status tensor (float64, on the device)
+__all__ = ["BAD", "SUMSQ", "ReferenceMSAM", "choose_msam_backend"]
 
 
 class ReferenceMSAM:
@@ -96,96 +96,6 @@ class ReferenceMSAM:
             p.copy_(torch.where(bucket.steps[i] > 0, perturbed(w, v, scale).to(p.dtype), p))
 
 
-def _upcast(tensors: list[Tensor], ct: torch.dtype) -> list[Tensor]:
-    return tensors if not tensors or tensors[0].dtype == ct else [t.to(ct) for t in tensors]
-
-
-class ForeachMSAM:
-    """The rules over the bucket's tensors with ``torch._foreach_*``; host-side decisions."""
-
-    name = "foreach"
-
-    @staticmethod
-    def _moment(h: MSAMHyper, g: list[Tensor], p: list[Tensor], s0: list[Tensor]) -> list[Tensor]:
-        if h.base == "sgd":
-            d = torch._foreach_add(g, p, alpha=h.weight_decay) if h.weight_decay != 0 else g
-            v = torch._foreach_mul(s0, h.momentum)
-            torch._foreach_add_(v, d)
-            return v
-        v = torch._foreach_mul(s0, h.beta1)
-        torch._foreach_add_(v, torch._foreach_mul(g, 1.0 - h.beta1))
-        return v
-
-    def stats(self, bucket: Bucket, plan: Plan, h: MSAMHyper, status: Tensor) -> None:
-        if plan.empty:
-            return
-        ct, run = compute_dtype(bucket.dtype), plan.run
-        grads = run.tensors("grad")
-        g, p = _upcast(grads, ct), _upcast(run.tensors("param"), ct)
-        v = self._moment(h, g, p, _upcast(run.tensors(state_roles(h.base)[0]), ct))
-        status[SUMSQ] += torch.stack([n.to(torch.float64) for n in torch._foreach_norm(v)]).square().sum()
-        # 0 * x is NaN exactly where x is not finite (the infinity norm refuses empty tensors)
-        status[BAD] += torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0))).isnan().sum()
-
-    def apply(
-        self, bucket: Bucket, plan: Plan, h: MSAMHyper, status: Tensor, scales: Tensor, group: int
-    ) -> None:
-        if plan.empty or bool(status[BAD] > 0):  # a host read (a sync off the CPU)
-            return
-        ct, run, roles = compute_dtype(bucket.dtype), plan.run, state_roles(h.base)
-        counts = bucket.host_counts()[0]
-        params, stored = run.tensors("param"), run.tensors(WEIGHT)
-        s0 = run.tensors(roles[0])
-        g, p = _upcast(run.tensors("grad"), ct), _upcast(params, ct)
-        w = _upcast([s if counts[i] > 0 else q for i, s, q in zip(plan.indices, stored, params)], ct)
-        v = self._moment(h, g, p, _upcast(s0, ct))
-        if h.base == "sgd":
-            w_new = torch._foreach_add(w, v, alpha=-h.lr)
-        else:
-            s1 = run.tensors(roles[1])
-            s1_new = torch._foreach_mul(_upcast(s1, ct), h.beta2)
-            torch._foreach_addcmul_(s1_new, g, g, value=1.0 - h.beta2)
-            ts = [counts[i] + 1 for i in plan.indices]
-            denom = torch._foreach_sqrt(s1_new)
-            torch._foreach_div_(denom, [(1 - h.beta2**t) ** 0.5 for t in ts])
-            torch._foreach_add_(denom, h.eps)
-            step = torch._foreach_div(v, denom)
-            torch._foreach_mul_(step, [h.lr / (1 - h.beta1**t) for t in ts])
-            w_new = torch._foreach_sub(w, step)
-            torch._foreach_mul_(w_new, 1 - h.lr * h.weight_decay)
-            torch._foreach_copy_(s1, s1_new)
-        torch._foreach_copy_(stored, w_new)
-        torch._foreach_copy_(s0, v)
-        self._write_perturbed(params, stored, s0, ct, float(scales[group]))
-        index = torch.tensor(plan.indices, device=bucket.device)
-        bucket.steps.index_add_(0, index, torch.ones(len(plan.indices), device=bucket.device))
-        bucket.counts_moved()
-
-    @staticmethod
-    def _write_perturbed(params: list[Tensor], stored: list[Tensor], s0: list[Tensor], ct, c: float) -> None:
-        """``p <- w - c v`` from the stored values, rounded as ``perturbed`` rounds it."""
-        if not params:
-            return
-        shift = torch._foreach_mul(_upcast(s0, ct), c)
-        torch._foreach_copy_(params, torch._foreach_sub(_upcast(stored, ct), shift))
-
-    def restore(self, bucket: Bucket) -> None:
-        counts = bucket.host_counts()[0]
-        held = [i for i in range(len(bucket.params)) if counts[i] > 0]
-        if held:
-            torch._foreach_copy_([bucket.weight(i) for i in held], bucket.storage.views(WEIGHT, held))
-
-    def perturb(self, bucket: Bucket, run: TableRun, base: str, scales: Tensor, group: int) -> None:
-        counts = bucket.host_counts()[0]
-        held = [i for i in run.indices if counts[i] > 0]
-        views = bucket.storage.views
-        params = [bucket.weight(i) for i in held]
-        s0 = views(state_roles(base)[0], held)
-        self._write_perturbed(
-            params, views(WEIGHT, held), s0, compute_dtype(bucket.dtype), float(scales[group])
-        )
-
-
 _MISSING = {
     "cpp": "the C++ CPU library has no MSAM kernels yet: use backend='foreach' or 'auto'",
     "cuda": "the CUDA C++ library has no MSAM kernels yet: use backend='triton' or 'auto'",
@@ -215,6 +125,8 @@ def choose_msam_backend(request: str, device: torch.device, dtype: torch.dtype, 
     if name == "reference":
         return ReferenceMSAM()
     if name == "foreach":
+        from .msam_foreach import ForeachMSAM
+
         return ForeachMSAM()
     reason = None
     if not triton_available():

@@ -36,7 +36,9 @@ from torch import Tensor
 from .backends.reference import math_dtype, sum_of_squares
 
 __all__ = [
+    "BAD",
     "NORM_EPS",
+    "SUMSQ",
     "WEIGHT",
     "MSAMHyper",
     "first_moment",
@@ -46,6 +48,7 @@ __all__ = [
     "updated_weight",
 ]
 
+SUMSQ, BAD = 0, 1  # the entries of MSAM's status tensor (float64, on the device)
 NORM_EPS = 1e-12  # added after the square root, as the official code does
 WEIGHT = "unperturbed_weight"  # the role of the stored w
 

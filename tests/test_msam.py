@@ -82,10 +82,11 @@ def build(device, dtype, backend, base_name, seed=0, rhos=(0.7, 2.0)):
 
 
 def set_grads(params, coeffs, step, device):
-    """Gradients at the parameters' current values; parameter 1 has none at step 2."""
+    """Gradients at the parameters' current values; parameter 1 has none at step 2, and
+    parameter 0 none before step 2 (its first update comes while the others have state)."""
     grads = []
     for i, (p, (a, b)) in enumerate(zip(params, coeffs)):
-        if i == 1 and step == 2:
+        if (i == 1 and step == 2) or (i == 0 and step < 2):
             p.grad = None
             grads.append(None)
             continue
@@ -327,3 +328,27 @@ def test_construction_refusals(device):
     assert MSAM([p], torch.optim.SGD, lr=0.1, momentum=0.9).backends == [
         "foreach" if device == "cpu" else "triton"
     ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+def test_strided_parameters_match_contiguous_ones(device, backend):
+    """A parameter with gaps in its memory (a column slice) steps as its contiguous copy does;
+    the multi-tensor kernels refuse it, so auto gives it foreach."""
+    gen = torch.Generator().manual_seed(3)
+    storage = torch.randn(6, 10, generator=gen).to(device)
+    strided = torch.nn.Parameter(storage[:, ::2])
+    dense = torch.nn.Parameter(storage[:, ::2].clone())
+    assert not strided.is_contiguous()
+    opts = [
+        MSAM([p], torch.optim.SGD, rho=0.5, backend=backend, lr=0.1, momentum=0.9, weight_decay=0.01)
+        for p in (strided, dense)
+    ]
+    a, b = torch.rand(6, 5, generator=gen).to(device), torch.randn(6, 5, generator=gen).to(device)
+    for _ in range(3):
+        for p, opt in zip((strided, dense), opts):
+            p.grad = gradient(p.detach(), a, b)
+            opt.step()
+        assert torch.equal(strided, dense)
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="need dense tensors"):
+            MSAM([strided], torch.optim.SGD, backend="triton", lr=0.1, momentum=0.9)
