@@ -3,11 +3,12 @@
 A plan's parameters cover a few segments of every flat buffer (``backends/flat_runs.py``;
 one for the usual plan), so the math is a handful of large tensor operations per bucket;
 the parameters themselves are read (gathered into the ``msam_p`` scratch buffer, only where
-the math needs them) and written with ``torch._foreach_copy_``. The new first moment the
-statistics pass computes is kept for the apply pass of the same step (one temporary of the
-bucket's size). The skip flag, the update counts and the scale are read on the host: free
-for CPU tensors, one synchronisation per step elsewhere (``triton`` is ``auto``'s choice on
-CUDA). The padding between parameters is zeros in every buffer and stays zero.
+the math needs them) and written with ``torch._foreach_*``. The new first moment the
+statistics pass computes is kept for the apply pass of the same step, in the scratch buffer
+``msam_v`` (a fresh tensor each step costs its page faults on the CPU). The skip flag, the
+update counts and the scale are read on the host: free for CPU tensors, one synchronisation
+per step elsewhere (``triton`` is ``auto``'s choice on CUDA). The padding between
+parameters is zeros in every buffer and stays zero.
 """
 
 from __future__ import annotations
@@ -23,14 +24,34 @@ from .tables import TableRun
 __all__ = ["ForeachMSAM"]
 
 _GATHERED = "msam_p"  # the parameters' values, gathered flat (scratch of one step)
+_MOMENT = "msam_v"  # the new first moment, from the statistics pass to the apply pass
 
 
-def _moment(h: MSAMHyper, g: Tensor, p: Tensor | None, s0: Tensor) -> Tensor:
-    """``first_moment`` of ``msam_rules`` over flat tensors of the math dtype."""
-    if h.base == "sgd":
-        d = g + h.weight_decay * p if h.weight_decay != 0 else g
-        return torch.mul(s0, h.momentum).add_(d)
-    return torch.mul(s0, h.beta1).add_(torch.mul(g, 1.0 - h.beta1))
+def _moment(h: MSAMHyper, g: Tensor, p: Tensor | None, s0: Tensor, out: Tensor | None) -> Tensor:
+    """``first_moment`` of ``msam_rules`` over flat tensors of the math dtype, into ``out``
+    (a scratch buffer: a fresh tensor per step would cost its page faults) or a new tensor."""
+    v = torch.mul(s0, h.momentum if h.base == "sgd" else h.beta1, out=out)
+    if h.base == "adamw":
+        return v.add_(g, alpha=1.0 - h.beta1)
+    v.add_(g)
+    return v.add_(p, alpha=h.weight_decay) if h.weight_decay != 0 else v
+
+
+def _sum_of_squares(v: Tensor) -> Tensor:
+    """``sum(v^2)`` in float64 from float32 norms of 16-element rows (a segment's length is a
+    multiple of 16): no float64 copy of ``v``, and no float32 overflow of the whole sum."""
+    if v.dtype == torch.float64:
+        return torch.dot(v, v)
+    return torch.linalg.vector_norm(v.view(-1, 16), dim=1).to(torch.float64).square().sum()
+
+
+def _nonfinite(g: Tensor) -> Tensor:
+    """1 when ``g`` holds a NaN or an infinity, else 0: its min and max propagate both (one
+    pass, no temporary)."""
+    if g.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=g.device)
+    low, high = torch.aminmax(g)
+    return (~(torch.isfinite(low) & torch.isfinite(high))).to(torch.float64)
 
 
 class ForeachMSAM:
@@ -56,9 +77,10 @@ class ForeachMSAM:
         for seg in flat.segments:
             g = flat.buffer("grad", seg)
             p = self._gathered(plan, flat, seg, ct) if h.base == "sgd" and h.weight_decay != 0 else None
-            v = _moment(h, g.to(ct), p, flat.buffer(state_roles(h.base)[0], seg).to(ct))
-            status[SUMSQ] += torch.linalg.vector_norm(v, dtype=torch.float64).square()
-            status[BAD] += torch.isfinite(g).logical_not().sum()
+            out = flat.buffer(_MOMENT, seg) if bucket.dtype == ct else None
+            v = _moment(h, g.to(ct), p, flat.buffer(state_roles(h.base)[0], seg).to(ct), out)
+            status[SUMSQ] += _sum_of_squares(v)
+            status[BAD] += _nonfinite(g)
             moments.append((v, p))
         plan.cache["msam_moments"] = moments
 
@@ -73,14 +95,14 @@ class ForeachMSAM:
         for seg, (v, p) in zip(flat.segments, moments):
             stored, s0 = flat.buffer(WEIGHT, seg), flat.buffer(roles[0], seg)
             runs = flat.counts(bucket.steps, seg, True)  # (lo, hi, count): usually one run
-            w = stored.to(ct, copy=True)
+            w = stored if stored.dtype == ct else stored.to(ct)  # updated in place
             if any(count == 0 for _, _, count in runs):  # no stored w yet: the parameter is w
                 p = self._gathered(plan, flat, seg, ct) if p is None else p
                 for lo, hi, count in runs:
                     if count == 0:
                         w[lo:hi] = p[lo:hi]
             if h.base == "sgd":
-                w.sub_(h.lr * v)
+                w.add_(v, alpha=-h.lr)
             else:
                 g, s1 = flat.buffer("grad", seg).to(ct), flat.buffer(roles[1], seg)
                 s = torch.mul(s1.to(ct), h.beta2).add_(torch.mul(g * g, 1.0 - h.beta2))
@@ -90,10 +112,17 @@ class ForeachMSAM:
                     w[lo:hi] -= h.lr / (1 - h.beta1**t) * (v[lo:hi] / denom)
                 w.mul_(1 - h.lr * h.weight_decay)
                 s1.copy_(s)
-            stored.copy_(w)
+            if w is not stored:
+                stored.copy_(w)
             s0.copy_(v)
-            perturbed = stored.to(ct) - s0.to(ct) * c  # from the stored (rounded) values
-            torch._foreach_copy_(plan.run.weights[seg.slots], flat.views_of(perturbed, seg))
+            # w~ = w - c v from the stored (rounded) values, as perturb() computes it
+            params = plan.run.weights[seg.slots]
+            if stored.dtype == ct:  # in place: no temporary
+                torch._foreach_copy_(params, flat.views(WEIGHT, seg))
+                torch._foreach_add_(params, flat.views(roles[0], seg), alpha=-c)
+            else:
+                perturbed = torch.add(stored.to(ct), s0.to(ct), alpha=-c)
+                torch._foreach_copy_(params, flat.views_of(perturbed, seg))
             bucket.steps[seg.first : seg.stop] += 1
         bucket.counts_moved()
 
@@ -111,5 +140,5 @@ class ForeachMSAM:
             return
         ct, c, views = compute_dtype(bucket.dtype), float(scales[group]), bucket.storage.views
         w = [t.to(ct) for t in views(WEIGHT, held)]
-        shift = torch._foreach_mul([t.to(ct) for t in views(state_roles(base)[0], held)], c)
-        torch._foreach_copy_([bucket.weight(i) for i in held], torch._foreach_sub(w, shift))
+        v = [t.to(ct) for t in views(state_roles(base)[0], held)]
+        torch._foreach_copy_([bucket.weight(i) for i in held], torch._foreach_add(w, v, alpha=-c))
