@@ -2,8 +2,8 @@
 
 Part 1 times the optimizer part of one step (gradients in place, no forward/backward) on
 the CPU sets of ``param_sets.py``: ``torch.optim.SGD`` (foreach), ``sam_fused.MSAM``
-(SGD base) and ``sam_fused.SAM`` (``first_step()`` + ``second_step()``), each with the
-backend given (``--backends``; MSAM's ``cpp`` is not there yet, so its rows use foreach).
+(SGD base) and ``sam_fused.SAM`` (``first_step()`` + ``second_step()``), both on each
+backend of ``--backends``.
 Medians of ``--repeats`` calls, one torch thread. A SAM step also costs a second
 forward/backward, which this does not count: the model's passes dominate a real step.
 
@@ -52,7 +52,7 @@ def _params(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
 def time_steps(shapes, backend: str, repeats: int) -> dict[str, float]:
     options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
     sgd = torch.optim.SGD(_params(shapes), foreach=True, **options)
-    msam = MSAM(_params(shapes), torch.optim.SGD, rho=3.0, backend="foreach", **options)
+    msam = MSAM(_params(shapes), torch.optim.SGD, rho=3.0, backend=backend, **options)
     sam = SAM(_params(shapes), torch.optim.SGD, rho=0.05, backend=backend, **options)
 
     def sam_step() -> None:
@@ -61,7 +61,7 @@ def time_steps(shapes, backend: str, repeats: int) -> dict[str, float]:
 
     return {
         "torch SGD (foreach)": _median_ms(sgd.step, repeats),
-        "MSAM foreach": _median_ms(msam.step, repeats),
+        f"MSAM {backend}": _median_ms(msam.step, repeats),
         f"SAM {backend}": _median_ms(sam_step, repeats),
     }
 

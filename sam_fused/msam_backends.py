@@ -13,8 +13,9 @@ Four operations (``msam_rules.py`` holds their math):
 ``reference`` runs the rules parameter by parameter with ``torch.where`` (no host sync);
 ``foreach`` runs them over the bucket's tensors with ``torch._foreach_*`` and reads the skip
 flag and the update counts on the host (free for CPU tensors, one sync a step elsewhere);
-``triton`` fuses each operation into one launch per bucket (``msam_triton.py``). The C++
-libraries (``cpp``, ``cuda``) have no MSAM kernels yet and are refused by name.
+``triton`` (``msam_triton.py``) and ``cpp`` (``msam_cpp.py``, ``csrc/sam_fused_cpu_msam.cpp``)
+run each operation as one call per bucket. The CUDA C++ library has no MSAM kernels yet and is
+refused by name.
 """
 
 from __future__ import annotations
@@ -96,17 +97,11 @@ class ReferenceMSAM:
             p.copy_(torch.where(bucket.steps[i] > 0, perturbed(w, v, scale).to(p.dtype), p))
 
 
-_MISSING = {
-    "cpp": "the C++ CPU library has no MSAM kernels yet: use backend='foreach' or 'auto'",
-    "cuda": "the CUDA C++ library has no MSAM kernels yet: use backend='triton' or 'auto'",
-}
-
-
 def choose_msam_backend(request: str, device: torch.device, dtype: torch.dtype, strided: str | None):
     """The MSAM backend of one bucket: ``auto`` takes triton for CUDA tensors (where it is
-    installed and the parameters are dense float32/bfloat16/float16), foreach everywhere else
-    (the CPU: the ``cpp`` library has no MSAM kernels yet); an explicit request that cannot
-    run the bucket is refused by name."""
+    installed and the parameters are dense float32/bfloat16/float16), cpp for dense CPU
+    tensors where the C++ library is here, foreach everywhere else; an explicit request that
+    cannot run the bucket is refused by name."""
     name = request
     if name == "auto":
         name = os.environ.get(BACKEND_ENV, "auto") or "auto"
@@ -114,14 +109,13 @@ def choose_msam_backend(request: str, device: torch.device, dtype: torch.dtype, 
             raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
     fused_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
     if name == "auto":
+        name = "foreach"
         if device.type == "cuda" and strided is None and fused_dtype and triton_available():
             name = "triton"
-        else:
-            name = "foreach"
+        elif device.type == "cpu" and strided is None and _cpp_refusal() is None:
+            name = "cpp"
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
-    if name in _MISSING:
-        raise ValueError(f"MSAM cannot run on the {name} backend: {_MISSING[name]}")
     if name == "reference":
         return ReferenceMSAM()
     if name == "foreach":
@@ -129,7 +123,16 @@ def choose_msam_backend(request: str, device: torch.device, dtype: torch.dtype, 
 
         return ForeachMSAM()
     reason = None
-    if not triton_available():
+    if name == "cuda":
+        reason = "the CUDA C++ library has no MSAM kernels yet (use backend='triton' or 'auto')"
+    elif name == "cpp":
+        if device.type != "cpu":
+            reason = f"it runs CPU tensors, not {device.type.upper()} ones"
+        elif strided is not None:
+            reason = f"its multi-tensor loops need dense tensors, and a parameter is not: {strided}"
+        else:
+            reason = _cpp_refusal()
+    elif not triton_available():
         reason = "triton is not installed"
     elif device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         reason = (
@@ -141,8 +144,18 @@ def choose_msam_backend(request: str, device: torch.device, dtype: torch.dtype, 
         reason = f"its multi-tensor kernels need dense tensors, and a parameter is not: {strided}"
     if reason is not None:
         raise ValueError(
-            f"MSAM cannot run these parameters on the triton backend: {reason}; use backend='foreach'"
+            f"MSAM cannot run these parameters on the {name} backend: {reason}; use backend='foreach'"
         )
+    if name == "cpp":
+        from .msam_cpp import CppMSAM
+
+        return CppMSAM()
     from .msam_triton import TritonMSAM  # imports triton
 
     return TritonMSAM()
+
+
+def _cpp_refusal() -> str | None:
+    from .msam_cpp import cpp_refusal
+
+    return cpp_refusal()
