@@ -35,6 +35,13 @@ double* msam_status(const at::Tensor& status) {
   return status.data_ptr<double>();
 }
 
+// The update counts (float32, one per tensor of the bucket).
+const float* counts_of(const at::Tensor& steps) {
+  TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
+              "sam_fused: steps must be a contiguous CPU float32 tensor");
+  return steps.data_ptr<float>();
+}
+
 // The new first moment: SGD's v' (ADAM false) or AdamW's m' (a holds mu or b1, b holds wd or 1 - b1).
 template <typename F, bool ADAM>
 SAM_FUSED_INLINE F first_moment(F g, F p, F s0, F a, F b) {
@@ -104,8 +111,7 @@ void msam_apply(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
                 double scale) {
   const Launch launch = read_launch(runs, like, steps.numel());
   if (msam_status(status)[kMsamBad] > 0) return;  // skipped: nothing moves
-  TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
-              "sam_fused: steps must be a contiguous CPU float32 tensor");
+  const float* counts = counts_of(steps);
   TORCH_CHECK(scalars.size() == (adam ? 7u : 3u), "sam_fused: msam_apply takes ", adam ? 7 : 3, " scalars");
   const Role p_role = role_of(launch, param, "param");
   const Role g_role = role_of(launch, grad, "grad");
@@ -113,7 +119,6 @@ void msam_apply(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   const Role s0_role = role_of(launch, s0, "s0");
   const Role s1_role = role_of(launch, s1, "s1");
   TORCH_CHECK(s1_role.present() == adam, "sam_fused: msam_apply needs s1 exactly for AdamW");
-  const float* counts = steps.data_ptr<float>();
   const auto spans = blocks_of(launch.runs);
   dispatch_dtype<true>(launch.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -168,17 +173,13 @@ void msam_apply(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
 void msam_move(const at::Tensor& param, const at::Tensor& weight, const std::optional<at::Tensor>& s0,
                const at::Tensor& steps, const at::Tensor& runs, const at::Tensor& like, double scale) {
   const Launch launch = read_launch(runs, like, steps.numel());
-  TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
-              "sam_fused: steps must be a contiguous CPU float32 tensor");
-  const Role p_role = role_of(launch, param, "param");
-  const Role w_role = role_of(launch, weight, "weight");
-  const Role s0_role = role_of(launch, s0, "s0");
-  const float* counts = steps.data_ptr<float>();
+  const float* counts = counts_of(steps);
   const auto spans = blocks_of(launch.runs);
+  const Role p_role = role_of(launch, param, "param"), w_role = role_of(launch, weight, "weight");
+  const Role s0_role = role_of(launch, s0, "s0");  // absent: restore
   dispatch_dtype<true>(launch.dtype, [&](auto tag) {
     using T = decltype(tag);
-    using F = MathOf<T>;
-    const F c = static_cast<F>(scale);
+    const MathOf<T> c = static_cast<MathOf<T>>(scale);
     for_each_span(spans, [&](const Span& span) {
       if (!(counts[launch.runs[span.run].count] > 0)) return;
       Raw<T>* __restrict p = p_role.at<T>(span.run);

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._extension import cpu_extension
 from .layout import Bucket, Plan
-from .msam_rules import WEIGHT, MSAMHyper, state_roles
+from .msam_rules import WEIGHT, MSAMHyper, apply_tables, state_roles
 from .tables import TableRun
 
 __all__ = ["CppMSAM", "cpp_refusal"]
@@ -61,18 +61,13 @@ class CppMSAM:
         if run.empty:
             return
         adam = h.base == "adamw"
-        roles = state_roles(h.base)
         if adam:
             decay = 1.0 - h.lr * h.weight_decay
             scalars = [h.beta1, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, h.eps, h.lr, decay]
         else:
             scalars = [h.momentum, h.weight_decay, h.lr]
         self.ops.msam_apply(
-            param=run.addresses("param"),
-            grad=run.addresses("grad"),
-            weight=run.addresses(WEIGHT),
-            s0=run.addresses(roles[0]),
-            s1=run.addresses(roles[1]) if adam else None,
+            **apply_tables(run, h.base),
             steps=bucket.steps,
             status=status,
             adam=adam,

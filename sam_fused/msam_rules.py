@@ -28,12 +28,15 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .backends.reference import math_dtype, sum_of_squares
+
+if TYPE_CHECKING:
+    from .tables import TableRun
 
 __all__ = [
     "BAD",
@@ -41,6 +44,7 @@ __all__ = [
     "SUMSQ",
     "WEIGHT",
     "MSAMHyper",
+    "apply_tables",
     "first_moment",
     "perturbed",
     "second_moment",
@@ -135,6 +139,19 @@ def perturbed(w: Tensor, v: Tensor, scale: Tensor) -> Tensor:
     the *stored* (rounded) ``w`` and ``v``, in the step and whenever it puts ``w~`` back, so
     both give the same bits."""
     return w - scale.to(w.dtype) * v
+
+
+def apply_tables(run: TableRun, base: str) -> dict[str, Tensor | None]:
+    """The address tables the fused apply reads and writes: the parameters, gradients, stored
+    ``w`` and the base's state (``s1`` None for SGD)."""
+    roles = state_roles(base)
+    return {
+        "param": run.addresses("param"),
+        "grad": run.addresses("grad"),
+        "weight": run.addresses(WEIGHT),
+        "s0": run.addresses(roles[0]),
+        "s1": run.addresses(roles[1]) if len(roles) > 1 else None,
+    }
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

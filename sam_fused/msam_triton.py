@@ -13,7 +13,7 @@ from torch import Tensor
 from .backends.triton import WARPS
 from .kernels import msam as K
 from .layout import Bucket, Plan
-from .msam_rules import WEIGHT, MSAMHyper, state_roles
+from .msam_rules import WEIGHT, MSAMHyper, apply_tables, state_roles
 from .tables import CHUNK, TableRun
 
 __all__ = ["TritonMSAM"]
@@ -59,18 +59,13 @@ class TritonMSAM:
         if run.empty or run.programs() == 0:
             return
         adam = h.base == "adamw"
-        roles = state_roles(h.base)
         scalars = None
         if adam:
             scalars = torch.tensor([h.beta1, h.beta2, h.lr], dtype=torch.float64).to(bucket.device)
         _launch(
             K.msam_apply_kernel,
             run,
-            param=run.addresses("param"),
-            grad=run.addresses("grad"),
-            weight=run.addresses(WEIGHT),
-            s0=run.addresses(roles[0]),
-            s1=run.addresses(roles[1]) if adam else None,
+            **apply_tables(run, h.base),
             steps=bucket.steps,
             status=status,
             scale=scale,
