@@ -338,3 +338,44 @@ def test_construction_refusals(device):
             ValueError, match="MSAM cannot run these parameters on the cpp backend: its multi"
         ):
             MSAM([torch.nn.Parameter(torch.randn(4, 6)[:, ::2])], torch.optim.SGD, lr=0.1, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_and_lr_scheduler(device, backend):
+    """Under a GradScaler (a power-of-two scale, so unscaling is exact) MSAM gives the unscaled
+    run's bits, and a step whose gradients overflowed is skipped with nothing moved; an LR
+    scheduler's value is the one the next step uses."""
+
+    def run(steps: int, scaled: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).to(device)
+        opt = MSAM(model.parameters(), torch.optim.SGD, rho=0.5, backend=backend, lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=1000, enabled=scaled)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(steps):
+            x, y = torch.randn(8, 7, generator=gen).to(device), torch.randn(8, 1, generator=gen).to(device)
+            scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            overflow = scaled and step == steps - 1
+            if overflow:
+                model[0].bias.grad[0] = float("inf")
+                before = snapshot(list(model.parameters()), opt)
+            scaler.step(opt)
+            scaler.update()
+            if overflow:
+                for p in model.parameters():
+                    p.grad = None  # the snapshot's gradients were the overflowed ones
+                assert_unchanged(list(model.parameters()), opt, (before[0], [None] * 4, *before[2:]))
+                assert scaler.get_scale() == 2.0**9
+            else:
+                sched.step()
+            opt.zero_grad()
+        return model, opt
+
+    plain, plain_opt = run(4, scaled=False)
+    scaled, scaled_opt = run(5, scaled=True)  # its fifth step overflows
+    assert plain_opt.param_groups[0]["lr"] == scaled_opt.param_groups[0]["lr"] == 0.025
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(p, q)
+        for key, value in plain_opt.state[p].items():
+            assert torch.equal(scaled_opt.state[q][key], value), key
