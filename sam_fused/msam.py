@@ -246,6 +246,21 @@ class MSAM(torch.optim.Optimizer):
             g = bucket.group_index
             bucket.backend.perturb(bucket, bucket.all_run(), self._base, self._scales, g)
 
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        # everything (torch's own keeps only defaults, state and groups), but not an LR
+        # scheduler's wrapper of step(); opt.state is views of the buckets, remade on restore
+        return {k: v for k, v in self.__dict__.items() if k not in ("step", "state")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        torch.optim.Optimizer.__setstate__(self, state)
+        self.state = {}
+        for bucket in self._buckets:
+            if isinstance(bucket.backend, str):  # buckets travel with their backend's name
+                bucket.backend = choose_msam_backend(bucket.backend, bucket.device, bucket.dtype, None)
+            for i, p in enumerate(bucket.params):
+                self.state[p] = self._state_views(bucket, i)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's layout plus what resumes the run exactly: per parameter the base's

@@ -86,6 +86,23 @@ def build(device, dtype, backend, base_name, seed=0, rhos=(0.7, 2.0)):
     return params, coeffs, opt
 
 
+def trained(device, backend, base_name, steps):
+    """``build``'s optimizer after ``steps`` steps."""
+    params, coeffs, opt = build(device, torch.float32, backend, base_name)
+    for step in range(steps):
+        set_grads(params, coeffs, step, device)
+        opt.step()
+    return params, coeffs, opt
+
+
+def assert_same_run(params, opt, other_params, other_opt):
+    """Both runs hold the same weights and optimizer state, bit for bit."""
+    for p, q in zip(params, other_params, strict=True):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(other_opt.state[q][key], value), key
+
+
 def set_grads(params, coeffs, step, device):
     """Gradients at the parameters' current values; parameter 1 has none at step 2, and
     parameter 0 none before step 2 (its first update comes while the others have state)."""
@@ -205,10 +222,7 @@ def assert_unchanged(params, opt, snap):
 @pytest.mark.parametrize("base_name", ["sgd", "adamw"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_nonfinite_gradient_skips_the_step(device, backend, base_name):
-    params, coeffs, opt = build(device, torch.float32, backend, base_name)
-    for step in range(2):
-        set_grads(params, coeffs, step, device)
-        opt.step()
+    params, coeffs, opt = trained(device, backend, base_name, 2)
     set_grads(params, coeffs, 3, device)
     params[2].grad[4000] = float("nan")
     params[0].grad[0] = float("inf")
@@ -275,18 +289,12 @@ def test_resume_into_a_freshly_built_model_is_bitwise(device, backend, base_name
     fresh.load_state_dict(checkpoint["model"])
     fresh_opt.load_state_dict(checkpoint["opt"])
     train(fresh, fresh_opt, data[3:])
-    for p, q in zip(model.parameters(), fresh.parameters()):
-        assert torch.equal(p, q)
-        for key, value in opt.state[p].items():
-            assert torch.equal(fresh_opt.state[q][key], value), key
+    assert_same_run(list(model.parameters()), opt, list(fresh.parameters()), fresh_opt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_refusals_change_nothing(device, backend):
-    params, coeffs, opt = build(device, torch.float32, backend, "sgd")
-    for step in range(2):
-        set_grads(params, coeffs, step, device)
-        opt.step()
+    params, coeffs, opt = trained(device, backend, "sgd", 2)
     set_grads(params, coeffs, 2, device)
     snap = snapshot(params, opt)
     for key, value, message in [
@@ -375,7 +383,21 @@ def test_grad_scaler_and_lr_scheduler(device, backend):
     plain, plain_opt = run(4, scaled=False)
     scaled, scaled_opt = run(5, scaled=True)  # its fifth step overflows
     assert plain_opt.param_groups[0]["lr"] == scaled_opt.param_groups[0]["lr"] == 0.025
-    for p, q in zip(plain.parameters(), scaled.parameters()):
-        assert torch.equal(p, q)
-        for key, value in plain_opt.state[p].items():
-            assert torch.equal(scaled_opt.state[q][key], value), key
+    assert_same_run(list(plain.parameters()), plain_opt, list(scaled.parameters()), scaled_opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_deep_copy_steps_as_the_original(device, backend):
+    import copy
+
+    params, coeffs, opt = trained(device, backend, "adamw", 2)
+    twin = copy.deepcopy(opt)
+    twin_params = [p for group in twin.param_groups for p in group["params"]]
+    assert all(a is not b for a, b in zip(params, twin_params))
+    assert twin.backends == opt.backends
+    for step in range(2, 4):
+        for ps in (params, twin_params):
+            set_grads(ps, coeffs, step, device)
+        opt.step()
+        twin.step()
+    assert_same_run(params, opt, twin_params, twin)
