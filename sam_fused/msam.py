@@ -54,8 +54,8 @@ class MSAM(torch.optim.Optimizer):
         base_optimizer: ``torch.optim.SGD`` (heavy-ball momentum: no nesterov, no dampening)
             or ``torch.optim.AdamW`` (no amsgrad).
         rho: the radius (default 3.0, the official README's for SGD and AdamW).
-        backend: ``"auto"``, ``"triton"``, ``"cpp"``, ``"foreach"`` or ``"reference"``
-            (``"cuda"``, the CUDA C++ library, has no MSAM kernels yet and is refused).
+        backend: ``"auto"``, ``"triton"``, ``"cpp"``, ``"cuda"``, ``"foreach"`` or
+            ``"reference"``, as for ``SAM``.
         **base_kwargs: the base optimizer's options (``lr``, ``momentum``, ``weight_decay``...).
 
     Example::

@@ -13,9 +13,9 @@ Four operations (``msam_rules.py`` holds their math):
 ``reference`` runs the rules parameter by parameter with ``torch.where`` (no host sync);
 ``foreach`` runs them over the bucket's tensors with ``torch._foreach_*`` and reads the skip
 flag and the update counts on the host (free for CPU tensors, one sync a step elsewhere);
-``triton`` (``msam_triton.py``) and ``cpp`` (``msam_cpp.py``, ``csrc/sam_fused_cpu_msam.cpp``)
-run each operation as one call per bucket. The CUDA C++ library has no MSAM kernels yet and is
-refused by name.
+``triton`` (``msam_triton.py``), ``cpp`` (``msam_cpp.py``, ``csrc/sam_fused_cpu_msam.cpp``) and
+``cuda`` (``msam_cuda.py``, ``csrc/sam_fused_cuda_msam.cuh``) run each operation as one call
+per bucket.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class ReferenceMSAM:
 
 def choose_msam_backend(request: str, device: torch.device, dtype: torch.dtype, strided: str | None):
     """The MSAM backend of one bucket: ``auto`` takes triton for CUDA tensors (where it is
-    installed and the parameters are dense float32/bfloat16/float16), cpp for dense CPU
+    installed and the parameters are dense float32/bfloat16/float16; ``cuda`` only by name, as
+    for SAM), cpp for dense CPU
     tensors where the C++ library is here, foreach everywhere else; an explicit request that
     cannot run the bucket is refused by name."""
     name = request
@@ -124,7 +125,14 @@ def choose_msam_backend(request: str, device: torch.device, dtype: torch.dtype, 
         return ForeachMSAM()
     reason = None
     if name == "cuda":
-        reason = "the CUDA C++ library has no MSAM kernels yet (use backend='triton' or 'auto')"
+        if not fused_dtype:
+            reason = f"it handles float32, bfloat16 and float16, not {str(dtype).removeprefix('torch.')}"
+        elif strided is not None:
+            reason = f"its multi-tensor kernels need dense tensors, and a parameter is not: {strided}"
+        else:
+            from .msam_cuda import cuda_refusal
+
+            reason = cuda_refusal(device)
     elif name == "cpp":
         if device.type != "cpu":
             reason = f"it runs CPU tensors, not {device.type.upper()} ones"
@@ -150,6 +158,10 @@ def choose_msam_backend(request: str, device: torch.device, dtype: torch.dtype, 
         from .msam_cpp import CppMSAM
 
         return CppMSAM()
+    if name == "cuda":
+        from .msam_cuda import CudaMSAM
+
+        return CudaMSAM()
     from .msam_triton import TritonMSAM  # imports triton
 
     return TritonMSAM()

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._extension import cpu_extension
 from .layout import Bucket, Plan
-from .msam_rules import WEIGHT, MSAMHyper, apply_tables, state_roles
+from .msam_rules import WEIGHT, MSAMHyper, apply_tables, library_scalars, state_roles, stats_arguments
 from .tables import TableRun
 
 __all__ = ["CppMSAM", "cpp_refusal"]
@@ -42,15 +42,9 @@ class CppMSAM:
         run = plan.run
         if run.empty:
             return
-        adam = h.base == "adamw"
         self.ops.msam_stats(
-            grad=run.addresses("grad"),
-            param=run.addresses("param"),
-            s0=run.addresses(state_roles(h.base)[0]),
+            **stats_arguments(run, h),
             status=status,
-            adam=adam,
-            a=h.beta1 if adam else h.momentum,
-            b=1.0 - h.beta1 if adam else h.weight_decay,
             **_launch(run),
         )
 
@@ -60,18 +54,12 @@ class CppMSAM:
         run = plan.run
         if run.empty:
             return
-        adam = h.base == "adamw"
-        if adam:
-            decay = 1.0 - h.lr * h.weight_decay
-            scalars = [h.beta1, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, h.eps, h.lr, decay]
-        else:
-            scalars = [h.momentum, h.weight_decay, h.lr]
         self.ops.msam_apply(
             **apply_tables(run, h.base),
             steps=bucket.steps,
             status=status,
-            adam=adam,
-            scalars=scalars,
+            adam=h.base == "adamw",
+            scalars=library_scalars(h),
             scale=float(scales[group]),
             **_launch(run),
         )

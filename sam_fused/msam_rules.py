@@ -46,9 +46,11 @@ __all__ = [
     "MSAMHyper",
     "apply_tables",
     "first_moment",
+    "library_scalars",
     "perturbed",
     "second_moment",
     "state_roles",
+    "stats_arguments",
     "updated_weight",
 ]
 
@@ -152,6 +154,28 @@ def apply_tables(run: TableRun, base: str) -> dict[str, Tensor | None]:
         "s0": run.addresses(roles[0]),
         "s1": run.addresses(roles[1]) if len(roles) > 1 else None,
     }
+
+
+def stats_arguments(run: TableRun, h: MSAMHyper) -> dict[str, Any]:
+    """The C++ libraries' ``msam_stats`` roles and moment coefficients ``v' = a s0 + ...``
+    (SGD: ``a = mu``, ``b = wd``; AdamW: ``a = b1``, ``b = 1 - b1``)."""
+    adam = h.base == "adamw"
+    return {
+        "grad": run.addresses("grad"),
+        "param": run.addresses("param"),
+        "s0": run.addresses(state_roles(h.base)[0]),
+        "adam": adam,
+        "a": h.beta1 if adam else h.momentum,
+        "b": 1.0 - h.beta1 if adam else h.weight_decay,
+    }
+
+
+def library_scalars(h: MSAMHyper) -> list[float]:
+    """The C++ libraries' ``scalars`` of ``msam_apply``: SGD ``(mu, wd, lr)``; AdamW
+    ``(b1, 1 - b1, b2, 1 - b2, eps, lr, 1 - lr wd)``."""
+    if h.base == "sgd":
+        return [h.momentum, h.weight_decay, h.lr]
+    return [h.beta1, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, h.eps, h.lr, 1.0 - h.lr * h.weight_decay]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
