@@ -402,3 +402,31 @@ def test_a_deep_copy_steps_as_the_original(device, backend):
         opt.step()
         twin.step()
     assert_same_run(params, opt, twin_params, twin)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_one_norm_over_buckets_of_several_dtypes(device, backend):
+    """float32 and bfloat16 parameters in one group are two buckets sharing one global norm."""
+
+    def make(name):
+        gen = torch.Generator().manual_seed(5)
+        params = [
+            torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype))
+            for s, dtype in [((33,), torch.float32), ((17,), torch.bfloat16), ((5, 3), torch.float32)]
+        ]
+        return params, MSAM(params, torch.optim.SGD, rho=1.0, backend=name, lr=0.1, momentum=0.9)
+
+    ref_params, ref_opt = make("reference")
+    params, opt = make(backend)
+    assert len(opt.backends) == 2
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        for p, q in zip(ref_params, params):
+            g = torch.randn(p.shape, generator=gen).to(device, p.dtype)
+            p.grad, q.grad = g, g.clone()
+        ref_opt.step()
+        opt.step()
+        torch.testing.assert_close(opt._scales, ref_opt._scales, rtol=1e-5, atol=0)
+        for p, q in zip(ref_params, params):
+            tol = 1e-5 if p.dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(q.float(), p.float(), rtol=tol, atol=tol)
