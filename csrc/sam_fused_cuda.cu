@@ -282,9 +282,25 @@ void advance_steps(const at::Tensor& steps, const at::Tensor& vsteps, const at::
       status.data_ptr(), read, n, base, variant, count_skip);
 }
 
+#include "sam_fused_cuda_msam.cuh"  // MSAM's kernels and entries, beside the ones above
+
 }  // namespace
 }  // namespace cuda
 }  // namespace sam_fused
 
 SAM_FUSED_REGISTER_OPS(SAM_FUSED_CUDA_OPS, sam_fused::cuda)
+TORCH_LIBRARY_FRAGMENT(SAM_FUSED_CUDA_OPS, m) {
+  m.def(
+      "msam_stats(Tensor grad, Tensor param, Tensor s0, Tensor runs, Tensor like, Tensor(a!) partials, bool adam, "
+      "float a, float b) -> ()",
+      &sam_fused::cuda::msam_stats);
+  m.def(
+      "msam_apply(Tensor(a!) param, Tensor grad, Tensor(b!) weight, Tensor(c!) s0, Tensor(d!)? s1, Tensor steps, "
+      "Tensor runs, Tensor like, Tensor status, Tensor scales, int group, bool adam, float[] scalars) -> ()",
+      &sam_fused::cuda::msam_apply);
+  m.def(
+      "msam_move(Tensor(a!) param, Tensor weight, Tensor? s0, Tensor steps, Tensor runs, Tensor like, "
+      "Tensor scales, int group) -> ()",
+      &sam_fused::cuda::msam_move);
+}
 SAM_FUSED_PYTHON_MODULE("sam_fused CUDA backend (operations in torch.ops.sam_fused_cuda)")

@@ -10,6 +10,7 @@ from .backends import available_backends
 from .batchnorm import frozen_bn_stats
 from .family import *  # noqa: F403  (one class per variant: family.__all__)
 from .lion import Lion
+from .msam import MSAM
 from .norm_groups import norm_param_groups
 from .optimizer import SAM
 from .variants import VARIANTS, Variant
@@ -19,6 +20,7 @@ __all__ = [
     "AESAM",
     "SAM",
     "Lion",
+    "MSAM",
     "VARIANTS",
     "Variant",
     "__version__",

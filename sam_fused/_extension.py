@@ -46,12 +46,12 @@ import torch
 __all__ = ["NO_BUILD_ENV", "BackendInfo", "cpu_extension", "cuda_extension"]
 
 NO_BUILD_ENV = "SAM_FUSED_NO_BUILD"
-# The files of each library, in csrc/ (setup.py builds from these lists too); the headers
-# they include live beside them.
+# Each library's files in csrc/ (setup.py builds from these lists too); its headers beside them.
 CPU_SOURCES = [
     "sam_fused_cpu.cpp",
     "sam_fused_cpu_ascent.cpp",
     "sam_fused_cpu_descent.cpp",
+    "sam_fused_cpu_msam.cpp",
     "sam_fused_host.cpp",
 ]
 CUDA_SOURCES = ["sam_fused_cuda.cu"]
