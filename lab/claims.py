@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .cost_claims import cost_claim_rows
 from .noise_report import noise_summary
 from .quadratic import predicted_cycle_radius
 from .report import SCHEDULE_LABEL, digits_summary
@@ -174,14 +175,20 @@ def _noise_row(noisy_summary: dict) -> tuple[str, str, str, str] | None:
 
 
 def claims_markdown(
-    quad: list[dict[str, Any]], digits: list[dict[str, Any]], noisy: list[dict[str, Any]]
+    quad: list[dict[str, Any]],
+    digits: list[dict[str, Any]],
+    noisy: list[dict[str, Any]],
+    cost: list[dict[str, Any]] = (),
 ) -> list[str]:
-    """The "Claims against measurements" section (empty when nothing relevant was run)."""
+    """The "Claims against measurements" section (empty when nothing relevant was run);
+    part 4 adds a row per method (:mod:`lab.cost_claims`)."""
     rows = _quadratic_rows(quad) if quad else []
     noisy_summary = noise_summary(noisy) if noisy else {}
     for row in (_digits_row(digits, noisy_summary), _noise_row(noisy_summary)):
         if row is not None:
             rows.append(row)
+    if cost:
+        rows += cost_claim_rows(list(cost))
     if not rows:
         return []
     return [
@@ -190,7 +197,7 @@ def claims_markdown(
         'Verdicts are rules applied to this run\'s numbers: a stall is "reproduced" within 5 % of '
         "its predicted radius; a gain on digits counts when the mean exceeds the larger seed std "
         "(part 2) or when the paired difference with SGD is positive in every seed (part 3, judged "
-        "on the final accuracy).",
+        "on the final accuracy); part 4's rows apply its rules (the verdict under part 4).",
         "",
         "| claim | source | measured here | verdict |",
         "|---|---|---|---|",

@@ -1,7 +1,9 @@
-"""The convergence lab's command line: run the three parts, write the plots and ``results.md``.
+"""The convergence lab's command line: run the four parts, write the plots and ``results.md``.
 
-    python -m lab.convergence_lab --out docs/lab            # the full lab (about 5 minutes on 2 cores)
+    python -m lab.convergence_lab --out docs/lab            # the full lab (about 6 minutes on 2 cores)
     python -m lab.convergence_lab --out /tmp/lab --quick    # a smoke run (seconds)
+    python -m lab.convergence_lab --out /tmp/lab4 --parts cost   # part 4 alone
+    python -m lab.convergence_lab --out docs/lab --readme README.md  # also the README's cost table
 
 Runs are independent and each is seeded, so they are spread over ``--jobs`` processes
 (default: two, the size of the machines this lab was written for) and every number is the
@@ -22,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .cost import COST_METHODS, missing_api, run_cost
 from .digits import DIGITS_METHODS, DigitsConfig, run_digits
 from .label_noise import NoiseConfig, run_label_noise
 from .quadratic import QUADRATIC_METHODS, QuadConfig, run_quadratic
@@ -56,6 +59,24 @@ FULL = {
         "seeds": (0, 1, 2, 3, 4),
         "config": NoiseConfig("SGD", 0.0, 0.0, 0, epochs=80),
     },
+    "cost": {
+        "noise_levels": (0.2, 0.4),
+        # SAM at part 3's published and working radii; the methods that choose which steps are
+        # SAM steps at the working one (the gain to keep); MSAM and SAM-ON at their published
+        # radii, which are on other scales (a momentum direction; ASAM-ON's |w|-scaled ascent).
+        "radii": {
+            "SGD": (0.0,),
+            "SAM": (0.05, 1.0),
+            "LookSAM": (1.0,),
+            "IntervalSAM": (1.0,),
+            "MSAM": (3.0,),
+            "AESAM": (1.0,),
+            "SAM-ON": (10.0,),
+            "SAMWindow": (1.0,),
+        },
+        "seeds": (0, 1, 2, 3, 4),
+        "config": NoiseConfig("SGD", 0.0, 0.0, 0, epochs=80),
+    },
 }
 QUICK = {
     "quadratic": {
@@ -76,17 +97,43 @@ QUICK = {
         "seeds": (0, 1),
         "config": NoiseConfig("SGD", 0.0, 0.0, 0, epochs=2),
     },
+    "cost": {
+        "noise_levels": (0.4,),
+        "radii": {"SGD": (0.0,), "SAM": (1.0,), "IntervalSAM": (1.0,)},
+        "seeds": (0, 1),
+        "config": NoiseConfig("SGD", 0.0, 0.0, 0, epochs=2),
+    },
 }
-PARTS = ("quadratic", "digits", "label_noise")
+PARTS = ("quadratic", "digits", "label_noise", "cost")
 RUNNERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "quadratic": run_quadratic,
     "digits": run_digits,
     "label_noise": run_label_noise,
+    "cost": run_cost,
 }
 
 
-def plan(quick: bool, parts: Sequence[str]) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
-    """The list of ``(part, config)`` runs and the settings that describe them."""
+def _noise_tasks(part: str, spec: dict[str, Any], methods: Sequence[str] | None) -> list[tuple[str, Any]]:
+    """Parts 3 and 4: every noise level x method x radius x seed (``methods`` filters)."""
+    base: NoiseConfig = spec["config"]
+    return [
+        (part, NoiseConfig(**{**asdict(base), "method": method, "rho": rho, "noise": noise, "seed": seed}))
+        for noise in spec["noise_levels"]
+        for method, radii in spec["radii"].items()
+        if methods is None or method in methods
+        for rho in radii
+        for seed in spec["seeds"]
+    ]
+
+
+def plan(
+    quick: bool, parts: Sequence[str], cost_methods: Sequence[str] | None = None
+) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """The list of ``(part, config)`` runs and the settings that describe them.
+
+    ``cost_methods`` restricts part 4 to those methods (default: all of its plan). A method
+    whose API this install lacks is refused here, before anything runs.
+    """
     spec = QUICK if quick else FULL
     tasks: list[tuple[str, Any]] = []
     settings: dict[str, Any] = {}
@@ -115,17 +162,21 @@ def plan(quick: bool, parts: Sequence[str]) -> tuple[list[tuple[str, Any]], dict
                     tasks.append(("digits", cfg))
         settings["digits"] = {**asdict(base_d), "seeds": ", ".join(str(s) for s in d["seeds"])}
     if "label_noise" in parts:
-        n = spec["label_noise"]
-        base_n: NoiseConfig = n["config"]
-        for noise in n["noise_levels"]:
-            for method, radii in n["radii"].items():
-                for rho in radii:
-                    for seed in n["seeds"]:
-                        cfg = NoiseConfig(
-                            **{**asdict(base_n), "method": method, "rho": rho, "noise": noise, "seed": seed}
-                        )
-                        tasks.append(("label_noise", cfg))
-        settings["label_noise"] = asdict(base_n)
+        tasks += _noise_tasks("label_noise", spec["label_noise"], None)
+        settings["label_noise"] = asdict(spec["label_noise"]["config"])
+    if "cost" in parts:
+        cost = spec["cost"]
+        chosen = [m for m in cost["radii"] if cost_methods is None or m in cost_methods]
+        missing = missing_api(chosen)
+        if missing:
+            raise ValueError(
+                "part 4 needs what this install of sam_fused lacks: "
+                + "; ".join(missing)
+                + ". Install a sam_fused that has them, or leave those methods out with --cost-methods "
+                + " ".join(m for m in chosen if not any(x.startswith(m + ":") for x in missing))
+            )
+        tasks += _noise_tasks("cost", cost, chosen)
+        settings["cost"] = asdict(cost["config"])
     return tasks, settings
 
 
@@ -142,6 +193,8 @@ def _label(task: tuple[str, Any]) -> str:
     part, cfg = task
     if part == "quadratic":
         return f"quadratic {cfg.method} {cfg.schedule} rho={cfg.rho_mode}"
+    if part == "cost":
+        return f"cost {cfg.noise:.0%} {cfg.method} rho={cfg.rho:g} seed={cfg.seed}"
     if part == "label_noise":
         return f"label noise {cfg.noise:.0%} {cfg.method} rho={cfg.rho:g} seed={cfg.seed}"
     return f"digits {cfg.method} {cfg.schedule} seed={cfg.seed}"
@@ -193,25 +246,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         nargs="+",
         choices=PARTS,
         default=PARTS,
-        help="which parts to run (default all)",
+        help="which parts to run (default all; cost = part 4)",
+    )
+    parser.add_argument(
+        "--cost-methods",
+        nargs="+",
+        choices=tuple(COST_METHODS),
+        default=None,
+        help="part 4: run only these methods (default all)",
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="part 4: also rewrite this README's generated cost table (not with --quick)",
     )
     args = parser.parse_args(argv)
+    if args.readme is not None and (args.quick or "cost" not in args.parts):
+        parser.error("--readme writes part 4's full-run numbers: it needs part 4 and no --quick")
     # These import matplotlib: after parsing, so that --help stays instant.
-    from . import claims, noise_report, report
+    from . import claims, cost_claims, cost_report, noise_report, report
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    tasks, settings = plan(args.quick, args.parts)
+    try:
+        tasks, settings = plan(args.quick, args.parts, args.cost_methods)
+    except ValueError as exc:
+        parser.error(str(exc))
     settings["command"] = (
         "python -m lab.convergence_lab --out " + str(args.out) + (" --quick" if args.quick else "")
     )
     if tuple(args.parts) != PARTS:
         settings["command"] += " --parts " + " ".join(args.parts)
+    if args.cost_methods:
+        settings["command"] += " --cost-methods " + " ".join(args.cost_methods)
     log(f"convergence lab: {len(tasks)} runs on {args.jobs} process(es) -> {args.out}")
     start = time.perf_counter()
     results = run_all(tasks, args.jobs, log)
     quad = [r for r in results if r["part"] == "quadratic"]
     digits = [r for r in results if r["part"] == "digits"]
     noisy = [r for r in results if r["part"] == "label_noise"]
+    cost = [r for r in results if r["part"] == "cost"]
     args.out.mkdir(parents=True, exist_ok=True)
     images = []
     if quad:
@@ -222,10 +296,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if noisy:
         images += noise_report.plot_noise(noisy, args.out)
         sections += noise_report.noise_markdown(noisy, settings["label_noise"])
-    sections += claims.claims_markdown(quad, digits, noisy)
+    if cost:
+        images += cost_report.plot_pareto(cost, args.out)
+        sections += cost_report.cost_markdown(cost, settings["cost"])
+    sections += claims.claims_markdown(quad, digits, noisy, cost)
     report.write_markdown(args.out / "results.md", quad, digits, settings, images, sections)
+    if args.readme is not None:
+        answer = cost_report.verdict_lines(cost_report.cost_summary(cost))[-1]
+        cost_claims.update_readme(args.readme, cost, answer)
+        log(f"rewrote the cost table in {args.readme}")
     log(f"wrote {len(images)} plots and results.md to {args.out} in {time.perf_counter() - start:.0f}s")
-    return {"quadratic": quad, "digits": digits, "label_noise": noisy, "images": images, "out": args.out}
+    return {
+        "quadratic": quad,
+        "digits": digits,
+        "label_noise": noisy,
+        "cost": cost,
+        "images": images,
+        "out": args.out,
+    }
 
 
 if __name__ == "__main__":

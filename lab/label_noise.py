@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,17 @@ import sam_fused
 
 from .digits import accuracy, load_data, make_model
 
-__all__ = ["NOISE_METHODS", "NoiseConfig", "noisy_data", "run_label_noise", "symmetric_noise"]
+__all__ = [
+    "NOISE_METHODS",
+    "NoiseConfig",
+    "epoch_batches",
+    "new_curves",
+    "noisy_data",
+    "noisy_run_result",
+    "record_epoch",
+    "run_label_noise",
+    "symmetric_noise",
+]
 
 # The methods this part compares (SGD and five variants); each is run at a few radii.
 NOISE_METHODS = ("SGD", "SAM", "ASAM", "VaSSO", "FSAM", "GSAM")
@@ -83,10 +94,12 @@ def symmetric_noise(labels: torch.Tensor, rate: float, seed: int) -> torch.Tenso
     return noisy
 
 
+# (x_train, y_train_noisy, y_train_clean, x_test, y_test)
+NoisyData = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @functools.lru_cache(maxsize=8)
-def noisy_data(
-    split_seed: int, rate: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def noisy_data(split_seed: int, rate: float, seed: int) -> NoisyData:
     """``(x_train, y_train_noisy, y_train_clean, x_test, y_test)``: noise on the training labels only."""
     x_tr, y_tr, x_te, y_te = load_data(split_seed)
     return x_tr, symmetric_noise(y_tr, rate, seed), y_tr, x_te, y_te
@@ -116,36 +129,74 @@ def make_optimizer(model: torch.nn.Module, cfg: NoiseConfig) -> torch.optim.Opti
     return classes[cfg.method](params, sgd, rho=cfg.rho, **common)
 
 
+def new_curves() -> dict[str, list[float]]:
+    """The per-epoch curves a label-noise run records (filled by :func:`record_epoch`)."""
+    return {"test": [], "train_noisy": [], "train_clean": [], "memorized": []}
+
+
+def epoch_batches(
+    data: NoisyData, batch_size: int, shuffle: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of ``(x, noisy y)`` minibatches in the order ``shuffle`` draws."""
+    x_tr, y_noisy = data[0], data[1]
+    order = torch.randperm(len(x_tr), generator=shuffle)
+    for i in range(0, len(x_tr), batch_size):
+        idx = order[i : i + batch_size]
+        yield x_tr[idx], y_noisy[idx]
+
+
+def record_epoch(model: torch.nn.Module, data: NoisyData, curves: dict[str, list[float]]) -> None:
+    """Append the clean test accuracy and the fit of the training labels to ``curves``."""
+    x_tr, y_noisy, y_clean, x_te, y_te = data
+    flipped = y_noisy != y_clean
+    # One forward pass over the training set gives all three training-side numbers.
+    with torch.no_grad():
+        pred = model(x_tr).argmax(dim=1)
+    curves["train_noisy"].append(float((pred == y_noisy).float().mean()))
+    curves["train_clean"].append(float((pred == y_clean).float().mean()))
+    # Fraction of the flipped examples predicted as their wrong label (0 when nothing is flipped).
+    memorized = (pred[flipped] == y_noisy[flipped]).float().mean() if flipped.any() else 0.0
+    curves["memorized"].append(float(memorized))
+    curves["test"].append(accuracy(model, x_te, y_te))
+
+
+def noisy_run_result(
+    cfg: NoiseConfig, data: NoisyData, curves: dict[str, list[float]], passes: int
+) -> dict[str, Any]:
+    """The record of one run: final and best-epoch metrics, and the curves as arrays."""
+    _, y_noisy, y_clean, _, y_te = data
+    flipped = y_noisy != y_clean
+    test = np.asarray(curves["test"])
+    best_epoch = int(np.argmax(test[1:])) + 1  # the untrained model's accuracy does not count
+    return {
+        "config": cfg,
+        "flip_rate": int(flipped.sum()) / len(flipped),  # exact, not a float32 mean
+        "n_train": len(y_noisy),
+        "n_test": len(y_te),
+        "final_test_acc": float(test[-1]),
+        "best_test_acc": float(test[best_epoch]),
+        "best_epoch": best_epoch,
+        "final_train_noisy": curves["train_noisy"][-1],
+        "final_train_clean": curves["train_clean"][-1],
+        "final_memorized": curves["memorized"][-1],
+        "passes": passes,
+        **{f"{name}_curve": np.asarray(values) for name, values in curves.items()},
+    }
+
+
 def run_label_noise(cfg: NoiseConfig) -> dict[str, Any]:
     """Train one configuration; return per-epoch curves and the final and best metrics."""
     torch.set_num_threads(1)  # identical numbers whatever the process layout
     start = time.perf_counter()
-    x_tr, y_noisy, y_clean, x_te, y_te = noisy_data(cfg.split_seed, cfg.noise, cfg.seed)
-    flipped = y_noisy != y_clean
+    data = noisy_data(cfg.split_seed, cfg.noise, cfg.seed)
     model = make_model(cfg.hidden, cfg.seed)
     opt = make_optimizer(model, cfg)
     shuffle = torch.Generator().manual_seed(10_000 + cfg.seed)
     passes = 0
-    curves: dict[str, list[float]] = {"test": [], "train_noisy": [], "train_clean": [], "memorized": []}
-
-    def record() -> None:
-        # One forward pass over the training set gives all three training-side numbers.
-        with torch.no_grad():
-            pred = model(x_tr).argmax(dim=1)
-        curves["train_noisy"].append(float((pred == y_noisy).float().mean()))
-        curves["train_clean"].append(float((pred == y_clean).float().mean()))
-        # Fraction of the flipped examples predicted as their wrong label (0 when nothing is flipped).
-        memorized = (pred[flipped] == y_noisy[flipped]).float().mean() if flipped.any() else 0.0
-        curves["memorized"].append(float(memorized))
-        curves["test"].append(accuracy(model, x_te, y_te))
-
-    record()
-    n = len(x_tr)
+    curves = new_curves()
+    record_epoch(model, data, curves)
     for _epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=shuffle)
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            xb, yb = x_tr[idx], y_noisy[idx]
+        for xb, yb in epoch_batches(data, cfg.batch_size, shuffle):
 
             def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
                 nonlocal passes
@@ -156,21 +207,5 @@ def run_label_noise(cfg: NoiseConfig) -> dict[str, Any]:
 
             opt.zero_grad()
             opt.step(closure)
-        record()
-    test = np.asarray(curves["test"])
-    best_epoch = int(np.argmax(test[1:])) + 1  # the untrained model's accuracy does not count
-    return {
-        "config": cfg,
-        "flip_rate": int(flipped.sum()) / len(flipped),  # exact, not a float32 mean
-        "n_train": n,
-        "n_test": len(y_te),
-        "final_test_acc": float(test[-1]),
-        "best_test_acc": float(test[best_epoch]),
-        "best_epoch": best_epoch,
-        "final_train_noisy": curves["train_noisy"][-1],
-        "final_train_clean": curves["train_clean"][-1],
-        "final_memorized": curves["memorized"][-1],
-        "passes": passes,
-        **{f"{name}_curve": np.asarray(values) for name, values in curves.items()},
-        "seconds": time.perf_counter() - start,
-    }
+        record_epoch(model, data, curves)
+    return {**noisy_run_result(cfg, data, curves, passes), "seconds": time.perf_counter() - start}

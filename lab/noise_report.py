@@ -57,8 +57,10 @@ def _order(key: Key) -> tuple[float, int, float]:
     return (noise, rank, rho)
 
 
-def noise_summary(results: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
-    """Per (noise, method, rho): statistics over seeds, and paired differences with SGD."""
+def noise_summary(
+    results: list[dict[str, Any]], scalars: tuple[str, ...] = SCALARS
+) -> dict[Key, dict[str, Any]]:
+    """Per (noise, method, rho): statistics of ``scalars`` over seeds, and paired differences with SGD."""
     groups: dict[Key, dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in results:
         groups[_key(r)][r["config"].seed] = r
@@ -67,7 +69,7 @@ def noise_summary(results: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
         runs = groups[key]
         seeds = sorted(runs)
         entry: dict[str, Any] = {"seeds": seeds, "n_test": runs[seeds[0]]["n_test"]}
-        for name in SCALARS:
+        for name in scalars:
             entry[name] = _stats([runs[s][name] for s in seeds])
         for name in ("test", "train_noisy", "memorized"):
             stacked = np.stack([runs[s][f"{name}_curve"] for s in seeds])

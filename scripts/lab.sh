@@ -3,7 +3,9 @@
 # quadratic, convergence under diminishing steps/radii), compares SGD with every SAM
 # variant on scikit-learn's digits, and with SAM/ASAM/VaSSO/F-SAM/GSAM on digits with noisy
 # training labels (Foret et al.'s robustness claim). Writes PNG plots and results.md into
-# docs/lab (4 min 52 s measured on a 2-core CPU; docs/convergence.md).
+# docs/lab (measured times in docs/convergence.md). Part 4 (cost against benefit: SGD against
+# the cheap SAM variants) runs alone with `--parts cost`; `--readme README.md` also rewrites the
+# README's generated cost table.
 # Extra arguments go to the lab's CLI, e.g.
 # `bash scripts/lab.sh --quick --out /tmp/lab` for a smoke run (see `--help`).
 set -euo pipefail

@@ -42,7 +42,7 @@ def test_quick_lab_writes_outputs_and_shows_the_stall(quick_lab) -> None:
     for name in ("quadratic_sam_summary.png", "digits_accuracy.png", "digits_train_loss.png"):
         assert (out / name).stat().st_size > 0, name
     text = (out / "results.md").read_text(encoding="utf-8")
-    assert "Part 1" in text and "Part 2" in text and "Part 3" in text
+    assert "Part 1" in text and "Part 2" in text and "Part 3" in text and "Part 4" in text
     assert "## Claims against measurements" in text and "| SAM is robust to noisy labels |" in text
 
     runs = {(r["config"].method, r["config"].schedule, r["config"].rho_mode): r for r in results["quadratic"]}

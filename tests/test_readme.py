@@ -29,7 +29,14 @@ NOT_HERE = ["sam_fused.integrations", "DistributedDataParallel", "sam_fused.dist
 if DEVICE != "cuda":
     NOT_HERE.append("GraphedSAMStep")
 # the README's order, for a newcomer: what and why (above the first heading), then these
-README_SECTIONS = ["Install", "Quickstart", "Variants", "The two commands", "Documentation"]
+README_SECTIONS = [
+    "Install",
+    "Quickstart",
+    "Variants",
+    "The two commands",
+    "SAM at SGD's cost",
+    "Documentation",
+]
 
 
 def snippets(page: Path) -> list[str]:
