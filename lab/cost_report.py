@@ -1,8 +1,8 @@
 """Part 4's summary, its Pareto plot, its section of ``results.md`` and the generated verdict.
 
 Pure functions of the run results, like :mod:`lab.noise_report`, whose per-seed statistics
-and paired differences with SGD this reuses. The question the verdict answers is the
-issue's: which methods reach SAM rho = 1's gain at no more than 1.25x SGD's gradient
+and paired differences with SGD this reuses. The question the verdict answers is
+part 4's: which methods reach SAM rho = 1's gain at no more than 1.25x SGD's gradient
 evaluations? Its rules, applied per noise level:
 
 * *cost* = gradient evaluations per step, counted (backward passes / optimizer steps),
@@ -34,7 +34,7 @@ from .noise_report import DPI, SCALARS, Key, _pm, _stats, noise_summary
 
 __all__ = ["CHEAP", "REFERENCE", "cost_markdown", "cost_summary", "label", "pareto_front", "plot_pareto"]
 
-CHEAP = 1.25  # the issue's budget, in multiples of SGD's gradient evaluations per step
+CHEAP = 1.25  # part 4's budget, in multiples of SGD's gradient evaluations per step
 REFERENCE = ("SAM", 1.0)  # the gain to reach: SAM at the radius that worked in part 3
 COST_SCALARS = (*SCALARS, "grad_evals_per_step", "epoch_seconds", "epoch_cpu_seconds")
 COLOR = {

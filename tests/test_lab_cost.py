@@ -221,7 +221,7 @@ def test_quick_part4_writes_its_section_plot_and_claim_rows(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- the new methods
-# These drive the API of the other branches of issue 25; they fail until it is merged.
+# These drive the four cheap methods' public API (MSAM, AESAM, SAM-ON, SAMWindow).
 def test_msam_takes_one_pass_per_step_and_evaluates_at_w() -> None:
     result = run_cost(tiny("MSAM", 3.0))
     assert result["passes"] == STEPS
